@@ -1,0 +1,165 @@
+"""Deterministic synthetic multimodal recommendation data.
+
+Items carry a latent topic mixture; their text (title + description) is written from topic word
+lists and their small image encodes the topic as colour and stripe pattern, so a text or image
+encoder can recover what ids alone must learn from interactions. Labels depend on the match between
+a user's topic taste and the item's topics, plus item quality: a foundation teacher that reads text
+knows cold items that the id embeddings never saw.
+
+Everything is vectorised numpy (10M interactions in well under a minute on 2 cores); images are
+written only when asked for (``image_dir``) and only once per item.
+
+Example:
+    >>> tables = generate(n_users=100, n_items=50, n_interactions=2000, seed=0)
+    >>> sorted(tables)
+    ['interactions', 'items', 'users']
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from appdistill.data import SOURCES
+
+TOPICS: dict[str, list[str]] = {
+    "space": ["galaxy", "rocket", "astronaut", "planet", "orbit", "comet", "nebula", "starship"],
+    "cooking": ["recipe", "kitchen", "chef", "spice", "bread", "soup", "oven", "pastry"],
+    "sports": ["football", "stadium", "coach", "marathon", "goal", "tennis", "champion", "team"],
+    "music": ["guitar", "melody", "concert", "piano", "song", "drummer", "orchestra", "jazz"],
+    "war": ["battle", "soldier", "army", "tank", "general", "siege", "trench", "empire"],
+    "romance": ["love", "wedding", "kiss", "heart", "romance", "date", "bride", "valentine"],
+    "crime": ["detective", "murder", "heist", "police", "gangster", "thief", "prison", "clue"],
+    "nature": ["forest", "river", "mountain", "wolf", "ocean", "jungle", "bird", "glacier"],
+}
+FILLER = ["the", "of", "a", "story", "night", "return", "last", "secret", "great", "little", "new"]
+COUNTRIES = ["us", "uk", "de", "fr", "br", "in", "jp", "ng"]
+
+
+def _item_text(rng: np.random.Generator, primary: np.ndarray, secondary: np.ndarray,
+               names: list[str]) -> tuple[list[str], list[str]]:
+    words = np.array([w for t in names for w in TOPICS[t]])
+    per = len(next(iter(TOPICS.values())))
+    n = len(primary)
+    w1 = primary * per + rng.integers(0, per, n)
+    w2 = primary * per + rng.integers(0, per, n)
+    w3 = secondary * per + rng.integers(0, per, n)
+    f = np.array(FILLER)[rng.integers(0, len(FILLER), n)]
+    titles = [f"{a.capitalize()} {b} {c}" for a, b, c in zip(f, words[w1], words[w2])]
+    texts = [f"{t}. A tale of {words[x]} and {words[y]}." for t, x, y in zip(titles, w2, w3)]
+    return titles, texts
+
+
+def _write_images(image_dir: Path, primary: np.ndarray, quality: np.ndarray, n_topics: int,
+                  size: int = 32) -> None:
+    """One small PNG per item: hue = primary topic, stripe frequency = quality bucket."""
+    from PIL import Image
+
+    image_dir.mkdir(parents=True, exist_ok=True)
+    hue = (primary / n_topics)[:, None, None]
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    for i in range(len(primary)):
+        p = image_dir / f"{i}.png"
+        if p.exists():
+            continue
+        freq = 2 + int((quality[i] + 2) * 2)
+        stripes = 0.5 + 0.5 * np.sin(2 * np.pi * freq * (xx + yy))
+        rgb = np.stack([
+            np.clip(np.abs(hue[i] * 6 - 3) - 1, 0, 1) * stripes,
+            np.clip(2 - np.abs(hue[i] * 6 - 2), 0, 1) * stripes,
+            np.clip(2 - np.abs(hue[i] * 6 - 4), 0, 1) * (1 - 0.5 * stripes),
+        ], axis=-1)
+        tmp = p.with_suffix(".tmp.png")
+        Image.fromarray((rgb * 255).astype(np.uint8)).save(tmp)
+        os.replace(tmp, p)
+
+
+def generate(n_users: int = 2000, n_items: int = 1000, n_interactions: int = 100_000,
+             n_topics: int = 8, seed: int = 0, zipf: float = 1.1, cold_fraction: float = 0.1,
+             image_dir: str | None = None) -> dict[str, pd.DataFrame]:
+    """Generate ``interactions``, ``items`` and ``users`` tables.
+
+    Args:
+        n_users, n_items, n_interactions: table sizes.
+        n_topics: latent topics (at most ``len(TOPICS)``).
+        seed: the only source of randomness; equal arguments give equal tables.
+        zipf: exponent of the item-popularity long tail.
+        cold_fraction: items that only appear in the last 10% of time (new releases).
+        image_dir: if given, write one PNG per item there (column ``image`` holds ``<id>.png``).
+    """
+    if not 1 <= n_topics <= len(TOPICS):
+        raise ValueError(f"n_topics must be in [1, {len(TOPICS)}]")
+    rng = np.random.default_rng(seed)
+    names = list(TOPICS)[:n_topics]
+
+    # items: primary + secondary topic, a topic mixture, quality, long-tail popularity
+    primary = rng.integers(0, n_topics, n_items)
+    secondary = rng.integers(0, n_topics, n_items)
+    mix = np.zeros((n_items, n_topics), np.float32)
+    mix[np.arange(n_items), primary] += 0.75
+    mix[np.arange(n_items), secondary] += 0.25
+    quality = rng.normal(0, 0.6, n_items).astype(np.float32)
+    pop = 1.0 / np.arange(1, n_items + 1) ** zipf
+    pop = pop[rng.permutation(n_items)]
+    cold = rng.random(n_items) < cold_fraction
+    titles, texts = _item_text(rng, primary, secondary, names)
+    genres = np.where(primary == secondary, np.array(names)[primary],
+                      np.char.add(np.char.add(np.array(names)[primary], "|"), np.array(names)[secondary]))
+    items = pd.DataFrame({
+        "item_id": np.arange(n_items, dtype=np.int64),
+        "title": titles,
+        "text": texts,
+        "genres": genres,
+        "year": (1980 + rng.integers(0, 45, n_items)).astype(np.float32),
+        "image": [f"{i}.png" for i in range(n_items)],
+    })
+
+    # users: taste over topics (Dirichlet), demographics weakly tied to taste
+    taste = rng.dirichlet(np.full(n_topics, 0.5), n_users).astype(np.float32)
+    users = pd.DataFrame({
+        "user_id": np.arange(n_users, dtype=np.int64),
+        "age": np.clip(rng.normal(35, 12, n_users) + 8 * (taste.argmax(1) % 3), 14, 90).astype(np.float32),
+        "country": np.array(COUNTRIES)[rng.integers(0, len(COUNTRIES), n_users)],
+    })
+
+    # interactions: active users and popular items more often; cold items only at the end
+    activity = rng.lognormal(0, 1, n_users)
+    u = rng.choice(n_users, n_interactions, p=activity / activity.sum())
+    ts = np.sort(rng.integers(1_600_000_000, 1_700_000_000, n_interactions))
+    late = ts >= np.quantile(ts, 0.9)
+    p_warm = np.where(cold, 0, pop)
+    p_cold = np.where(cold, pop, 0)
+    i = rng.choice(n_items, n_interactions, p=p_warm / p_warm.sum())
+    if cold.any():
+        late_idx = np.flatnonzero(late & (rng.random(n_interactions) < 0.3))
+        i[late_idx] = rng.choice(n_items, len(late_idx), p=p_cold / p_cold.sum())
+    affinity = (taste[u] * mix[i]).sum(1) * n_topics  # ~1 on average, >1 when tastes match
+    logit = 2.5 * (affinity - 1.0) + quality[i] + rng.normal(0, 0.5, n_interactions)
+    label = (rng.random(n_interactions) < 1 / (1 + np.exp(-logit))).astype(np.int8)
+    inter = pd.DataFrame({"user_id": u.astype(np.int64), "item_id": i.astype(np.int64),
+                          "click": label, "timestamp": ts.astype(np.int64)})
+    if image_dir is not None:
+        _write_images(Path(image_dir), primary, quality, n_topics)
+    return {"interactions": inter, "items": items, "users": users}
+
+
+def default_image_dir(**kwargs: object) -> Path:
+    """A per-arguments cache directory for synthetic images (``~/.cache/appdistill/...``)."""
+    key = hashlib.sha256(json.dumps(kwargs, sort_keys=True).encode()).hexdigest()[:12]
+    root = Path(os.environ.get("APPDISTILL_CACHE", Path.home() / ".cache" / "appdistill"))
+    return root / "synthetic" / key / "images"
+
+
+@SOURCES.register("synthetic")
+def load_synthetic(images: bool = False, **kwargs: object) -> dict[str, pd.DataFrame]:
+    """Source ``synthetic``: :func:`generate` with ``kwargs``; ``images: true`` also writes PNGs."""
+    image_dir = str(default_image_dir(**kwargs)) if images else None
+    tables = generate(image_dir=image_dir, **kwargs)  # type: ignore[arg-type]
+    if image_dir is not None:
+        tables["items"]["image"] = image_dir + "/" + tables["items"]["image"]
+    return tables

@@ -1,0 +1,127 @@
+"""The encoded data set: tables -> labels, split, fitted processor and model-ready arrays.
+
+Arrays are kept where they live: ``sparse_id`` ids are materialised per interaction (one int64
+gather per batch), ``id_list`` and ``dense`` features stay on their own table (items, users) and
+are gathered through ``table_rows`` at batch time, so a 10M-interaction log does not copy the item
+catalogue 10M times. Each side table gets one extra *missing* row (OOV ids, empty lists, the
+training mean) for interactions whose key is absent from it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from appdistill.features.processor import FeatureProcessor, Jagged
+from appdistill.features.spec import FeatureSpecSet
+from appdistill.features.tables import load_tables, make_labels, split_rows, table_location
+
+
+@dataclass
+class Dataset:
+    """Everything the loader, teachers and evaluation need about one spec's data.
+
+    Attributes:
+        labels: ``[N]`` float32 0/1.
+        splits: ``{"train"|"valid"|"test": row indices}``.
+        table_rows: ``{table: [N] int64}`` row of each interaction in that table (missing -> last row).
+        sparse: ``{feature: [N] int64}`` encoded ``sparse_id`` features (0 = OOV).
+        lists: ``{feature: Jagged}`` encoded ``id_list`` features over their table's rows (+1 missing).
+        dense: ``{feature: [rows + 1] float32}`` transformed dense features over their table's rows.
+        user_ids / item_ids: ``[N]`` int64 dense codes of the interaction keys (for grouping).
+        cold: ``[N]`` bool, the item never occurs in the training split.
+    """
+
+    spec: FeatureSpecSet
+    tables: dict[str, pd.DataFrame]
+    labels: np.ndarray
+    splits: dict[str, np.ndarray]
+    processor: FeatureProcessor
+    table_rows: dict[str, np.ndarray]
+    user_ids: np.ndarray
+    item_ids: np.ndarray
+    cold: np.ndarray
+    sparse: dict[str, np.ndarray] = field(default_factory=dict)
+    lists: dict[str, Jagged] = field(default_factory=dict)
+    dense: dict[str, np.ndarray] = field(default_factory=dict)
+    fingerprint: str = ""
+
+    @property
+    def n(self) -> int:
+        return len(self.labels)
+
+    @classmethod
+    def build(cls, spec: FeatureSpecSet, tables: dict[str, pd.DataFrame] | None = None) -> Dataset:
+        """Load (unless given), split, fit on train, encode every servable feature."""
+        tables = tables if tables is not None else load_tables(spec)
+        inter = tables["interactions"]
+        labels = make_labels(spec, inter)
+        splits = split_rows(spec, inter)
+        train = splits["train"]
+
+        table_rows: dict[str, np.ndarray] = {"interactions": np.arange(len(inter), dtype=np.int64)}
+        for name, t in spec.tables.items():
+            if name == "interactions":
+                continue
+            key = t.keys[0]
+            idx = pd.Index(tables[name][key]).get_indexer(inter[key])
+            table_rows[name] = np.where(idx < 0, len(tables[name]), idx).astype(np.int64)
+
+        # fit on the training rows of each table (side tables: rows referenced by training data)
+        train_tables = {}
+        for name, df in tables.items():
+            rows = np.unique(table_rows[name][train])
+            rows = rows[rows < len(df)]
+            train_tables[name] = df.iloc[rows]
+        locs = {n: table_location(spec, n) for n in tables}
+        servable = [f for f in spec.features if f.kind in ("sparse_id", "id_list", "dense")]
+        proc = FeatureProcessor.fit(servable, train_tables, locs)
+
+        user_ids = pd.factorize(inter[spec.user_key])[0].astype(np.int64)
+        item_codes, item_uniq = pd.factorize(inter[spec.item_key])
+        seen = np.zeros(len(item_uniq), bool)
+        seen[item_codes[train]] = True
+        ds = cls(spec, tables, labels, splits, proc, table_rows, user_ids, item_codes.astype(np.int64),
+                 ~seen[item_codes])
+        for f in servable:
+            df = tables[f.table]
+            if f.kind == "sparse_id":
+                enc = np.append(proc.encode_sparse(f.name, df[f.col]), 0) if f.table != "interactions" \
+                    else proc.encode_sparse(f.name, df[f.col])
+                ds.sparse[f.name] = enc[table_rows[f.table]] if f.table != "interactions" else enc
+            elif f.kind == "id_list":
+                j = proc.encode_list(f, df[f.col])
+                ds.lists[f.name] = Jagged(np.append(j.offsets, j.offsets[-1]), j.values)  # + empty missing row
+            else:
+                v = proc.encode_dense(f.name, df[f.col].to_numpy())
+                ds.dense[f.name] = np.append(v, np.float32(0.0)) if f.table != "interactions" else v
+        ds.fingerprint = ds._fingerprint()
+        return ds
+
+    def rows_of(self, table: str, rows: np.ndarray) -> np.ndarray:
+        """Rows of ``table`` for interaction rows ``rows``."""
+        return self.table_rows[table][rows]
+
+    def _fingerprint(self) -> str:
+        """Hash of spec + table contents + split: equal fingerprints mean equal training data."""
+        h = hashlib.sha256(self.spec.fingerprint().encode())
+        for name in sorted(self.tables):
+            h.update(name.encode())
+            h.update(pd.util.hash_pandas_object(self.tables[name], index=False).to_numpy().tobytes())
+        for k in ("train", "valid", "test"):
+            h.update(self.splits[k].tobytes())
+        return h.hexdigest()[:16]
+
+    def summary(self) -> dict[str, object]:
+        return {
+            "interactions": self.n,
+            "positive_rate": round(float(self.labels.mean()), 4),
+            "splits": {k: int(len(v)) for k, v in self.splits.items()},
+            "cold_test_rows": int(self.cold[self.splits["test"]].sum()),
+            "vocab_sizes": {k: len(v) for k, v in self.processor.vocabs.items()},
+            "nan_imputed": dict(self.processor.nan_imputed),
+            "fingerprint": self.fingerprint,
+        }

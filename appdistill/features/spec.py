@@ -1,0 +1,259 @@
+"""Feature specs: the YAML file that declares a data set (DESIGN.md section 3).
+
+A spec is data only (``yaml.safe_load`` + pydantic, ``extra="forbid"`` everywhere so a typo is an
+error, not a silently ignored key). It says where the tables are, which column is which kind of
+feature, how the label is made, which model may see which feature, and how to split.
+
+Example:
+    >>> spec = FeatureSpecSet.from_yaml("feature_specs/ml100k.yaml")
+    >>> [f.name for f in spec.visible("student")]
+    ['user_id', 'item_id', ...]
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from appdistill.errors import SpecError
+
+FeatureKind = Literal["sparse_id", "id_list", "dense", "text", "image"]
+#: kinds the student may see: it must be servable without any text or image encoder.
+SERVABLE_KINDS = ("sparse_id", "id_list", "dense")
+SPARSE_KINDS = ("sparse_id", "id_list")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class LabelSpec(_Strict):
+    """How the binary label is made from a column: ``op(column, threshold)`` or the column as is."""
+
+    column: str
+    op: Literal["ge", "gt", "le", "lt", "eq", "identity"] = "ge"
+    threshold: float | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> LabelSpec:
+        if self.op != "identity" and self.threshold is None:
+            object.__setattr__(self, "op", "identity")
+        return self
+
+
+class TableSpec(_Strict):
+    """One table: a file (parquet/csv, relative to the spec file) or a table of the spec's source."""
+
+    path: str | None = None
+    key: list[str] | str
+    label: LabelSpec | None = None
+    time_column: str | None = None
+    csv_options: dict[str, Any] = Field(default_factory=dict)
+
+    @property
+    def keys(self) -> list[str]:
+        return [self.key] if isinstance(self.key, str) else list(self.key)
+
+
+class FeatureSpec(_Strict):
+    """One feature.
+
+    Args:
+        name: unique feature name (the KJT key for sparse features).
+        kind: ``sparse_id`` (one id per row), ``id_list`` (several ids, e.g. genres), ``dense``
+            (a number), ``text`` or ``image`` (foundation-model inputs only).
+        table: the table holding the column.
+        column: defaults to ``name``.
+        num_embeddings: ``auto`` (vocabulary size + 1 OOV row) or a fixed size.
+        hashing: map ids by a stable hash into ``num_embeddings`` buckets (large id spaces).
+        dim: embedding dimension of the student's table for this feature.
+        separator: for ``id_list`` stored as a string (``"Action|Comedy"``).
+        pooling: ``sum`` or ``mean`` pooling of ``id_list`` embeddings.
+        min_count: ids seen fewer times in training go to OOV.
+        transform: dense transform: ``none``, ``log1p``, ``standardize``, ``log1p_standardize``.
+        encoder: foundation encoder name for ``text``/``image`` features.
+        root: directory that relative image paths are resolved against.
+    """
+
+    name: str
+    kind: FeatureKind
+    table: str
+    column: str | None = None
+    num_embeddings: int | Literal["auto"] = "auto"
+    hashing: bool = False
+    dim: int = 16
+    separator: str | None = None
+    pooling: Literal["sum", "mean"] = "mean"
+    min_count: int = 1
+    transform: Literal["none", "log1p", "standardize", "log1p_standardize"] = "standardize"
+    encoder: str | None = None
+    root: str | None = None
+
+    @property
+    def col(self) -> str:
+        return self.column or self.name
+
+    @model_validator(mode="after")
+    def _check(self) -> FeatureSpec:
+        if self.hashing and self.num_embeddings == "auto":
+            raise ValueError(f"feature '{self.name}': hashing needs an integer num_embeddings")
+        if isinstance(self.num_embeddings, int) and self.num_embeddings < 2:
+            raise ValueError(f"feature '{self.name}': num_embeddings must be >= 2")
+        if self.dim < 1:
+            raise ValueError(f"feature '{self.name}': dim must be >= 1")
+        return self
+
+
+class SplitSpec(_Strict):
+    """How interactions are split. ``cold_item``: test (and valid) items never occur in training."""
+
+    by: Literal["random", "time", "cold_item"] = "random"
+    valid: float = 0.1
+    test: float = 0.1
+    seed: int = 0
+    column: str | None = None  # time column for ``by: time``
+
+    @model_validator(mode="after")
+    def _check(self) -> SplitSpec:
+        if not (0 < self.valid < 1 and 0 < self.test < 1 and self.valid + self.test < 1):
+            raise ValueError("split: valid and test must be fractions in (0, 1) with valid + test < 1")
+        if self.by == "time" and not self.column:
+            raise ValueError("split: by: time needs `column` (the timestamp column)")
+        return self
+
+
+class SourceSpec(_Strict):
+    """A built-in table provider (``ml100k``, ``synthetic``) instead of files."""
+
+    key: str
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
+class FeatureSpecSet(_Strict):
+    """The parsed feature spec (DESIGN.md section 3)."""
+
+    name: str
+    source: SourceSpec | None = None
+    tables: dict[str, TableSpec]
+    features: list[FeatureSpec]
+    visibility: dict[str, list[str]]
+    split: SplitSpec = SplitSpec()
+    #: directory of the spec file; relative table paths and image roots resolve against it
+    base_dir: str = "."
+
+    @field_validator("tables")
+    @classmethod
+    def _tables(cls, v: dict[str, TableSpec]) -> dict[str, TableSpec]:
+        if "interactions" not in v:
+            raise ValueError("tables: an 'interactions' table is required")
+        if v["interactions"].label is None:
+            raise ValueError("tables.interactions: a `label` is required")
+        return v
+
+    @model_validator(mode="after")
+    def _check(self) -> FeatureSpecSet:
+        names = [f.name for f in self.features]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"duplicate feature names: {dup}")
+        for f in self.features:
+            if f.table not in self.tables:
+                raise ValueError(f"feature '{f.name}': unknown table '{f.table}' (tables: {sorted(self.tables)})")
+            if f.kind == "id_list" and f.table == "interactions" and f.separator is None:
+                pass  # list-valued parquet column: fine
+        for t_name, t in self.tables.items():
+            if t_name != "interactions":
+                missing = [k for k in t.keys if k not in self.tables["interactions"].keys]
+                if len(t.keys) != 1 or missing:
+                    raise ValueError(
+                        f"tables.{t_name}: key must be one column that is also in the interactions key "
+                        f"{self.tables['interactions'].keys}; got {t.keys}")
+            if t.path is None and self.source is None:
+                raise ValueError(f"tables.{t_name}: needs `path` (or a spec-level `source`)")
+        if "student" not in self.visibility:
+            raise ValueError("visibility: a 'student' entry is required")
+        for model, feats in self.visibility.items():
+            unknown = [n for n in feats if n not in names]
+            if unknown:
+                raise ValueError(f"visibility.{model}: unknown features {unknown}")
+        bad = [f.name for f in self.visible("student") if f.kind not in SERVABLE_KINDS]
+        if bad:
+            raise ValueError(
+                f"visibility.student: features {bad} are text/image; the student must be servable "
+                "without foundation encoders (give them to a teacher instead)")
+        if not any(f.kind in SPARSE_KINDS for f in self.visible("student")):
+            raise ValueError("visibility.student: the student needs at least one sparse_id/id_list feature")
+        return self
+
+    # ------------------------------------------------------------------ access
+    def feature(self, name: str) -> FeatureSpec:
+        for f in self.features:
+            if f.name == name:
+                return f
+        raise SpecError(f"spec '{self.name}': unknown feature '{name}'")
+
+    def visible(self, model: str) -> list[FeatureSpec]:
+        """Features ``model`` may see, in spec order (unknown model -> the student's set)."""
+        allowed = set(self.visibility.get(model, self.visibility["student"]))
+        return [f for f in self.features if f.name in allowed]
+
+    @property
+    def user_key(self) -> str:
+        return self.tables["interactions"].keys[0]
+
+    @property
+    def item_key(self) -> str:
+        return self.tables["interactions"].keys[-1]
+
+    def fingerprint(self) -> str:
+        """Stable hash of the spec content (not of the data)."""
+        payload = json.dumps(self.model_dump(exclude={"base_dir"}), sort_keys=True, default=str)
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> FeatureSpecSet:
+        path = Path(path)
+        if not path.is_file():
+            raise SpecError(f"file '{path}': feature spec not found")
+        try:
+            raw = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            raise SpecError(f"file '{path}': not valid YAML: {e}") from e
+        return cls.from_dict(raw, source=str(path), base_dir=str(path.parent.resolve()))
+
+    @classmethod
+    def from_dict(cls, raw: Any, source: str = "<dict>", base_dir: str = ".") -> FeatureSpecSet:
+        if not isinstance(raw, dict):
+            raise SpecError(f"file '{source}': a feature spec must be a mapping, got {type(raw).__name__}")
+        raw = dict(raw)
+        raw.setdefault("base_dir", base_dir)
+        try:
+            return cls.model_validate(raw)
+        except ValidationError as e:
+            raise SpecError(f"file '{source}': invalid feature spec:\n{_format_errors(e, raw)}") from None
+
+
+def _format_errors(e: ValidationError, raw: dict[str, Any]) -> str:
+    """Render pydantic errors with feature names instead of list indices."""
+    lines = []
+    for err in e.errors():
+        loc = list(err["loc"])
+        if len(loc) >= 2 and loc[0] == "features" and isinstance(loc[1], int):
+            try:
+                loc[1] = f"[{raw['features'][loc[1]].get('name', loc[1])}]"
+            except (IndexError, AttributeError, KeyError, TypeError):
+                pass
+        where = ".".join(str(x) for x in loc) or "(top level)"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif err["type"] == "literal_error":
+            msg = f"{msg} (got {err.get('input')!r})"
+        lines.append(f"  - {where}: {msg}")
+    return "\n".join(lines)

@@ -1,0 +1,147 @@
+"""Vocabularies and dense transforms, fitted on the training split only.
+
+Index 0 of every sparse table is the OOV/missing bucket: unseen ids at evaluation or serving time
+map there and never crash. ``hashing: true`` maps ids by a stable 64-bit hash
+(:func:`pandas.util.hash_array`, fixed key) into ``num_embeddings - 1`` buckets instead, for id
+spaces too large to enumerate. All operations are vectorised.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from appdistill.errors import SpecError
+from appdistill.features.spec import FeatureSpec
+
+
+def normalize_ids(values: Any, *, as_int: bool | None = None, what: str = "") -> np.ndarray:
+    """Return ids as int64 (when integral) or as an object array of str. NaN is an error."""
+    s = pd.Series(values) if not isinstance(values, pd.Series) else values
+    if s.isna().any():
+        bad = int(np.flatnonzero(s.isna().to_numpy())[0])
+        raise SpecError(f"{what}: NaN/missing id at row {bad}; ids must be integers or strings")
+    if as_int is None:
+        as_int = pd.api.types.is_integer_dtype(s.dtype) or (
+            pd.api.types.is_float_dtype(s.dtype) and bool((s % 1 == 0).all()))
+    if as_int:
+        if pd.api.types.is_numeric_dtype(s.dtype):
+            if pd.api.types.is_float_dtype(s.dtype) and not bool((s % 1 == 0).all()):
+                raise SpecError(f"{what}: ids must be integers or strings, found non-integral floats")
+            return s.to_numpy().astype(np.int64)
+        conv = pd.to_numeric(s, errors="coerce")
+        # strings that are not integers can never match an integer vocabulary: give them -1 (OOV)
+        return conv.fillna(-(2**62)).astype(np.int64).to_numpy()
+    if not (pd.api.types.is_object_dtype(s.dtype) or pd.api.types.is_string_dtype(s.dtype)
+            or pd.api.types.is_integer_dtype(s.dtype) or pd.api.types.is_bool_dtype(s.dtype)):
+        raise SpecError(f"{what}: ids must be integers or strings, got dtype {s.dtype}")
+    return s.astype(str).to_numpy(dtype=object)
+
+
+@dataclass
+class Vocabulary:
+    """Maps raw ids of one feature to embedding rows (0 = OOV).
+
+    Args:
+        feature: feature name.
+        values: known ids (int64 or str), row ``k + 1`` for ``values[k]``; empty when hashing.
+        num_embeddings: table size including the OOV row.
+        hashing: map by hash instead of lookup.
+    """
+
+    feature: str
+    values: np.ndarray
+    num_embeddings: int
+    hashing: bool = False
+    is_int: bool = True
+    _index: pd.Index | None = field(default=None, repr=False)
+
+    @classmethod
+    def fit(cls, spec: FeatureSpec, ids: np.ndarray, file: str = "") -> Vocabulary:
+        is_int = ids.dtype != object
+        if spec.hashing:
+            assert isinstance(spec.num_embeddings, int)
+            return cls(spec.name, ids[:0], spec.num_embeddings, True, is_int)
+        uniq, counts = np.unique(ids, return_counts=True)
+        uniq = uniq[counts >= spec.min_count]
+        n = len(uniq) + 1
+        if spec.num_embeddings != "auto":
+            if spec.num_embeddings < n:
+                raise SpecError(
+                    f"file '{file}', feature '{spec.name}': num_embeddings={spec.num_embeddings} is smaller "
+                    f"than the training vocabulary ({len(uniq)} ids + 1 OOV row = {n}); raise it, use "
+                    "`num_embeddings: auto`, or set `hashing: true`")
+            n = spec.num_embeddings
+        return cls(spec.name, uniq, n, False, is_int)
+
+    @property
+    def index(self) -> pd.Index:
+        if self._index is None:
+            self._index = pd.Index(self.values)
+        return self._index
+
+    def encode(self, ids: Any) -> np.ndarray:
+        """Raw ids ``[N]`` -> embedding rows ``[N]`` int64 (0 for unseen ids)."""
+        arr = normalize_ids(ids, as_int=self.is_int, what=f"feature '{self.feature}'")
+        if self.hashing:
+            h = pd.util.hash_array(arr, hash_key="appdistill000000", categorize=False)
+            return (h % np.uint64(self.num_embeddings - 1)).astype(np.int64) + 1
+        return self.index.get_indexer(arr).astype(np.int64) + 1
+
+    def __len__(self) -> int:
+        return self.num_embeddings
+
+    # serialisation (json-friendly, no pickle)
+    def to_dict(self) -> dict[str, Any]:
+        return {"feature": self.feature, "num_embeddings": self.num_embeddings, "hashing": self.hashing,
+                "is_int": self.is_int, "values": self.values.tolist()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Vocabulary:
+        vals = np.asarray(d["values"], dtype=np.int64 if d["is_int"] else object)
+        return cls(d["feature"], vals, int(d["num_embeddings"]), bool(d["hashing"]), bool(d["is_int"]))
+
+
+@dataclass
+class DenseTransform:
+    """``log1p`` and/or standardisation with training statistics; NaN -> the training mean."""
+
+    feature: str
+    kind: str
+    mean: float = 0.0
+    std: float = 1.0
+
+    @classmethod
+    def fit(cls, spec: FeatureSpec, x: np.ndarray) -> DenseTransform:
+        t = cls(spec.name, spec.transform)
+        v = t._pre(x)
+        v = v[np.isfinite(v)]
+        if "standardize" in t.kind and len(v):
+            t.mean, t.std = float(v.mean()), float(v.std() or 1.0)
+        return t
+
+    def _pre(self, x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x, dtype=np.float64)
+        if "log1p" in self.kind:
+            with np.errstate(invalid="ignore"):
+                x = np.log1p(np.clip(x, 0, None))
+        return x
+
+    def apply(self, x: Any) -> tuple[np.ndarray, int]:
+        """Return the transformed ``[N]`` float32 values and the number of NaNs imputed."""
+        v = self._pre(x)
+        nan = ~np.isfinite(v)
+        v = np.where(nan, self.mean, v)
+        if "standardize" in self.kind:
+            v = (v - self.mean) / self.std
+        return v.astype(np.float32), int(nan.sum())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"feature": self.feature, "kind": self.kind, "mean": self.mean, "std": self.std}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> DenseTransform:
+        return cls(**d)
