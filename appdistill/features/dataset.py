@@ -97,7 +97,8 @@ class Dataset:
                 ds.lists[f.name] = Jagged(np.append(j.offsets, j.offsets[-1]), j.values)  # + empty missing row
             else:
                 v = proc.encode_dense(f.name, df[f.col].to_numpy())
-                ds.dense[f.name] = np.append(v, np.float32(0.0)) if f.table != "interactions" else v
+                missing = proc.dense[f.name].apply(np.array([np.nan]))[0]  # the imputed value
+                ds.dense[f.name] = np.append(v, missing) if f.table != "interactions" else v
         ds.fingerprint = ds._fingerprint()
         return ds
 
@@ -110,7 +111,7 @@ class Dataset:
         h = hashlib.sha256(self.spec.fingerprint().encode())
         for name in sorted(self.tables):
             h.update(name.encode())
-            h.update(pd.util.hash_pandas_object(self.tables[name], index=False).to_numpy().tobytes())
+            h.update(_hash_table(self.tables[name]).tobytes())
         for k in ("train", "valid", "test"):
             h.update(self.splits[k].tobytes())
         return h.hexdigest()[:16]
@@ -125,3 +126,13 @@ class Dataset:
             "nan_imputed": dict(self.processor.nan_imputed),
             "fingerprint": self.fingerprint,
         }
+
+
+def _hash_table(df: pd.DataFrame) -> np.ndarray:
+    """Row hashes ``[rows]`` uint64; list-valued cells (``id_list`` columns) are hashed by content."""
+    try:
+        return pd.util.hash_pandas_object(df, index=False).to_numpy()
+    except TypeError:  # unhashable cells: lists / arrays
+        as_text = lambda v: str(np.asarray(v).tolist()) if isinstance(v, (list, tuple, np.ndarray)) else v  # noqa: E731
+        df = df.apply(lambda c: c.map(as_text) if c.dtype == object else c)
+        return pd.util.hash_pandas_object(df, index=False).to_numpy()

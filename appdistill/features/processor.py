@@ -49,7 +49,9 @@ def split_lists(col: pd.Series, sep: str | None) -> tuple[np.ndarray, pd.Series]
         lists = s.str.split(sep, regex=False)
         lists = lists.map(lambda xs: [x for x in xs if x != ""])
     else:
-        lists = col.map(lambda v: list(v) if isinstance(v, (list, tuple, np.ndarray)) else [])
+        # null elements are dropped here, not after ``explode``, so lengths and values agree
+        lists = col.map(lambda v: [x for x in v if not pd.isna(x)] if isinstance(v, (list, tuple, np.ndarray))
+                        else [])
     lengths = lists.map(len).to_numpy().astype(np.int64)
     flat = lists.explode().dropna()
     return lengths, flat

@@ -87,7 +87,8 @@ def load_tables(spec: FeatureSpecSet) -> dict[str, pd.DataFrame]:
                 raise SpecError(f"file '{loc}', feature '{f.name}', column '{f.col}': kind 'sparse_id' needs "
                                 "integer or string ids, got non-integral floats (is this a dense feature?)")
         if f.kind == "id_list" and f.separator is None and not col.map(
-                lambda v: isinstance(v, (list, tuple, np.ndarray))).all():
+                lambda v: isinstance(v, (list, tuple, np.ndarray)) or v is None
+                or (isinstance(v, float) and np.isnan(v))).all():  # a null cell is an empty list
             raise SpecError(f"file '{loc}', feature '{f.name}', column '{f.col}': kind 'id_list' needs a "
                             "`separator` for string columns, or list-valued cells")
         if f.kind in ("text", "image") and not (pd.api.types.is_object_dtype(col.dtype)

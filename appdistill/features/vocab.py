@@ -33,7 +33,9 @@ def normalize_ids(values: Any, *, as_int: bool | None = None, what: str = "") ->
                 raise SpecError(f"{what}: ids must be integers or strings, found non-integral floats")
             return s.to_numpy().astype(np.int64)
         conv = pd.to_numeric(s, errors="coerce")
-        # strings that are not integers can never match an integer vocabulary: give them -1 (OOV)
+        if pd.api.types.is_float_dtype(conv.dtype):
+            conv = conv.where(conv % 1 == 0)  # "1.5" is not id 1
+        # strings that are not integers can never match an integer vocabulary: give them a sentinel (OOV)
         return conv.fillna(-(2**62)).astype(np.int64).to_numpy()
     if not (pd.api.types.is_object_dtype(s.dtype) or pd.api.types.is_string_dtype(s.dtype)
             or pd.api.types.is_integer_dtype(s.dtype) or pd.api.types.is_bool_dtype(s.dtype)):
@@ -119,8 +121,10 @@ class DenseTransform:
         t = cls(spec.name, spec.transform)
         v = t._pre(x)
         v = v[np.isfinite(v)]
-        if "standardize" in t.kind and len(v):
-            t.mean, t.std = float(v.mean()), float(v.std() or 1.0)
+        if len(v):  # the mean also imputes NaN for ``none``/``log1p``
+            t.mean = float(v.mean())
+            if "standardize" in t.kind:
+                t.std = float(v.std() or 1.0)
         return t
 
     def _pre(self, x: np.ndarray) -> np.ndarray:

@@ -1,0 +1,160 @@
+"""Experiment configs: one YAML file = one experiment (DESIGN.md section 12).
+
+Configs are data: ``yaml.safe_load`` + pydantic with ``extra="forbid"`` (a typo is an error).
+Code is named only through ``{key, kwargs}`` blocks resolved by registries; plugin modules are
+imported only when listed under ``plugins:``. ``--set a.b=c`` overrides any value (the value is
+parsed as YAML, so ``--set train.epochs=2`` gives an int).
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from appdistill.errors import ConfigError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Block(_Strict):
+    """A registry reference: ``{key: name, kwargs: {...}}``."""
+
+    key: str
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
+class StudentSection(_Strict):
+    embedding_dim: int | None = None
+    dense_arch: list[int] = Field(default_factory=lambda: [16])
+    interaction: Block = Field(default_factory=lambda: Block(key="dcn", kwargs={"num_layers": 2, "low_rank": 32}))
+    over_arch: list[int] = Field(default_factory=lambda: [64, 32])
+    dropout: float = 0.0
+
+
+class TrainSection(_Strict):
+    epochs: int = 4
+    batch_size: int = 1024
+    lr: float = 1e-3
+    embedding_lr: float = 0.05
+    weight_decay: float = 0.0
+    eval_batch_size: int = 8192
+    prefetch: int = 4
+    num_threads: int | None = None
+    checkpoint_every: int = 0
+    select_best: bool = True
+    #: torchrun only: "table_wise" | "row_wise" | "column_wise" | "auto" (planner decides)
+    sharding: str = "table_wise"
+    log_every: int = 50
+
+
+class EvalSection(_Strict):
+    k: int = 10
+
+
+class ExperimentConfig(_Strict):
+    """A whole experiment.
+
+    Example (``configs/ml100k_plain.yaml``)::
+
+        name: ml100k-plain
+        spec: feature_specs/ml100k.yaml
+        student: {interaction: {key: dcn}}
+        method: {key: none}
+        train: {epochs: 4, batch_size: 1024}
+    """
+
+    name: str = "experiment"
+    spec: str
+    seed: int = 0
+    plugins: list[str] = Field(default_factory=list)
+    split: dict[str, Any] | None = None
+    student: StudentSection = Field(default_factory=StudentSection)
+    method: Block = Field(default_factory=lambda: Block(key="none"))
+    teachers: dict[str, Block] = Field(default_factory=dict)
+    train: TrainSection = Field(default_factory=TrainSection)
+    eval: EvalSection = Field(default_factory=EvalSection)
+    #: directory of the config file (relative paths resolve against it, then the cwd, then the repo)
+    base_dir: str = "."
+
+    def resolve_path(self, p: str) -> Path:
+        path = Path(p)
+        if path.is_absolute():
+            return path
+        for root in (Path(self.base_dir), Path.cwd(), REPO_ROOT):
+            if (root / path).exists():
+                return (root / path).resolve()
+        return (Path(self.base_dir) / path).resolve()
+
+    def load_spec(self):  # noqa: ANN201 - avoids an import cycle in the signature
+        from appdistill.features.spec import FeatureSpecSet
+
+        spec = FeatureSpecSet.from_yaml(self.resolve_path(self.spec))
+        if self.split is not None:
+            raw = spec.model_dump()
+            raw["split"] = {**raw["split"], **self.split}
+            spec = FeatureSpecSet.from_dict(raw, source=self.spec, base_dir=spec.base_dir)
+        return spec
+
+    def dump(self) -> str:
+        return yaml.safe_dump(self.model_dump(exclude={"base_dir"}), sort_keys=False)
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b=c`` overrides to a raw config dict (values parsed with ``yaml.safe_load``)."""
+    for ov in overrides:
+        if "=" not in ov:
+            raise ConfigError(f"--set '{ov}': expected key.path=value")
+        key, val = ov.split("=", 1)
+        node = raw
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            nxt = node.get(p)
+            if nxt is None:
+                nxt = node[p] = {}
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"--set '{ov}': '{p}' is not a section")
+            node = nxt
+        node[parts[-1]] = yaml.safe_load(val)
+    return raw
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Read, override and validate a config; import its explicit plugins."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"file '{path}': config not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"file '{path}': not valid YAML: {e}") from e
+    if not isinstance(raw, dict):
+        raise ConfigError(f"file '{path}': a config must be a mapping")
+    raw = apply_overrides(raw, overrides or [])
+    raw.setdefault("base_dir", str(path.parent.resolve()))
+    return config_from_dict(raw, source=str(path))
+
+
+def config_from_dict(raw: dict[str, Any], source: str = "<dict>") -> ExperimentConfig:
+    try:
+        cfg = ExperimentConfig.model_validate(raw)
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            where = ".".join(str(x) for x in err["loc"])
+            msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+            lines.append(f"  - {where}: {msg}")
+        raise ConfigError(f"file '{source}': invalid config:\n" + "\n".join(lines)) from None
+    for mod in cfg.plugins:
+        try:
+            importlib.import_module(mod)
+        except ImportError as e:
+            raise ConfigError(f"file '{source}': plugin module '{mod}' cannot be imported: {e}") from e
+    return cfg

@@ -1,0 +1,123 @@
+"""Build the embedding stores a feature spec's foundation-visible text/image features need.
+
+Each ``text``/``image`` feature that ``spec.visible(model)`` lists is encoded over the rows of its
+own table (items, users): one row per key, never per interaction. The feature's ``encoder`` names
+an :data:`~appdistill.foundation.base.ENCODERS` entry (default ``minilm`` for text, ``clip`` for
+images); its kwargs come from ``encoder_kwargs``, looked up by feature name first, then encoder name
+(an experiment config's ``foundation.encoders`` block), because a feature spec is data only.
+
+Image paths are resolved here: relative paths against the feature's ``root:``, itself relative to
+the spec's ``base_dir`` (the spec file's directory); absolute paths are kept.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from appdistill.errors import SpecError
+from appdistill.features.dataset import Dataset
+from appdistill.features.spec import FeatureSpec, FeatureSpecSet
+from appdistill.foundation.base import ENCODERS, Encoder, json_digest
+from appdistill.foundation.store import EmbeddingStore, StoreEntry
+
+DEFAULT_ENCODERS = {"text": "minilm", "image": "clip"}
+
+
+def foundation_features(spec: FeatureSpecSet, model: str = "foundation") -> list[FeatureSpec]:
+    """The ``text``/``image`` features ``model`` may see, in spec order."""
+    return [f for f in spec.visible(model) if f.kind in ("text", "image")]
+
+
+def image_root(spec: FeatureSpecSet, feature: FeatureSpec) -> Path:
+    """Directory relative image paths of ``feature`` resolve against."""
+    base = Path(spec.base_dir)
+    if feature.root is None:
+        return base
+    root = Path(feature.root).expanduser()
+    return root if root.is_absolute() else base / root
+
+
+def _resolve_image(value: Any, root: Path) -> str | None:
+    if value is None or (isinstance(value, float) and np.isnan(value)) or not str(value).strip():
+        return None
+    p = Path(str(value).strip()).expanduser()
+    return str(p if p.is_absolute() else (root / p).resolve())
+
+
+def feature_inputs(spec: FeatureSpecSet, tables: Mapping[str, pd.DataFrame],
+                   feature: FeatureSpec) -> tuple[list[Any], list[Any]]:
+    """``(keys [n], inputs [n])`` of one text/image feature over the rows of its table.
+
+    Image inputs come back as absolute path strings (``None`` for empty cells).
+    """
+    if feature.table == "interactions":
+        raise SpecError(f"feature '{feature.name}': {feature.kind} features must live on a side table "
+                        "(items, users): foundation encoding is per item, never per interaction")
+    df = tables[feature.table]
+    key = spec.tables[feature.table].keys[0]
+    keys = df[key].tolist()
+    values = df[feature.col].tolist()
+    if feature.kind == "image":
+        root = image_root(spec, feature)
+        values = [_resolve_image(v, root) for v in values]
+    return keys, values
+
+
+def make_encoder(feature: FeatureSpec, encoder_kwargs: Mapping[str, Mapping[str, Any]] | None = None) -> Encoder:
+    """Build the encoder of ``feature`` from the registry (kwargs by feature name, then encoder name)."""
+    name = feature.encoder or DEFAULT_ENCODERS[feature.kind]
+    kw = dict((encoder_kwargs or {}).get(feature.name) or (encoder_kwargs or {}).get(name) or {})
+    if name == "clip" and feature.kind == "text":
+        kw.setdefault("modality", "text")  # CLIP text tower for a text feature
+    enc: Encoder = ENCODERS.build(name, kw, context=f"feature '{feature.name}'")
+    if enc.modality != feature.kind:
+        raise SpecError(f"feature '{feature.name}': encoder '{name}' encodes {enc.modality}, "
+                        f"but the feature is kind '{feature.kind}'")
+    return enc
+
+
+def build_foundation_stores(data: Dataset | FeatureSpecSet, store: EmbeddingStore | str | Path,
+                            tables: Mapping[str, pd.DataFrame] | None = None, model: str = "foundation",
+                            encoder_kwargs: Mapping[str, Mapping[str, Any]] | None = None,
+                            encoders: Mapping[str, Encoder] | None = None) -> dict[str, dict[str, StoreEntry]]:
+    """Build (or open, when up to date) every store ``model``'s text/image features need.
+
+    Args:
+        data: a built :class:`Dataset` (its spec and tables are used) or a spec.
+        store: an :class:`EmbeddingStore` or its root directory.
+        tables: the spec's tables when ``data`` is a spec (default: ``load_tables(spec)``).
+        model: visibility entry whose features are encoded (``foundation``, ``lightgbm``...).
+        encoder_kwargs: ``{feature or encoder name: kwargs}`` (e.g. ``{"clip": {"pretrained": PATH}}``).
+        encoders: ready encoders by feature name (override the registry, e.g. in tests).
+
+    Returns:
+        ``{feature: {output: StoreEntry}}``; ``entry.matrix`` is ``[rows of the feature's table, dim]``.
+    """
+    if isinstance(data, Dataset):
+        spec, tables = data.spec, data.tables
+    else:
+        spec = data
+        if tables is None:
+            from appdistill.features.tables import load_tables
+
+            tables = load_tables(spec)
+    if not isinstance(store, EmbeddingStore):
+        store = EmbeddingStore(store)
+    shared: dict[str, Encoder] = {}  # one model per (encoder, kwargs), shared by the features using it
+    out: dict[str, dict[str, StoreEntry]] = {}
+    for f in foundation_features(spec, model):
+        enc = (encoders or {}).get(f.name)
+        if enc is None:
+            name = f.encoder or DEFAULT_ENCODERS[f.kind]
+            kw = (encoder_kwargs or {}).get(f.name) or (encoder_kwargs or {}).get(name) or {}
+            k = f"{name}:{f.kind}:{json_digest(kw)}"
+            enc = shared.get(k) or make_encoder(f, encoder_kwargs)
+            shared[k] = enc
+        ids, inputs = feature_inputs(spec, tables, f)
+        out[f.name] = store.get_or_build_all(enc, f.name, ids, inputs)
+    return out

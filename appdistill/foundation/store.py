@@ -1,0 +1,400 @@
+"""The per-item embedding store: encode each item once per (encoder, field, output), memory-map it.
+
+Layout under the store root, one directory per (field, encoder) and three files per output::
+
+    <root>/<field>/<encoder.slug>/final.npy        [n_items, dim] float16|float32 (np.save format)
+                                 /final.keys.npy   [n_items] uint64 content key of each row's input
+                                 /final.json       manifest (StoreManifest)
+
+The manifest records the encoder identity (name, config, hash of the weight files), field, output,
+dim, dtype, the item ids in row order, the data fingerprint (item ids + input keys; an image's key
+is its path + mtime + size) and the sha256 of both arrays. Files are written to a temp file in the
+same directory and ``os.replace``d, the manifest last, so a crash never leaves a store that looks
+valid. On the next call:
+
+- identity, fingerprint and checksum all match: the store is opened, nothing is encoded (and the
+  model is never loaded);
+- only the catalogue changed: rows whose input key is unchanged are copied, only new or edited
+  inputs are encoded (duplicate inputs are encoded once);
+- the model changed: that store is rebuilt from scratch; other fields/encoders are untouched;
+- a file is truncated or edited: a warning and a rebuild, or :class:`StoreError` with
+  ``rebuild_corrupt=False``.
+
+Example:
+    >>> store = EmbeddingStore("runs/embeddings")
+    >>> entry = store.get_or_build(ENCODERS.build("minilm"), "title", ids, texts)
+    >>> entry.matrix.shape, entry.index[ids[0]]
+    ((1682, 384), 0)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import re
+import tempfile
+import time
+import warnings
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from appdistill.errors import AppDistillError
+from appdistill.foundation.base import Encoder
+
+log = logging.getLogger("appdistill.foundation")
+FORMAT_VERSION = 1
+
+
+class StoreError(AppDistillError):
+    """An embedding store is missing, stale or corrupt and may not be rebuilt."""
+
+
+class StoreRebuildWarning(UserWarning):
+    """A corrupt store file was detected and the store is being rebuilt."""
+
+
+@dataclass(frozen=True)
+class StoreManifest:
+    """What a store holds and how to check it (``<output>.json``)."""
+
+    format: int
+    encoder: dict[str, Any]
+    field: str
+    layer: str
+    dim: int
+    dtype: str
+    n_rows: int
+    item_ids: list[Any]
+    data_fingerprint: str
+    matrix_sha256: str
+    matrix_bytes: int
+    keys_sha256: str
+    zero_rows: int
+    created: str
+
+    @classmethod
+    def read(cls, path: Path) -> StoreManifest | None:
+        """The manifest at ``path``, or ``None`` when absent or unparseable."""
+        try:
+            return cls(**json.loads(path.read_text()))
+        except (OSError, ValueError, TypeError):
+            return None
+
+
+@dataclass
+class StoreEntry:
+    """One opened store.
+
+    Attributes:
+        matrix: ``[n_items, dim]`` read-only ``np.memmap`` (float16 or float32).
+        manifest: the store's manifest (ids in row order, identity, checksums).
+        path: the ``.npy`` file.
+        n_encoded: inputs encoded by the call that returned this entry (0 when reused as is).
+        n_reused: rows copied from the previous version of the store.
+        reason: why it was (re)built (``None`` when opened as is).
+    """
+
+    matrix: np.memmap
+    manifest: StoreManifest
+    path: Path
+    n_encoded: int = 0
+    n_reused: int = 0
+    reason: str | None = None
+
+    @cached_property
+    def index(self) -> dict[Any, int]:
+        """Item id -> row."""
+        return {k: i for i, k in enumerate(self.manifest.item_ids)}
+
+    def rows(self, item_ids: Sequence[Any]) -> np.ndarray:
+        """``[len(item_ids)]`` int64 rows, ``-1`` for ids the store does not hold."""
+        idx = self.index
+        return np.fromiter((idx.get(_json_id(k), -1) for k in item_ids), np.int64, count=len(item_ids))
+
+    def lookup(self, item_ids: Sequence[Any]) -> np.ndarray:
+        """``[len(item_ids), dim]`` float32 embeddings; unknown ids get zero rows."""
+        r = self.rows(item_ids)
+        out = np.zeros((len(r), self.manifest.dim), np.float32)
+        ok = r >= 0
+        out[ok] = self.matrix[r[ok]]
+        return out
+
+
+def _json_id(v: Any) -> Any:
+    """Ids as JSON keeps them: numpy ints -> int, everything else -> str."""
+    if isinstance(v, (int, np.integer)) and not isinstance(v, bool):
+        return int(v)
+    return str(v)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", name) or "_"
+
+
+@contextlib.contextmanager
+def _locked(d: Path) -> Iterator[None]:
+    """Exclusive lock on a store directory so two processes do not build the same store at once."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: atomic replaces still keep each file consistent
+        yield
+        return
+    with open(d / ".lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _tmp_path(d: Path, stem: str) -> Path:
+    fd, name = tempfile.mkstemp(dir=d, prefix=f".{stem}.", suffix=".tmp")
+    os.close(fd)
+    return Path(name)
+
+
+class EmbeddingStore:
+    """Per-item embedding stores under one root directory.
+
+    Args:
+        root: directory holding every store (created on demand).
+        dtype: storage dtype, ``"float16"`` (half the disk and page cache) or ``"float32"``.
+        verify: ``"checksum"`` (sha256 of the files on every open) or ``"size"`` (file sizes only,
+            for very large stores).
+        rebuild_corrupt: rebuild a store whose files fail verification (with a warning); ``False``
+            raises :class:`StoreError` instead.
+        progress: show a tqdm bar while encoding.
+
+    Attributes:
+        stats: ``encoded`` (inputs encoded), ``reused`` (rows copied), ``built``/``opened`` (stores).
+    """
+
+    def __init__(self, root: str | Path, dtype: Literal["float16", "float32"] = "float16",
+                 verify: Literal["checksum", "size"] = "checksum", rebuild_corrupt: bool = True,
+                 progress: bool = True) -> None:
+        if dtype not in ("float16", "float32"):
+            raise AppDistillError(f"embedding store dtype must be float16 or float32, got {dtype!r}")
+        self.root = Path(root)
+        self.dtype, self.verify, self.rebuild_corrupt, self.progress = dtype, verify, rebuild_corrupt, progress
+        self.stats: Counter[str] = Counter()
+
+    def store_dir(self, encoder: Encoder, field: str) -> Path:
+        return self.root / _safe(field) / _safe(encoder.slug)
+
+    # ----------------------------------------------------------------- public API
+    def get_or_build(self, encoder: Encoder, field: str, item_ids: Sequence[Any], inputs: Sequence[Any],
+                     layer: str = "final") -> StoreEntry:
+        """The up-to-date store of one output of ``encoder`` over ``inputs`` (see module docstring).
+
+        Args:
+            encoder: the encoder (its model is loaded only if something must be encoded).
+            field: feature name (``title``, ``poster``...).
+            item_ids: ``[n]`` unique ids; row ``i`` of the matrix is ``item_ids[i]``.
+            inputs: ``[n]`` texts or image paths aligned with ``item_ids``.
+            layer: which output (``"final"``, ``"layer4"``...).
+        """
+        return self.get_or_build_all(encoder, field, item_ids, inputs, layers=[layer])[layer]
+
+    def get_or_build_all(self, encoder: Encoder, field: str, item_ids: Sequence[Any], inputs: Sequence[Any],
+                         layers: Sequence[str] | None = None) -> dict[str, StoreEntry]:
+        """Like :meth:`get_or_build` for several outputs, encoding stale ones in a single pass."""
+        layers = list(layers or encoder.outputs)
+        unknown = [x for x in layers if x not in encoder.outputs]
+        if unknown:
+            raise AppDistillError(f"encoder '{encoder.name}' has no outputs {unknown} (it has {encoder.outputs})")
+        ids = [_json_id(v) for v in item_ids]
+        inputs = list(inputs)  # positional access even for a pandas Series with a custom index
+        if len(ids) != len(inputs):
+            raise AppDistillError(f"field '{field}': {len(ids)} item ids but {len(inputs)} inputs")
+        if not ids:
+            raise AppDistillError(f"field '{field}': no items to encode")
+        if len(set(ids)) != len(ids):
+            dup = next(k for k, c in Counter(ids).items() if c > 1)
+            raise AppDistillError(f"field '{field}': duplicate item id {dup!r}; the store holds one row per item")
+        keys = encoder.input_keys(inputs)
+        ident = encoder.identity()
+        h = hashlib.sha256(json.dumps(ids).encode())
+        h.update(keys.tobytes())
+        fingerprint = h.hexdigest()
+        d = self.store_dir(encoder, field)
+        d.mkdir(parents=True, exist_ok=True)
+        with _locked(d):
+            entries: dict[str, StoreEntry] = {}
+            stale: dict[str, tuple[str, StoreManifest | None]] = {}
+            for layer in layers:
+                man, why = self._check(d, layer, ident, field)
+                if why is None and man is not None and man.data_fingerprint == fingerprint:
+                    entries[layer] = self._open(d, layer, man)
+                    self.stats["opened"] += 1
+                else:
+                    stale[layer] = (why or "catalogue changed", man if why is None else None)
+            if stale:
+                entries.update(self._build(d, encoder, field, ids, inputs, keys, fingerprint, ident, stale))
+        return {x: entries[x] for x in layers}
+
+    def load(self, encoder: Encoder, field: str, layer: str = "final") -> StoreEntry:
+        """Open an existing store without inputs (read side); errors if it is missing, stale or corrupt."""
+        d = self.store_dir(encoder, field)
+        man, why = self._check(d, layer, encoder.identity(), field, quiet=True)
+        if why is not None or man is None:
+            raise StoreError(f"embedding store '{d / layer}.npy' for field '{field}' is not usable ({why}); "
+                             "build it first (get_or_build / build_foundation_stores)")
+        return self._open(d, layer, man)
+
+    # ----------------------------------------------------------------- checks
+    def _check(self, d: Path, layer: str, ident: dict[str, Any], field: str,
+               quiet: bool = False) -> tuple[StoreManifest | None, str | None]:
+        """``(manifest, None)`` when the files are intact and made by ``ident``; else ``(_, reason)``."""
+        mpath = d / f"{layer}.json"
+        if not mpath.exists():
+            return None, "new store"
+        man = StoreManifest.read(mpath)
+        if man is None:
+            return None, self._corrupt(mpath, "unreadable manifest", quiet)
+        if man.format != FORMAT_VERSION or man.field != field or man.layer != layer:
+            return None, "store format changed"
+        if man.encoder != ident:
+            return None, "encoder changed"
+        if man.dtype != self.dtype:
+            return None, f"dtype changed ({man.dtype} -> {self.dtype})"
+        npy, kpy = d / f"{layer}.npy", d / f"{layer}.keys.npy"
+        for p, sha, size in ((npy, man.matrix_sha256, man.matrix_bytes), (kpy, man.keys_sha256, None)):
+            if not p.is_file():
+                return None, self._corrupt(p, "file missing", quiet)
+            if size is not None and p.stat().st_size != size:
+                return None, self._corrupt(p, f"size {p.stat().st_size} != {size} bytes (truncated?)", quiet)
+            if (self.verify == "checksum" or size is None) and _sha256(p) != sha:
+                return None, self._corrupt(p, "sha256 mismatch (edited?)", quiet)
+        return man, None
+
+    def _corrupt(self, path: Path, problem: str, quiet: bool) -> str:
+        msg = f"embedding store file '{path}': {problem}"
+        if quiet:
+            return msg
+        if not self.rebuild_corrupt:
+            raise StoreError(f"{msg}; delete it or allow rebuilding (rebuild_corrupt=True)")
+        warnings.warn(f"{msg}; rebuilding", StoreRebuildWarning, stacklevel=4)
+        log.warning("%s; rebuilding", msg)
+        return f"corrupt: {problem}"
+
+    def _open(self, d: Path, layer: str, man: StoreManifest, **info: Any) -> StoreEntry:
+        m = np.load(d / f"{layer}.npy", mmap_mode="r")
+        if m.shape != (man.n_rows, man.dim) or str(m.dtype) != man.dtype:
+            raise StoreError(f"embedding store '{d / layer}.npy': shape {m.shape} {m.dtype} does not match its "
+                             f"manifest ({man.n_rows}, {man.dim}) {man.dtype}")
+        return StoreEntry(m, man, d / f"{layer}.npy", **info)
+
+    # ----------------------------------------------------------------- building
+    def _build(self, d: Path, encoder: Encoder, field: str, ids: list[Any], inputs: Sequence[Any],
+               keys: np.ndarray, fingerprint: str, ident: dict[str, Any],
+               stale: dict[str, tuple[str, StoreManifest | None]]) -> dict[str, StoreEntry]:
+        """Rebuild the ``stale`` outputs: copy reusable rows, encode the rest once, write atomically."""
+        from tqdm.auto import tqdm
+
+        n = len(ids)
+        uniq, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+        # per output: row of each unique input in the old matrix (-1 = must encode)
+        reuse: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
+        need = np.zeros(len(uniq), bool)
+        for layer, (_, old) in stale.items():
+            old_rows = np.full(len(uniq), -1, np.int64)
+            old_mat = None
+            if old is not None:
+                old_keys = np.load(d / f"{layer}.keys.npy")
+                old_mat = np.load(d / f"{layer}.npy", mmap_mode="r")
+                order = np.argsort(old_keys, kind="stable")
+                at = np.minimum(np.searchsorted(old_keys[order], uniq), len(order) - 1)
+                hit = old_keys[order][at] == uniq
+                old_rows[hit] = order[at][hit]
+            need |= old_rows < 0
+            reuse[layer] = (old_rows, old_mat)
+        need_u = np.flatnonzero(need)
+        dims = encoder.output_dims() if len(need_u) else {x: stale[x][1].dim for x in stale}  # type: ignore[union-attr]
+        tmps: dict[str, Path] = {}
+        try:
+            mats = {}
+            for layer in stale:
+                tmps[layer] = _tmp_path(d, layer)
+                mats[layer] = np.lib.format.open_memmap(tmps[layer], mode="w+", dtype=self.dtype,
+                                                        shape=(n, dims[layer]))
+                old_rows, old_mat = reuse[layer]
+                hit = np.flatnonzero((old_rows >= 0) & ~need)  # rows encoded anyway are not copied
+                if len(hit):
+                    mats[layer][first[hit]] = old_mat[old_rows[hit]]
+            t0 = time.perf_counter()
+            todo = [inputs[i] for i in first[need_u]]
+            with tqdm(total=len(todo), desc=f"{field}: encode ({encoder.name})", unit="item",
+                      disable=not self.progress or not todo) as bar:
+                for pos, vals in encoder.encode_batches(todo):
+                    rows = first[need_u[pos]]
+                    for layer in stale:
+                        mats[layer][rows] = vals[layer]
+                    bar.update(len(pos))
+            secs = time.perf_counter() - t0
+            dup = np.flatnonzero(first[inverse] != np.arange(n))  # repeated inputs: copy the first row
+            zero_rows = {}
+            for layer, m in mats.items():
+                if len(dup):
+                    m[dup] = m[first[inverse[dup]]]
+                m.flush()
+                zero_rows[layer] = int(np.count_nonzero(~np.asarray(m).any(axis=1)))
+            del m
+            mats.clear()  # close the memmaps before their files are moved
+            entries = {}
+            for layer in stale:
+                e = self._commit(d, layer, tmps[layer], keys, ids, fingerprint, ident, field, dims[layer],
+                                 zero_rows[layer])
+                e.n_encoded = len(need_u)
+                e.n_reused = int(np.count_nonzero(((reuse[layer][0] >= 0) & ~need)[inverse]))
+                e.reason = stale[layer][0]
+                entries[layer] = e
+                log.info("store %s/%s: %s; encoded %d inputs in %.1fs, reused %d rows", field, layer,
+                         e.reason, e.n_encoded, secs, e.n_reused)
+        finally:
+            for p in tmps.values():
+                p.unlink(missing_ok=True)
+        self.stats["encoded"] += len(need_u)
+        self.stats["built"] += len(stale)
+        self.stats["reused"] += sum(e.n_reused for e in entries.values())
+        return entries
+
+    def _commit(self, d: Path, layer: str, tmp: Path, keys: np.ndarray, ids: list[Any], fingerprint: str,
+                ident: dict[str, Any], field: str, dim: int, zero_rows: int) -> StoreEntry:
+        """Move the finished matrix into place, then its keys, then (last) the manifest."""
+        ktmp, mtmp = _tmp_path(d, f"{layer}.keys"), _tmp_path(d, f"{layer}.manifest")
+        try:
+            with open(ktmp, "wb") as f:
+                np.save(f, keys.astype(np.uint64))
+            man = StoreManifest(
+                format=FORMAT_VERSION, encoder=ident, field=field, layer=layer, dim=dim, dtype=self.dtype,
+                n_rows=len(ids), item_ids=ids, data_fingerprint=fingerprint, matrix_sha256=_sha256(tmp),
+                matrix_bytes=tmp.stat().st_size, keys_sha256=_sha256(ktmp), zero_rows=zero_rows,
+                created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+            mtmp.write_text(json.dumps(asdict(man)))
+            for p in (tmp, ktmp, mtmp):
+                with open(p, "rb+") as f:
+                    os.fsync(f.fileno())
+            os.replace(tmp, d / f"{layer}.npy")
+            os.replace(ktmp, d / f"{layer}.keys.npy")
+            os.replace(mtmp, d / f"{layer}.json")
+        finally:
+            ktmp.unlink(missing_ok=True)
+            mtmp.unlink(missing_ok=True)
+        return self._open(d, layer, man)

@@ -1,0 +1,16 @@
+"""``none``: the plain student, ``BCE(z_s, y)``."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from appdistill.features.batch import Batch
+from appdistill.methods.base import METHODS, Method
+from appdistill.student.model import RankingModel, StudentOutput
+
+
+@METHODS.register("none")
+class NoDistillation(Method):
+    def forward(self, out: StudentOutput, batch: Batch, model: RankingModel) -> dict[str, torch.Tensor]:
+        return {"bce": F.binary_cross_entropy_with_logits(out.logits, batch.labels)}

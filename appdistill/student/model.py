@@ -1,0 +1,135 @@
+"""The student: a TorchRec ranking model built from the feature spec (DESIGN.md section 8).
+
+``EmbeddingBagCollection`` (one table per sparse feature) -> dense arch (MLP over dense features)
+-> interaction (``dot`` or ``dcn``) -> ``h`` -> over-arch (MLP -> 1 logit). ``h`` is exposed for
+the distillation methods, and the over-arch is a module of its own so a method can reuse it
+(DiverseDistill's committee path). The DLRM teacher is the same class with a bigger config.
+
+Example:
+    >>> model = RankingModel.from_spec(spec, proc, StudentConfig(over_arch=[64, 32]))
+    >>> out = model(batch.sparse, batch.dense)
+    >>> out.logits.shape, out.h.shape          # [B], [B, d_h]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, PoolingType
+
+from appdistill.features.processor import FeatureProcessor
+from appdistill.features.spec import FeatureSpec, FeatureSpecSet
+from appdistill.student.interaction import INTERACTIONS
+
+
+@dataclass
+class StudentConfig:
+    """Architecture of a :class:`RankingModel`.
+
+    Args:
+        embedding_dim: overrides every feature's ``dim`` when set (``dot`` needs equal dims).
+        dense_arch: hidden sizes of the dense MLP (its last size is the dense vector's size).
+        interaction: ``{key, kwargs}`` of :data:`INTERACTIONS`.
+        over_arch: hidden sizes of the over-arch MLP (a final ``Linear(·, 1)`` is added).
+        dropout: dropout in the over-arch.
+    """
+
+    embedding_dim: int | None = None
+    dense_arch: list[int] = field(default_factory=lambda: [16])
+    interaction: dict[str, Any] = field(default_factory=lambda: {"key": "dcn", "kwargs": {}})
+    over_arch: list[int] = field(default_factory=lambda: [64, 32])
+    dropout: float = 0.0
+
+
+class StudentOutput(NamedTuple):
+    """``logits`` ``[B]`` and ``h`` ``[B, d_h]`` (the over-arch input). A tuple so DDP can walk it."""
+
+    logits: torch.Tensor
+    h: torch.Tensor
+
+
+def mlp(sizes: list[int], in_dim: int, dropout: float = 0.0, last_act: bool = True) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    d = in_dim
+    for i, s in enumerate(sizes):
+        layers.append(nn.Linear(d, s))
+        if i < len(sizes) - 1 or last_act:
+            layers.append(nn.ReLU())
+            if dropout:
+                layers.append(nn.Dropout(dropout))
+        d = s
+    return nn.Sequential(*layers)
+
+
+class OverArch(nn.Module):
+    """``h`` ``[B, d_h]`` -> logit ``[B]``."""
+
+    def __init__(self, in_dim: int, sizes: list[int], dropout: float = 0.0) -> None:
+        super().__init__()
+        self.body = mlp(sizes, in_dim, dropout)
+        self.out = nn.Linear(sizes[-1] if sizes else in_dim, 1)
+        self.in_dim = in_dim
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.out(self.body(h)).squeeze(-1)
+
+
+class RankingModel(nn.Module):
+    """TorchRec EBC + dense arch + interaction + over-arch.
+
+    Args:
+        tables: one ``EmbeddingBagConfig`` per sparse feature (same order as the KJT keys).
+        dense_in: number of dense input features ``D``.
+        config: architecture.
+        device: ``meta`` to defer allocation to ``DistributedModelParallel``.
+    """
+
+    def __init__(self, tables: list[EmbeddingBagConfig], dense_in: int, config: StudentConfig,
+                 device: torch.device | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.keys = [t.feature_names[0] for t in tables]
+        self.ebc = EmbeddingBagCollection(tables=tables, device=device or torch.device("cpu"))
+        self.dense_in = dense_in
+        self.dense_arch = mlp(config.dense_arch, dense_in) if dense_in else None
+        dense_out = config.dense_arch[-1] if dense_in and config.dense_arch else dense_in
+        inter = config.interaction
+        self.interaction = INTERACTIONS.build(
+            inter["key"], inter.get("kwargs"), context="student.interaction",
+            num_sparse=len(tables), emb_dims=[t.embedding_dim for t in tables], dense_dim=dense_out)
+        self.over_arch = OverArch(self.interaction.out_dim, config.over_arch, config.dropout)
+
+    @classmethod
+    def from_spec(cls, features: list[FeatureSpec], processor: FeatureProcessor, config: StudentConfig,
+                  device: torch.device | None = None) -> RankingModel:
+        """Build from the features a model may see (``spec.visible(name)``) and the fitted vocabularies."""
+        tables = [
+            EmbeddingBagConfig(
+                name=f"t_{f.name}", embedding_dim=config.embedding_dim or f.dim,
+                num_embeddings=processor.vocabs[f.name].num_embeddings, feature_names=[f.name],
+                pooling=PoolingType.MEAN if (f.kind == "id_list" and f.pooling == "mean") else PoolingType.SUM)
+            for f in features if f.kind in ("sparse_id", "id_list")
+        ]
+        dense_in = sum(1 for f in features if f.kind == "dense")
+        return cls(tables, dense_in, config, device)
+
+    def forward(self, sparse: KeyedJaggedTensor, dense: torch.Tensor) -> StudentOutput:
+        emb = self.ebc(sparse).values()  # [B, sum(dims)] in table order
+        d = self.dense_arch(dense) if self.dense_arch is not None else dense
+        h = self.interaction(d, emb)
+        return StudentOutput(self.over_arch(h), h)
+
+    def size(self) -> dict[str, int]:
+        """Parameter count and bytes (embedding tables included)."""
+        params = sum(p.numel() for p in self.parameters())
+        nbytes = sum(p.numel() * p.element_size() for p in self.parameters())
+        emb = sum(p.numel() for p in self.ebc.parameters())
+        return {"params": int(params), "bytes": int(nbytes), "embedding_params": int(emb)}
+
+
+def build_student(spec: FeatureSpecSet, processor: FeatureProcessor, config: StudentConfig,
+                  model: str = "student", device: torch.device | None = None) -> RankingModel:
+    return RankingModel.from_spec(spec.visible(model), processor, config, device)

@@ -1,0 +1,1 @@
+"""Training: one train() for single process and torchrun."""

@@ -1,0 +1,206 @@
+"""``train()``: one loop for a single process and for ``torchrun`` (DESIGN.md section 9).
+
+Every rank builds the same data set (deterministic), walks the same global batch order and takes
+its slice; embedding tables are sharded by TorchRec under torchrun. Evaluation runs on every rank
+(the sharded model needs all of them for its all-to-all) and logits are gathered, so every rank
+takes the same best-epoch decision; rank 0 writes the run directory.
+
+Example:
+    >>> from appdistill.config import load_config
+    >>> metrics = train(load_config("configs/ml100k_plain.yaml"), "runs/plain")
+    >>> metrics["test"]["auc"]
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from appdistill.config import ExperimentConfig
+from appdistill.eval.metrics import evaluate
+from appdistill.features.batch import BatchBuilder, BatchLoader
+from appdistill.features.dataset import Dataset
+from appdistill.methods import METHODS
+from appdistill.student.model import RankingModel, StudentConfig, build_student
+from appdistill.train.distributed import (DistContext, all_gather_varlen, full_state_dict, init_distributed,
+                                          load_full_state_dict, shard_model, unwrap)
+from appdistill.train.io import atomic_write_text, save_checkpoint
+from appdistill.train.plots import plot_curves
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def student_config(cfg: ExperimentConfig) -> StudentConfig:
+    s = cfg.student
+    return StudentConfig(s.embedding_dim, list(s.dense_arch), s.interaction.model_dump(), list(s.over_arch),
+                         s.dropout)
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, builder: BatchBuilder, rows: np.ndarray, ctx: DistContext,
+            batch_size: int = 8192) -> np.ndarray:
+    """Student logits ``[len(rows)]`` in ``rows`` order; collective under torchrun."""
+    was = model.training
+    model.eval()
+    loader = BatchLoader(builder, rows, batch_size * ctx.world_size, rank=ctx.rank,
+                         world_size=ctx.world_size, prefetch=2)
+    logits, ids = [], []
+    for b in loader:
+        b = b.to(ctx.device)
+        logits.append(model(b.sparse, b.dense).logits.float().cpu())
+        ids.append(b.row_ids.cpu())
+    z = all_gather_varlen(torch.cat(logits) if logits else torch.zeros(0), ctx)
+    r = all_gather_varlen(torch.cat(ids) if ids else torch.zeros(0, dtype=torch.long), ctx)
+    model.train(was)
+    # map gathered (row id, logit) pairs back to the order of ``rows``
+    sorter = np.argsort(rows, kind="stable")
+    out = np.empty(len(rows), np.float64)
+    out[sorter[np.searchsorted(rows, r.numpy(), sorter=sorter)]] = z.numpy()
+    return out
+
+
+def evaluate_split(model: torch.nn.Module, ds: Dataset, builder: BatchBuilder, split: str, ctx: DistContext,
+                   cfg: ExperimentConfig, full: bool = True) -> tuple[dict[str, Any], np.ndarray]:
+    rows = ds.splits[split]
+    z = predict(model, builder, rows, ctx, cfg.train.eval_batch_size)
+    return evaluate(z, ds.labels[rows], ds.user_ids[rows], ds.cold[rows], cfg.eval.k, full), z
+
+
+def train(cfg: ExperimentConfig, run_dir: str | Path, *, dataset: Dataset | None = None,
+          progress: bool = True) -> dict[str, Any]:
+    """Train the student with ``cfg.method``, evaluate, and write ``run_dir`` (rank 0).
+
+    Returns the ``metrics.json`` dict (on every rank).
+    """
+    ctx = init_distributed()
+    run_dir = Path(run_dir)
+    if cfg.train.num_threads:
+        torch.set_num_threads(cfg.train.num_threads)
+    elif ctx.is_dist:
+        torch.set_num_threads(max(1, (os.cpu_count() or 2) // ctx.world_size))
+    seed_everything(cfg.seed)
+    spec = cfg.load_spec()
+    ds = dataset if dataset is not None else Dataset.build(spec)
+    if ctx.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / "config.yaml", cfg.dump())
+        atomic_write_text(run_dir / "processor.json", ds.processor.to_json())
+
+    torch.manual_seed(cfg.seed)
+    model: torch.nn.Module = build_student(spec, ds.processor, student_config(cfg))
+    size = unwrap(model).size()  # type: ignore[operator]
+    init_state = {k: v.clone() for k, v in model.state_dict().items()}
+    method = METHODS.build(cfg.method.key, cfg.method.kwargs, context="method").to(ctx.device)
+    model, opt = shard_model(model, ctx, cfg.train.lr, cfg.train.embedding_lr, cfg.train.weight_decay,
+                             cfg.train.sharding)
+    if ctx.is_dist:
+        load_full_state_dict(model, init_state, ctx)  # same initial weights as a single-process run
+    method_params = [p for p in method.parameters() if p.requires_grad]
+    method_opt = torch.optim.Adam(method_params, lr=cfg.train.lr) if method_params else None
+
+    builder = BatchBuilder(ds, spec.visible("student"))
+    tr = cfg.train
+    loader = BatchLoader(builder, ds.splits["train"], tr.batch_size, shuffle=True, seed=cfg.seed,
+                         drop_last=len(ds.splits["train"]) >= tr.batch_size, rank=ctx.rank,
+                         world_size=ctx.world_size, prefetch=tr.prefetch)
+    total = tr.epochs * len(loader)
+    history: list[dict[str, Any]] = []
+    step_log: list[dict[str, float]] = []
+    best: tuple[float, int, dict[str, torch.Tensor] | None] = (-math.inf, -1, None)
+    train_seconds, samples, step = 0.0, 0, 0
+    for epoch in range(tr.epochs):
+        loader.set_epoch(epoch)
+        model.train()
+        sums: dict[str, float] = {}
+        t0 = time.perf_counter()
+        bar = tqdm(loader, total=len(loader), desc=f"epoch {epoch + 1}/{tr.epochs}",
+                   disable=not (progress and ctx.is_main), leave=False, dynamic_ncols=True)
+        for batch in bar:
+            batch = batch.to(ctx.device)
+            out = model(batch.sparse, batch.dense)
+            terms = method(out, batch, unwrap(model))
+            loss = sum(terms.values())
+            opt.zero_grad(set_to_none=True)
+            if method_opt is not None:
+                method_opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if method_opt is not None:
+                method_opt.step()
+            method.on_step_end(loss.detach(), step, total)
+            step += 1
+            samples += batch.size * ctx.world_size
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + float(v.detach())
+            if step % tr.log_every == 0 or step == 1:
+                rec = {"step": step, "loss": float(loss.detach()), **method.logs()}
+                step_log.append(rec)
+                bar.set_postfix(loss=f"{rec['loss']:.4f}")
+        train_seconds += time.perf_counter() - t0
+        n_steps = max(1, len(loader))
+        valid, _ = evaluate_split(model, ds, builder, "valid", ctx, cfg, full=False)
+        rec = {"epoch": epoch + 1, **{f"train_{k}": v / n_steps for k, v in sums.items()},
+               "valid_auc": valid["auc"], "valid_logloss": valid["logloss"]}
+        history.append(rec)
+        if ctx.is_main and progress:
+            tqdm.write(f"epoch {epoch + 1}: " + ", ".join(f"{k}={v:.4f}" for k, v in rec.items() if k != "epoch"))
+        if tr.select_best and valid["auc"] > best[0]:
+            best = (valid["auc"], epoch + 1, full_state_dict(model, ctx) if tr.epochs > 1 else None)
+    if tr.select_best and best[2] is not None and best[1] != tr.epochs:
+        load_full_state_dict(model, _broadcast_state(best[2], model, ctx), ctx)
+    test, _ = evaluate_split(model, ds, builder, "test", ctx, cfg)
+    valid, _ = evaluate_split(model, ds, builder, "valid", ctx, cfg, full=False)
+    metrics: dict[str, Any] = {
+        "dataset": spec.name, "split": spec.split.by, "method": cfg.method.key, "seed": cfg.seed,
+        "test": test, "valid": valid, "teachers": {},
+        "student": {"params": size["params"], "bytes": size["bytes"], "embedding_params": size["embedding_params"]},
+        "train": {"seconds": round(train_seconds, 3), "samples_per_s": round(samples / max(train_seconds, 1e-9), 1),
+                  "steps": step, "epochs": tr.epochs, "best_epoch": best[1] if tr.select_best else tr.epochs,
+                  "world_size": ctx.world_size, "teacher_passes_skipped": float(method.logs().get("skipped", 0.0))},
+        "data": {"fingerprint": ds.fingerprint, "nan_imputed": ds.processor.nan_imputed},
+    }
+    state = full_state_dict(model, ctx)
+    if ctx.is_main:
+        save_checkpoint(run_dir / "checkpoint.pt", {
+            "model": state, "config": cfg.model_dump(exclude={"base_dir"}), "spec_fingerprint": spec.fingerprint(),
+            "data_fingerprint": ds.fingerprint, "epoch": tr.epochs, "step": step})
+        atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2, default=_json_default))
+        atomic_write_text(run_dir / "history.json", json.dumps({"epochs": history, "steps": step_log}, indent=1))
+        plot_curves(history, step_log, run_dir / "curve.png", title=f"{cfg.name} ({cfg.method.key})")
+    return metrics
+
+
+def _broadcast_state(state: dict[str, torch.Tensor] | None, model: torch.nn.Module,
+                     ctx: DistContext) -> dict[str, torch.Tensor]:
+    """Rank 0 holds the full best state; give every rank a copy (they load their own shards)."""
+    if not ctx.is_dist:
+        assert state is not None
+        return state
+    import torch.distributed as dist
+
+    obj = [state]
+    dist.broadcast_object_list(obj, src=0)  # between our own ranks only
+    return obj[0]  # type: ignore[return-value]
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    raise TypeError(type(o))
+
+
+def build_model_for_run(cfg: ExperimentConfig, ds: Dataset) -> RankingModel:
+    return build_student(cfg.load_spec(), ds.processor, student_config(cfg))
