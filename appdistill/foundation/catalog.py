@@ -14,16 +14,18 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
 from appdistill.errors import SpecError
-from appdistill.features.dataset import Dataset
-from appdistill.features.spec import FeatureSpec, FeatureSpecSet
 from appdistill.foundation.base import ENCODERS, Encoder, json_digest
 from appdistill.foundation.store import EmbeddingStore, StoreEntry
+
+if TYPE_CHECKING:  # appdistill.features imports torchrec; keep `import appdistill.foundation` light
+    from appdistill.features.dataset import Dataset
+    from appdistill.features.spec import FeatureSpec, FeatureSpecSet
 
 DEFAULT_ENCODERS = {"text": "minilm", "image": "clip"}
 
@@ -98,7 +100,7 @@ def build_foundation_stores(data: Dataset | FeatureSpecSet, store: EmbeddingStor
     Returns:
         ``{feature: {output: StoreEntry}}``; ``entry.matrix`` is ``[rows of the feature's table, dim]``.
     """
-    if isinstance(data, Dataset):
+    if hasattr(data, "tables") and hasattr(data, "spec"):  # a Dataset
         spec, tables = data.spec, data.tables
     else:
         spec = data

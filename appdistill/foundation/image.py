@@ -172,7 +172,7 @@ class ClipEncoder(Encoder):
     def _tag_message(self, detail: str) -> str:
         return (f"open_clip pretrained tag '{self.pretrained}' of '{self.arch}' needs network access to download "
                 f"its weights, and appdistill runs the hub offline; download the checkpoint on a machine with "
-                f"network and pass the local file as `pretrained: /path/to/checkpoint.bin` ({detail[:200]})")
+                f"network and pass the local file as `pretrained: /path/to/checkpoint.bin` ({detail.split('. ')[0][:160]})")
 
     def _check_tag_cached(self, oc: Any) -> None:
         """A url-only tag would be fetched with urllib (not covered by HF offline): refuse early."""

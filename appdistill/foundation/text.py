@@ -166,8 +166,8 @@ class SentenceTransformerEncoder(Encoder):
 
     def output_dims(self) -> dict[str, int]:
         m = self.model
-        dim = m.get_sentence_embedding_dimension() if hasattr(m, "get_sentence_embedding_dimension") \
-            else m.get_embedding_dimension()
+        get_dim = getattr(m, "get_embedding_dimension", None) or m.get_sentence_embedding_dimension  # ST < 6
+        dim = get_dim()
         hidden = dim
         if self.layers:
             hf = getattr(m[0], "auto_model", None) or getattr(m[0], "model", None)

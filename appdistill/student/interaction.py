@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from appdistill.errors import ConfigError
 from appdistill.registry import Registry
 
 INTERACTIONS: Registry = Registry("interaction")
@@ -30,7 +31,7 @@ class DotInteraction(nn.Module):
     def __init__(self, num_sparse: int, emb_dims: list[int], dense_dim: int) -> None:
         super().__init__()
         if len(set(emb_dims)) != 1 or (dense_dim and dense_dim != emb_dims[0]):
-            raise ValueError(
+            raise ConfigError(
                 f"interaction 'dot' needs equal embedding dims and dense-arch output = embedding dim; got "
                 f"embedding dims {emb_dims} and dense output {dense_dim}. Set student.embedding_dim, "
                 "or use interaction 'dcn'")

@@ -1,0 +1,5 @@
+import sys
+
+from appdistill.cli import main
+
+sys.exit(main())
