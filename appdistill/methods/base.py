@@ -29,8 +29,26 @@ class Method(nn.Module):
 
     requires: tuple[str, ...] = ()
 
-    def __init__(self, **kwargs: Any) -> None:
+    def __init__(self, committee: dict[str, Any] | None = None) -> None:
+        """Args:
+            committee: ``{name: Teacher}`` of the fitted teachers (frozen); methods that use only
+                cached logits need just the names.
+        """
         super().__init__()
+        self.committee_names: list[str] = list(committee or {})
+
+    def pick(self, names: list[str] | str | None) -> list[str]:
+        """Resolve a ``teachers:`` kwarg (None = the whole committee), checking the names."""
+        if names is None:
+            names = self.committee_names
+        names = [names] if isinstance(names, str) else list(names)
+        unknown = [n for n in names if n not in self.committee_names]
+        if unknown or not names:
+            from appdistill.errors import ConfigError
+
+            raise ConfigError(f"method '{type(self).__name__}': teachers {unknown or names} are not in the "
+                              f"committee {self.committee_names} (configure them under `teachers:`)")
+        return names
 
     def forward(self, out: StudentOutput, batch: Batch, model: RankingModel) -> dict[str, torch.Tensor]:
         raise NotImplementedError
@@ -38,6 +56,23 @@ class Method(nn.Module):
     def on_step_end(self, loss: torch.Tensor, step: int, total_steps: int) -> None:
         """Hook after the optimiser step (TAID updates ``t`` here)."""
 
+    def state(self) -> dict[str, Any]:
+        """Non-parameter state to checkpoint (TAID's ``t``, momentum...)."""
+        return {}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state`."""
+
     def logs(self) -> dict[str, float]:
         """Scalars to log besides the loss terms (e.g. the fraction of teacher passes skipped)."""
         return {}
+
+
+def soft_bce(z: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy of logits ``z`` ``[B]`` against soft targets ``p`` ``[B]`` in [0, 1] (mean)."""
+    return torch.nn.functional.binary_cross_entropy_with_logits(z, p)
+
+
+def kd_loss(z_s: torch.Tensor, z_t: torch.Tensor, T: float = 1.0) -> torch.Tensor:
+    """Hinton KD, binary form: ``T² · BCE(z_s / T, σ(z_t / T))`` (teacher side detached)."""
+    return T * T * soft_bce(z_s / T, torch.sigmoid(z_t.detach() / T))

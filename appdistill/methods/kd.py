@@ -1,0 +1,36 @@
+"""``kd``: Hinton knowledge distillation from one teacher, binary form (DESIGN.md 7.1).
+
+``(1 - a)·BCE(z_s, y) + a·T²·BCE(z_s / T, σ(z_t / T))``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from appdistill.features.batch import Batch
+from appdistill.methods.base import METHODS, Method, kd_loss
+from appdistill.student.model import RankingModel, StudentOutput
+
+
+@METHODS.register("kd")
+class KD(Method):
+    """Args:
+        teacher: committee member to distil from (default: the first configured teacher).
+        alpha: weight ``a`` of the distillation term.
+        temperature: ``T``.
+    """
+
+    def __init__(self, committee: dict[str, Any] | None = None, teacher: str | None = None,
+                 alpha: float = 0.5, temperature: float = 1.0) -> None:
+        super().__init__(committee)
+        self.teacher = self.pick(teacher or (self.committee_names[:1] or None))[0]
+        self.requires = (self.teacher,)
+        self.alpha, self.T = alpha, temperature
+
+    def forward(self, out: StudentOutput, batch: Batch, model: RankingModel) -> dict[str, torch.Tensor]:
+        z_t = batch.teacher[self.teacher].logits
+        return {"bce": (1 - self.alpha) * F.binary_cross_entropy_with_logits(out.logits, batch.labels),
+                "kd": self.alpha * kd_loss(out.logits, z_t, self.T)}
