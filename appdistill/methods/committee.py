@@ -1,0 +1,99 @@
+"""Shared pieces for methods that talk to teachers through their hidden states.
+
+:class:`TeacherPort` wraps one frozen teacher for a method: it turns the teacher's cached hidden
+tap into a float state ``H_i`` ``[B, d_i]`` (LightGBM leaf indices become learned leaf embeddings),
+and runs the teacher's frozen head on a (perturbed) state when the teacher has one. Teacher weights
+never change; gradients flow *through* frozen heads into the method's own modules.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from appdistill.features.batch import Batch
+
+
+def freeze(m: nn.Module) -> nn.Module:
+    for p in m.parameters():
+        p.requires_grad_(False)
+    return m.eval()
+
+
+class TeacherPort(nn.Module):
+    """One teacher as seen by a method.
+
+    Args:
+        name: committee name (key of ``batch.teacher``).
+        teacher: the fitted teacher (``hidden_dims()``, ``head(tap)``, optional ``num_leaves``).
+        tap: which hidden tap to use (default: the first one with a head, else the first).
+        leaf_dim: embedding width for integer (leaf-index) taps.
+
+    Attributes:
+        dim: width ``d_i`` of ``H_i``.
+        has_head: whether :meth:`answer` runs the teacher's frozen upper layers.
+        answer_dim: width of :meth:`answer`'s output.
+    """
+
+    def __init__(self, name: str, teacher: Any, tap: str | None = None, leaf_dim: int = 32) -> None:
+        super().__init__()
+        dims: dict[str, int] = dict(teacher.hidden_dims())
+        if not dims:
+            raise ValueError(f"teacher '{name}' exposes no hidden taps")
+        if tap is None:
+            tap = next((t for t in dims if teacher.head(t) is not None), next(iter(dims)))
+        if tap not in dims:
+            raise ValueError(f"teacher '{name}': unknown tap '{tap}' (taps: {sorted(dims)})")
+        self.name, self.tap = name, tap
+        head = teacher.head(tap)
+        self.head = freeze(head) if head is not None else None
+        self.is_leaves = tap == "leaves" or bool(getattr(teacher, "integer_taps", {}) and tap in teacher.integer_taps)
+        if self.is_leaves:
+            n_trees = dims[tap]
+            n_leaves = int(getattr(teacher, "num_leaves", 64))
+            # one row per (tree, leaf); a sample's state is the mean of its trees' leaf embeddings
+            self.leaf_emb = nn.EmbeddingBag(n_trees * n_leaves, leaf_dim, mode="mean")
+            self.register_buffer("tree_offset", torch.arange(n_trees) * n_leaves, persistent=False)
+            self.dim = leaf_dim
+        else:
+            self.dim = dims[tap]
+        self.has_head = self.head is not None
+        body = getattr(self.head, "body", None)
+        self.answer_dim = (_out_dim(body, self.dim) + 1) if body is not None else (self.dim + 1)
+
+    def state(self, batch: Batch, idx: torch.Tensor | None = None) -> torch.Tensor:
+        """``H_i`` ``[B', d_i]`` for batch rows ``idx`` (all rows when None)."""
+        h = batch.teacher[self.name].hidden[self.tap]
+        if idx is not None:
+            h = h[idx]
+        if self.is_leaves:
+            return self.leaf_emb(h.long() + self.tree_offset)
+        return h.float()
+
+    def answer(self, x: torch.Tensor) -> torch.Tensor:
+        """The frozen head on state ``x`` ``[B', d_i]``: ``[last hidden activation ; logit]``.
+
+        Teachers without a head return ``[x ; 0]`` and rely on the method's learned answer net.
+        """
+        if self.head is None:
+            return torch.cat([x, x.new_zeros(x.shape[0], 1)], 1)
+        body = getattr(self.head, "body", None)
+        if body is not None:
+            z = body(x)
+            return torch.cat([z, self.head.out(z)], 1)
+        return torch.cat([x, self.head(x).reshape(-1, 1)], 1)
+
+    def logit(self, batch: Batch) -> torch.Tensor:
+        return batch.teacher[self.name].logits.float()
+
+
+def _out_dim(body: nn.Module, in_dim: int) -> int:
+    with torch.no_grad():
+        return int(body(torch.zeros(1, in_dim)).shape[-1])
+
+
+def build_ports(committee: dict[str, Any], names: list[str], taps: dict[str, str] | None = None,
+                leaf_dim: int = 32) -> nn.ModuleDict:
+    return nn.ModuleDict({n: TeacherPort(n, committee[n], (taps or {}).get(n), leaf_dim) for n in names})

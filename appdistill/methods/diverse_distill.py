@@ -1,0 +1,196 @@
+"""``diverse_distill``: the teaching committee with questions, answers and per-sample importance.
+
+Our concrete reading of DiverseDistill (arXiv 2402.14035), DESIGN.md 7.2. For student state ``h``
+``[B, d_s]`` (the over-arch input) and teachers ``i = 1..n``:
+
+1. teacher embeddings ``E`` ``[n, d_e]``;
+2. question ``q_i = P_i(Q(h) ⊙ e_i)`` ``[B, d_i]`` — one shared question augmenter ``Q: d_s -> d_e``,
+   conditioned on the teacher by ``e_i`` and projected to teacher ``i``'s hidden width by ``P_i``
+   (the product is taken in the shared ``d_e`` space so one ``Q`` serves teachers of any width);
+3. answer ``a_i = head_i(H_i + q_i)`` from the cached hidden tap ``H_i`` through the teacher's own
+   frozen upper layers (DLRM over-arch, foundation adapting layers), or a learned answer MLP over
+   ``[H_i ; q_i]`` when it has none (LightGBM: ``H_i`` = learned leaf embeddings);
+4. answer augmenter ``ã_i = LN(A_i(a_i))`` ``[B, d_s]``;
+5. importance ``w = softmax(⟨W h, E⟩ / τ)`` ``[B, n]``; only the top-k (or ``w_i >= θ``) teachers
+   of each sample are kept, **before** answers are computed, so skipped answers cost nothing;
+   a load-balancing term ``n·Σ_i f_i·P_i`` keeps the gate from collapsing;
+6. committee path ``z_qa = over_arch(h + Σ_i w_i ã_i)`` through the student's own over-arch;
+7. loss ``BCE(z_s, y) + BCE(z_qa, y) + λ_kd·T²·BCE(z_s/T, σ(sg(z_qa)/T)) + λ_t·Σ_i w_i·KD(z_s, z_i)``
+   (or TAID towards the gated committee logit with ``output_loss: taid``).
+
+Everything here is training-only: export keeps the plain student.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from appdistill.errors import ConfigError
+from appdistill.features.batch import Batch
+from appdistill.methods.base import METHODS, Method
+from appdistill.methods.committee import build_ports
+from appdistill.methods.taid import TAIDSchedule, global_mean
+from appdistill.student.model import RankingModel, StudentOutput
+
+COMPLEMENTARY_KEYS = ("lightgbm", "dlrm")
+
+
+@METHODS.register("diverse_distill")
+class DiverseDistill(Method):
+    """Args:
+        committee: ``{name: Teacher}``.
+        student_dim: ``d_s`` (width of ``h``), supplied by the training loop.
+        teachers: committee members to use (default: all).
+        complementary: keep LightGBM/DLRM teachers (``False`` = foundation-only ablation).
+        gating: per-sample importance with skipping (``False`` = every teacher answers, w uniform).
+        top_k / threshold: keep the ``top_k`` most important teachers per sample, or those with
+            ``w_i >= threshold`` (the most important is always kept).
+        questions: ``False`` = plain answers ``head_i(H_i)`` (no question) ablation.
+        committee_path: ``False`` = drop ``z_qa`` and its terms (ablation).
+        d_e: teacher-embedding / question width.
+        tau: gate temperature.
+        lambda_kd, lambda_t, lambda_lb: weights of the committee-KD, teacher-KD and balance terms.
+        temperature: KD temperature ``T``.
+        output_loss: ``kd`` or ``taid`` for the teacher term.
+        taps: ``{teacher: tap}`` overrides of the hidden tap each teacher answers from.
+    """
+
+    def __init__(self, committee: dict[str, Any] | None = None, student_dim: int = 0,
+                 teachers: list[str] | None = None, complementary: bool = True, gating: bool = True,
+                 top_k: int | None = None, threshold: float | None = None, questions: bool = True,
+                 committee_path: bool = True, d_e: int = 32, tau: float = 1.0, lambda_kd: float = 0.5,
+                 lambda_t: float = 0.5, lambda_lb: float = 0.01, temperature: float = 1.0,
+                 output_loss: str = "kd", taps: dict[str, str] | None = None, leaf_dim: int = 32,
+                 taid: dict[str, float] | None = None) -> None:
+        super().__init__(committee)
+        committee = committee or {}
+        names = self.pick(teachers)
+        if not complementary:
+            names = [n for n in names if getattr(committee[n], "key", n) not in COMPLEMENTARY_KEYS]
+            if not names:
+                raise ConfigError("diverse_distill: complementary=false leaves no (foundation) teacher")
+        if output_loss not in ("kd", "taid"):
+            raise ConfigError(f"diverse_distill: output_loss must be 'kd' or 'taid', got '{output_loss}'")
+        if student_dim <= 0:
+            raise ConfigError("diverse_distill: student_dim must be supplied (the width of h)")
+        self.names, self.requires = names, tuple(names)
+        n = len(names)
+        self.gating, self.questions, self.committee_path = gating, questions, committee_path
+        self.top_k = top_k if top_k is not None else (max(1, n - 1) if threshold is None else None)
+        self.threshold = threshold
+        self.tau, self.T = tau, temperature
+        self.lambda_kd, self.lambda_t, self.lambda_lb = lambda_kd, lambda_t, lambda_lb
+        self.output_loss = output_loss
+        self.schedule = TAIDSchedule(**(taid or {})) if output_loss == "taid" else None
+
+        self.ports = build_ports(committee, names, taps, leaf_dim)
+        self.E = nn.Parameter(torch.randn(n, d_e) * 0.1)              # teacher embeddings
+        self.W = nn.Linear(student_dim, d_e, bias=False)                # gate query
+        self.Q = nn.Sequential(nn.Linear(student_dim, d_e), nn.GELU(), nn.Linear(d_e, d_e))  # shared question
+        self.P = nn.ModuleDict({k: nn.Linear(d_e, p.dim) for k, p in self.ports.items()})
+        # learned answer nets for teachers without a frozen head: MLP over [H_i ; q_i]
+        self.answer_net = nn.ModuleDict({
+            k: nn.Sequential(nn.Linear(2 * p.dim, 64), nn.GELU(), nn.Linear(64, 64))
+            for k, p in self.ports.items() if not p.has_head})
+        self.A = nn.ModuleDict({
+            k: nn.Sequential(nn.Linear(64 if k in self.answer_net else p.answer_dim, student_dim),
+                             nn.LayerNorm(student_dim))
+            for k, p in self.ports.items()})
+        self.answer_calls = {k: 0 for k in names}  # rows answered per teacher (tests count these)
+        self._kept = self._total = 0
+
+    # ------------------------------------------------------------------ gate
+    def importance(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(w, keep, probs)``: gated weights ``[B, n]`` (0 where skipped, rows sum to 1), the keep
+        mask ``[B, n]`` bool and the ungated softmax ``[B, n]``."""
+        probs = torch.softmax(self.W(h) @ self.E.t() / self.tau, dim=1)
+        if not self.gating:
+            keep = torch.ones_like(probs, dtype=torch.bool)
+            return torch.full_like(probs, 1.0 / probs.shape[1]), keep, probs
+        if self.threshold is not None:
+            keep = probs >= self.threshold
+            keep |= F.one_hot(probs.argmax(1), probs.shape[1]).bool()
+        else:
+            k = min(self.top_k or probs.shape[1], probs.shape[1])
+            keep = torch.zeros_like(probs, dtype=torch.bool).scatter(1, probs.topk(k, dim=1).indices, True)
+        w = probs * keep
+        return w / w.sum(1, keepdim=True).clamp_min(1e-12), keep, probs
+
+    # ------------------------------------------------------------------ answers
+    def committee_message(self, h: torch.Tensor, batch: Batch, w: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """``Σ_i w_i ã_i`` ``[B, d_s]``, computing answers only for kept (sample, teacher) pairs."""
+        msg = torch.zeros_like(h)
+        qh = self.Q(h) if self.questions else None
+        for j, name in enumerate(self.names):
+            idx = keep[:, j].nonzero(as_tuple=True)[0]
+            if idx.numel() == 0:
+                continue
+            port = self.ports[name]
+            H = port.state(batch, idx)
+            q = self.P[name](qh[idx] * self.E[j]) if qh is not None else torch.zeros_like(H)
+            if name in self.answer_net:
+                a = self.answer_net[name](torch.cat([H, q], 1))
+            else:
+                a = port.answer(H + q)
+            self.answer_calls[name] += int(idx.numel())
+            msg = msg.index_add(0, idx, w[idx, j:j + 1] * self.A[name](a))
+        return msg
+
+    # ------------------------------------------------------------------ loss
+    def forward(self, out: StudentOutput, batch: Batch, model: RankingModel) -> dict[str, torch.Tensor]:
+        h, z_s, y = out.h, out.logits, batch.labels
+        w, keep, probs = self.importance(h)
+        self._kept += int(keep.sum())
+        self._total += keep.numel()
+        terms = {"bce": F.binary_cross_entropy_with_logits(z_s, y)}
+        if self.committee_path:
+            z_qa = model.over_arch(h + self.committee_message(h, batch, w, keep))
+            terms["bce_committee"] = F.binary_cross_entropy_with_logits(z_qa, y)
+            terms["kd_committee"] = self.lambda_kd * self.T ** 2 * F.binary_cross_entropy_with_logits(
+                z_s / self.T, torch.sigmoid(z_qa.detach() / self.T))
+        z_t = torch.stack([self.ports[n].logit(batch) for n in self.names], 1)  # [B, n]
+        wd = w.detach()
+        if self.output_loss == "kd":
+            per = F.binary_cross_entropy_with_logits(
+                (z_s / self.T).unsqueeze(1).expand_as(z_t), torch.sigmoid(z_t / self.T), reduction="none")
+            terms["kd_teachers"] = self.lambda_t * self.T ** 2 * (wd * per).sum(1).mean()
+        else:
+            assert self.schedule is not None
+            z_c = (wd * z_t).sum(1)
+            t = self.schedule.t
+            terms["taid_teachers"] = self.lambda_t * F.binary_cross_entropy_with_logits(
+                z_s, torch.sigmoid((1 - t) * z_s.detach() + t * z_c))
+        if self.gating and self.lambda_lb and len(self.names) > 1:
+            f = keep.float().mean(0)
+            f = f / f.sum()
+            terms["balance"] = self.lambda_lb * len(self.names) * (f.detach() * probs.mean(0)).sum()
+        return terms
+
+    def on_step_end(self, loss: torch.Tensor, step: int, total_steps: int) -> None:
+        if self.schedule is not None:
+            self.schedule.update(global_mean(loss), step, total_steps)
+
+    def skipped_fraction(self) -> float:
+        return 1.0 - self._kept / self._total if self._total else 0.0
+
+    def logs(self) -> dict[str, float]:
+        out = {"skipped": self.skipped_fraction()}
+        if self.schedule is not None:
+            out["taid_t"] = self.schedule.t
+        return out
+
+    def state(self) -> dict[str, Any]:
+        s: dict[str, Any] = {"kept": self._kept, "total": self._total, "answer_calls": dict(self.answer_calls)}
+        if self.schedule is not None:
+            s["taid"] = self.schedule.state()
+        return s
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self._kept, self._total = int(state["kept"]), int(state["total"])
+        self.answer_calls.update(state.get("answer_calls", {}))
+        if self.schedule is not None and "taid" in state:
+            self.schedule.load_state(state["taid"])

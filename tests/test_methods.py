@@ -1,0 +1,167 @@
+"""Golden values for every loss on fixed tiny tensors, TAID's t, and DiverseDistill's gating."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torchrec import KeyedJaggedTensor
+
+from appdistill.errors import ConfigError
+from appdistill.features.batch import Batch, TeacherOutput
+from appdistill.methods import METHODS
+from appdistill.methods.taid import TAIDSchedule
+from appdistill.student.model import OverArch, StudentOutput
+
+Z_S = torch.tensor([0.5, -1.0, 2.0, 0.0])
+Y = torch.tensor([1.0, 0.0, 1.0, 0.0])
+Z_A = torch.tensor([1.0, -2.0, 0.5, 0.3])
+Z_B = torch.tensor([-0.5, 0.0, 3.0, -1.0])
+
+
+def np_bce(z: np.ndarray, p: np.ndarray) -> float:
+    s = 1 / (1 + np.exp(-z))
+    return float(np.mean(-(p * np.log(s) + (1 - p) * np.log(1 - s))))
+
+
+def sig(x: np.ndarray) -> np.ndarray:
+    return 1 / (1 + np.exp(-x))
+
+
+class FakeTeacher:
+    """A teacher with a float tap + frozen over-arch head, or integer leaves without a head."""
+
+    def __init__(self, key: str, dim: int = 8, leaves: bool = False, seed: int = 0) -> None:
+        torch.manual_seed(seed)
+        self.key, self.leaves = key, leaves
+        self.dim = dim
+        self.num_leaves = 4
+        self._head = None if leaves else OverArch(dim, [6])
+
+    def hidden_dims(self) -> dict[str, int]:
+        return {"leaves": self.dim} if self.leaves else {"h": self.dim}
+
+    def head(self, tap: str) -> nn.Module | None:
+        return self._head
+
+
+def make_batch(b: int = 4) -> Batch:
+    kjt = KeyedJaggedTensor(keys=["u"], values=torch.zeros(b, dtype=torch.long), lengths=torch.ones(b, dtype=torch.long))
+    g = torch.Generator().manual_seed(0)
+    teacher = {
+        "dlrm": TeacherOutput(Z_A[:b].clone(), {"h": torch.randn(b, 8, generator=g)}),
+        "foundation": TeacherOutput(Z_B[:b].clone(), {"h": torch.randn(b, 8, generator=g)}),
+        "lightgbm": TeacherOutput(torch.zeros(b), {"leaves": torch.randint(0, 4, (b, 8), generator=g)}),
+    }
+    return Batch(kjt, torch.zeros(b, 0), Y[:b].clone(), torch.arange(b), torch.arange(b), torch.arange(b), teacher)
+
+
+COMMITTEE = {"dlrm": FakeTeacher("dlrm"), "foundation": FakeTeacher("foundation", seed=1),
+             "lightgbm": FakeTeacher("lightgbm", leaves=True)}
+
+
+def test_none_is_bce() -> None:
+    m = METHODS.build("none", {})
+    out = m(StudentOutput(Z_S, torch.zeros(4, 3)), make_batch(), None)
+    assert float(out["bce"]) == pytest.approx(np_bce(Z_S.numpy(), Y.numpy()), abs=1e-6)
+
+
+def test_kd_golden() -> None:
+    m = METHODS.build("kd", {"teacher": "dlrm", "alpha": 0.3, "temperature": 2.0}, committee=COMMITTEE)
+    out = m(StudentOutput(Z_S, torch.zeros(4, 3)), make_batch(), None)
+    zs, za = Z_S.numpy(), Z_A.numpy()
+    assert float(out["bce"]) == pytest.approx(0.7 * np_bce(zs, Y.numpy()), abs=1e-6)
+    assert float(out["kd"]) == pytest.approx(0.3 * 4 * np_bce(zs / 2, sig(za / 2)), abs=1e-6)
+
+
+def test_avg_kd_golden() -> None:
+    m = METHODS.build("avg_kd", {"teachers": ["dlrm", "foundation"], "weights": [3, 1], "alpha": 1.0},
+                      committee=COMMITTEE)
+    out = m(StudentOutput(Z_S, torch.zeros(4, 3)), make_batch(), None)
+    p = 0.75 * sig(Z_A.numpy()) + 0.25 * sig(Z_B.numpy())
+    assert float(out["kd"]) == pytest.approx(np_bce(Z_S.numpy(), p), abs=1e-6)
+    assert float(out["bce"]) == 0.0
+
+
+def test_unknown_teacher_is_config_error() -> None:
+    with pytest.raises(ConfigError, match="not in the committee"):
+        METHODS.build("kd", {"teacher": "gpt"}, committee=COMMITTEE)
+
+
+def test_taid_loss_golden_and_t_sequence() -> None:
+    m = METHODS.build("taid", {"teacher": "dlrm", "t_start": 0.4, "label_weight": 0.0}, committee=COMMITTEE)
+    out = m(StudentOutput(Z_S, torch.zeros(4, 3)), make_batch(), None)
+    t = 0.4
+    target = sig((1 - t) * Z_S.numpy() + t * Z_A.numpy())
+    assert float(out["taid"]) == pytest.approx(np_bce(Z_S.numpy(), target), abs=1e-6)
+    # t sequence against a hand computation of DESIGN.md 7.3
+    losses, total = [1.0, 0.8, 0.9, 0.5, 0.5, 0.2], 1000
+    s = TAIDSchedule(0.4, 1.0, 5e-4, 0.99)
+    got = [s.update(j, k, total) for k, j in enumerate(losses)]
+    t, mom, prev, want = 0.4, 0.0, None, []
+    for k, j in enumerate(losses):
+        t_lin = 0.4 + 0.6 * (k + 1) / total
+        if prev is None:
+            t = max(t_lin, t)
+        else:
+            mom = 0.99 * mom + 0.01 * (prev - j) / (prev + 1e-15)
+            t = min(1.0, max(t_lin, t + 5e-4 * (1 / (1 + math.exp(-mom))) * (1 - t)))
+        prev = j
+        want.append(t)
+    assert got == pytest.approx(want, abs=1e-12)
+    assert all(b >= a for a, b in zip(got, got[1:]))  # t never decreases
+    s2 = TAIDSchedule(0.4, 1.0)
+    assert s2.update(1.0, total - 1, total) == 1.0  # the linear floor reaches t_end
+
+
+def _dd(**kw):
+    return METHODS.build("diverse_distill", {"d_e": 8, **kw}, committee=COMMITTEE, student_dim=5)
+
+
+def test_diverse_distill_gating_skips_answers() -> None:
+    torch.manual_seed(0)
+    m = _dd(top_k=2)
+    model = nn.Module()
+    model.over_arch = OverArch(5, [4])
+    h = torch.randn(4, 5, requires_grad=True)
+    terms = m(StudentOutput(Z_S.clone().requires_grad_(), h), make_batch(), model)
+    assert set(terms) == {"bce", "bce_committee", "kd_committee", "kd_teachers", "balance"}
+    # each sample keeps 2 of 3 teachers: exactly one third of the answers are never computed
+    assert sum(m.answer_calls.values()) == 4 * 2
+    assert m.skipped_fraction() == pytest.approx(1 / 3)
+    sum(terms.values()).backward()
+    assert m.E.grad is not None and m.Q[0].weight.grad is not None
+    head = COMMITTEE["dlrm"].head("h")
+    assert all(p.grad is None and not p.requires_grad for p in head.parameters())  # teachers stay frozen
+
+
+def test_diverse_distill_ablations() -> None:
+    torch.manual_seed(0)
+    model = nn.Module()
+    model.over_arch = OverArch(5, [4])
+    h = torch.randn(4, 5)
+    m = _dd(gating=False)
+    m(StudentOutput(Z_S, h), make_batch(), model)
+    assert m.skipped_fraction() == 0.0 and sum(m.answer_calls.values()) == 12
+    m = _dd(committee_path=False)
+    assert "bce_committee" not in m(StudentOutput(Z_S, h), make_batch(), model)
+    assert sum(m.answer_calls.values()) == 0
+    m = _dd(complementary=False)
+    assert m.names == ["foundation"]
+    m = _dd(questions=False, output_loss="taid")
+    terms = m(StudentOutput(Z_S, h), make_batch(), model)
+    assert "taid_teachers" in terms
+    m.on_step_end(torch.tensor(0.7), 0, 10)
+    assert m.logs()["taid_t"] >= 0.4
+
+
+def test_diverse_distill_kd_term_golden() -> None:
+    """With gating off (w uniform) the teacher term is the mean of per-teacher KD."""
+    m = _dd(gating=False, committee_path=False, lambda_t=1.0, teachers=["dlrm", "foundation"])
+    terms = m(StudentOutput(Z_S, torch.zeros(4, 5)), make_batch(), None)
+    zs = Z_S.numpy()
+    want = 0.5 * np_bce(zs, sig(Z_A.numpy())) + 0.5 * np_bce(zs, sig(Z_B.numpy()))
+    assert float(terms["kd_teachers"]) == pytest.approx(want, abs=1e-6)
