@@ -165,3 +165,18 @@ def test_diverse_distill_kd_term_golden() -> None:
     zs = Z_S.numpy()
     want = 0.5 * np_bce(zs, sig(Z_A.numpy())) + 0.5 * np_bce(zs, sig(Z_B.numpy()))
     assert float(terms["kd_teachers"]) == pytest.approx(want, abs=1e-6)
+
+
+def test_talking_terms_and_frozen_teachers() -> None:
+    torch.manual_seed(0)
+    m = METHODS.build("talking", {"d_m": 6}, committee=COMMITTEE, student_dim=5)
+    assert "lightgbm" not in m.dec  # GBDT teachers only send
+    model = nn.Module()
+    model.over_arch = OverArch(5, [4])
+    h = torch.randn(4, 5, requires_grad=True)
+    terms = m(StudentOutput(Z_S.clone().requires_grad_(), h), make_batch(), model)
+    assert set(terms) == {"bce", "bce_interaction", "message", "reconstruction", "kd_interaction"}
+    assert float(terms["bce"]) == pytest.approx(np_bce(Z_S.numpy(), Y.numpy()), abs=1e-6)
+    sum(terms.values()).backward()
+    assert m.enc_s[0].weight.grad is not None and m.dec["dlrm"][0].weight.grad is not None
+    assert all(p.grad is None for p in COMMITTEE["dlrm"].head("h").parameters())
