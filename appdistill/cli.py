@@ -45,7 +45,7 @@ def format_metrics(m: dict[str, Any]) -> str:
     for k, v in rows:
         if v is None:
             continue
-        s = f"{v:.4f}" if isinstance(v, float) else str(v)
+        s = (f"{v:,.0f}" if abs(v) >= 100 else f"{v:.4f}") if isinstance(v, float) else f"{v:,}" if isinstance(v, int) else str(v)
         out.append(f"| {k.ljust(w)} | {s:<8} |")
     return "\n".join(out)
 
@@ -104,6 +104,45 @@ def cmd_demo(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(a: argparse.Namespace) -> int:
+    from appdistill.export.artifact import export_run
+
+    out = export_run(a.run_dir, a.out, compile=not a.no_compile)
+    man = json.loads((out / "manifest.json").read_text())
+    print(f"exported the student of {a.run_dir} to {out}: {man['params']['params']:,} parameters, "
+          f"compiled with {man['compiled']}; files: {', '.join(man['files'])}")
+    return 0
+
+
+def cmd_score(a: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from appdistill.export.artifact import Ranker
+    from appdistill.features.tables import _read_file
+    from appdistill.train.io import atomic_write_bytes
+
+    ranker = Ranker.load(a.export_dir)
+    src = Path(a.input)
+    df = _read_file(src, {})
+    scores = ranker.score(df, str(src))
+    out = Path(a.output)
+    res = pd.DataFrame({"score": scores})
+    if a.keep_columns:
+        res = pd.concat([df.reset_index(drop=True), res], axis=1)
+    import io
+
+    buf = io.BytesIO()
+    if out.suffix.lower() in (".parquet", ".pq"):
+        res.to_parquet(buf, index=False)
+    elif out.suffix.lower() == ".csv":
+        res.to_csv(buf, index=False)
+    else:
+        raise AppDistillError(f"file '{out}': output must be .parquet or .csv")
+    atomic_write_bytes(out, buf.getvalue())
+    print(f"scored {len(res):,} rows from {src} -> {out}")
+    return 0
+
+
 def _is_main() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
@@ -124,6 +163,17 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--run-dir", default="runs/demo")
     d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     d.set_defaults(fn=cmd_demo)
+    e = sub.add_parser("export", help="write the serving artefact of a run (plain student only)")
+    e.add_argument("run_dir")
+    e.add_argument("--out", required=True)
+    e.add_argument("--no-compile", action="store_true", help="skip the torch.export program")
+    e.set_defaults(fn=cmd_export)
+    s = sub.add_parser("score", help="score rows of raw feature values (parquet or csv) with an export")
+    s.add_argument("export_dir")
+    s.add_argument("--input", required=True)
+    s.add_argument("--output", required=True)
+    s.add_argument("--keep-columns", action="store_true", help="copy the input columns into the output")
+    s.set_defaults(fn=cmd_score)
     return p
 
 

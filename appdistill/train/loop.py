@@ -98,6 +98,7 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, dataset: Dataset | None
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "config.yaml", cfg.dump())
         atomic_write_text(run_dir / "processor.json", ds.processor.to_json())
+        atomic_write_text(run_dir / "spec.json", json.dumps(spec.model_dump(), indent=1))
 
     torch.manual_seed(cfg.seed)
     model: torch.nn.Module = build_student(spec, ds.processor, student_config(cfg))
