@@ -79,6 +79,8 @@ class ExperimentConfig(_Strict):
     student: StudentSection = Field(default_factory=StudentSection)
     method: Block = Field(default_factory=lambda: Block(key="none"))
     teachers: dict[str, Block] = Field(default_factory=dict)
+    #: where fitted teachers and their caches live (default: the run directory)
+    teachers_dir: str | None = None
     train: TrainSection = Field(default_factory=TrainSection)
     eval: EvalSection = Field(default_factory=EvalSection)
     #: directory of the config file (relative paths resolve against it, then the cwd, then the repo)

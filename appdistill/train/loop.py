@@ -104,19 +104,24 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, dataset: Dataset | None
     model: torch.nn.Module = build_student(spec, ds.processor, student_config(cfg))
     size = unwrap(model).size()  # type: ignore[operator]
     init_state = {k: v.clone() for k, v in model.state_dict().items()}
-    method = METHODS.build(cfg.method.key, cfg.method.kwargs, context="method").to(ctx.device)
+    committee, hooks = load_committee(cfg, ds, run_dir, ctx, progress)
+    method = build_method(cfg, committee, unwrap(model).over_arch.in_dim).to(ctx.device)
     model, opt = shard_model(model, ctx, cfg.train.lr, cfg.train.embedding_lr, cfg.train.weight_decay,
                              cfg.train.sharding)
     if ctx.is_dist:
         load_full_state_dict(model, init_state, ctx)  # same initial weights as a single-process run
     method_params = [p for p in method.parameters() if p.requires_grad]
     method_opt = torch.optim.Adam(method_params, lr=cfg.train.lr) if method_params else None
+    method_fn: torch.nn.Module = method
+    if ctx.is_dist and method_params:
+        # training-only parameters are replicated: average their gradients like the dense arch's
+        method_fn = torch.nn.parallel.DistributedDataParallel(method, find_unused_parameters=True)
 
     builder = BatchBuilder(ds, spec.visible("student"))
     tr = cfg.train
     loader = BatchLoader(builder, ds.splits["train"], tr.batch_size, shuffle=True, seed=cfg.seed,
                          drop_last=len(ds.splits["train"]) >= tr.batch_size, rank=ctx.rank,
-                         world_size=ctx.world_size, prefetch=tr.prefetch)
+                         world_size=ctx.world_size, prefetch=tr.prefetch, hooks=hooks)
     total = tr.epochs * len(loader)
     history: list[dict[str, Any]] = []
     step_log: list[dict[str, float]] = []
@@ -132,7 +137,7 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, dataset: Dataset | None
         for batch in bar:
             batch = batch.to(ctx.device)
             out = model(batch.sparse, batch.dense)
-            terms = method(out, batch, unwrap(model))
+            terms = method_fn(out, batch, unwrap(model))
             loss = sum(terms.values())
             opt.zero_grad(set_to_none=True)
             if method_opt is not None:
@@ -166,7 +171,7 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, dataset: Dataset | None
     valid, _ = evaluate_split(model, ds, builder, "valid", ctx, cfg, full=False)
     metrics: dict[str, Any] = {
         "dataset": spec.name, "split": spec.split.by, "method": cfg.method.key, "seed": cfg.seed,
-        "test": test, "valid": valid, "teachers": {},
+        "test": test, "valid": valid, "teachers": teacher_metrics(cfg, run_dir),
         "student": {"params": size["params"], "bytes": size["bytes"], "embedding_params": size["embedding_params"]},
         "train": {"seconds": round(train_seconds, 3), "samples_per_s": round(samples / max(train_seconds, 1e-9), 1),
                   "steps": step, "epochs": tr.epochs, "best_epoch": best[1] if tr.select_best else tr.epochs,
@@ -177,11 +182,66 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, dataset: Dataset | None
     if ctx.is_main:
         save_checkpoint(run_dir / "checkpoint.pt", {
             "model": state, "config": cfg.model_dump(exclude={"base_dir"}), "spec_fingerprint": spec.fingerprint(),
-            "data_fingerprint": ds.fingerprint, "epoch": tr.epochs, "step": step})
+            "data_fingerprint": ds.fingerprint, "epoch": tr.epochs, "step": step,
+            "teachers": {n: t.identity() for n, t in committee.items()}})
         atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2, default=_json_default))
         atomic_write_text(run_dir / "history.json", json.dumps({"epochs": history, "steps": step_log}, indent=1))
         plot_curves(history, step_log, run_dir / "curve.png", title=f"{cfg.name} ({cfg.method.key})")
     return metrics
+
+
+def teachers_dir(cfg: ExperimentConfig, run_dir: Path) -> Path:
+    return cfg.resolve_path(cfg.teachers_dir) if cfg.teachers_dir else Path(run_dir)
+
+
+def load_committee(cfg: ExperimentConfig, ds: Dataset, run_dir: Path, ctx: DistContext,
+                   progress: bool = True) -> tuple[dict[str, Any], list[Any]]:
+    """Fitted teachers and the cache-join hook, when the method distils from teachers.
+
+    Teachers must already be fitted (``appdistill teachers fit`` or ``appdistill distill``) in
+    ``teachers_dir`` (default: the run directory). Rank 0 builds missing caches first.
+    """
+    if cfg.method.key == "none" or not cfg.teachers:
+        return {}, []
+    from appdistill.cache import CacheJoin, build_caches
+    from appdistill.teachers.fit import load_teacher
+
+    tdir = teachers_dir(cfg, run_dir)
+    quiet = lambda *_: None  # noqa: E731
+    if ctx.is_dist:
+        import torch.distributed as dist
+
+        if ctx.is_main:
+            build_caches(cfg, tdir, ds, progress=progress)
+        dist.barrier()
+    caches = build_caches(cfg, tdir, ds, progress=progress and ctx.is_main,
+                          echo=print if ctx.is_main and not ctx.is_dist else quiet)
+    committee = {n: load_teacher(tdir, n, ds.spec, ds) for n in cfg.teachers}
+    return committee, [CacheJoin(caches)]
+
+
+def build_method(cfg: ExperimentConfig, committee: dict[str, Any], student_dim: int) -> Any:
+    """Build ``cfg.method``; the loop supplies ``committee`` and ``student_dim`` where accepted."""
+    import inspect
+
+    factory = METHODS.get(cfg.method.key, context="method")
+    params = inspect.signature(factory).parameters
+    extra: dict[str, Any] = {}
+    if "committee" in params:
+        extra["committee"] = committee
+    if "student_dim" in params:
+        extra["student_dim"] = student_dim
+    return METHODS.build(cfg.method.key, cfg.method.kwargs, context="method", **extra)
+
+
+def teacher_metrics(cfg: ExperimentConfig, run_dir: Path) -> dict[str, Any]:
+    """``{name: teachers/<name>/metrics.json}`` for the configured teachers that have one."""
+    out: dict[str, Any] = {}
+    for name in cfg.teachers:
+        p = teachers_dir(cfg, run_dir) / "teachers" / name / "metrics.json"
+        if p.is_file():
+            out[name] = json.loads(p.read_text())
+    return out
 
 
 def _broadcast_state(state: dict[str, torch.Tensor] | None, model: torch.nn.Module,
