@@ -104,6 +104,48 @@ def cmd_demo(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_teachers_fit(a: argparse.Namespace) -> int:
+    from appdistill.config import load_config
+    from appdistill.pipeline import fit_committee
+
+    cfg = load_config(a.config, a.set)
+    res = fit_committee(cfg, a.run_dir, names=a.only or None, force=a.force)
+    print(format_teachers(res))
+    return 0
+
+
+def format_teachers(res: dict[str, Any]) -> str:
+    out = ["| teacher | test AUC | cold AUC (n) | valid AUC | fit s | reused |", "|---|---|---|---|---|---|"]
+    for name, m in res.items():
+        cold = m["test"].get("cold", {})
+        out.append(f"| {name} | {m['test']['auc']:.4f} | {cold.get('auc', float('nan')):.4f} ({cold.get('n', 0)}) "
+                   f"| {m['valid']['auc']:.4f} | {m.get('fit_seconds', 0):.1f} | {m.get('reused', False)} |")
+    return "\n".join(out)
+
+
+def cmd_cache_build(a: argparse.Namespace) -> int:
+    from appdistill.cache import build_caches
+    from appdistill.config import load_config
+
+    cfg = load_config(a.config, a.set)
+    if not cfg.teachers:
+        raise AppDistillError(f"file '{a.config}': no `teachers:` configured, nothing to cache")
+    build_caches(cfg, a.run_dir)
+    return 0
+
+
+def cmd_distill(a: argparse.Namespace) -> int:
+    from appdistill.config import load_config
+    from appdistill.pipeline import distill
+
+    cfg = load_config(a.config, a.set)
+    m = distill(cfg, a.run_dir, export=not a.no_export, progress=not a.no_progress)
+    if _is_main():
+        print(format_metrics(m))
+        print(f"run directory: {a.run_dir}")
+    return 0
+
+
 def cmd_export(a: argparse.Namespace) -> int:
     from appdistill.export.artifact import export_run
 
@@ -159,6 +201,27 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
     t.add_argument("--no-progress", action="store_true")
     t.set_defaults(fn=cmd_train)
+    tf = sub.add_parser("teachers", help="teacher commands").add_subparsers(dest="sub", required=True)
+    f = tf.add_parser("fit", help="fit (or reuse) the configured teachers into RUN_DIR/teachers/<name>/")
+    f.add_argument("config")
+    f.add_argument("--run-dir", required=True)
+    f.add_argument("--only", action="append", default=[], metavar="NAME", help="fit only this teacher")
+    f.add_argument("--force", action="store_true", help="refit even if a matching fitted teacher exists")
+    f.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    f.set_defaults(fn=cmd_teachers_fit)
+    cb = sub.add_parser("cache", help="teacher-output cache commands").add_subparsers(dest="sub", required=True)
+    c = cb.add_parser("build", help="compute every teacher's outputs once into RUN_DIR/cache")
+    c.add_argument("config")
+    c.add_argument("--run-dir", required=True)
+    c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    c.set_defaults(fn=cmd_cache_build)
+    di = sub.add_parser("distill", help="whole pipeline: teachers, cache, student, evaluation, export")
+    di.add_argument("config")
+    di.add_argument("--run-dir", required=True)
+    di.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    di.add_argument("--no-export", action="store_true")
+    di.add_argument("--no-progress", action="store_true")
+    di.set_defaults(fn=cmd_distill)
     d = sub.add_parser("demo", help="the default pipeline on the embedded MovieLens-100K")
     d.add_argument("--run-dir", default="runs/demo")
     d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")

@@ -1,0 +1,58 @@
+"""The whole pipeline behind ``appdistill distill``: teachers -> cache -> student -> eval -> export.
+
+Each stage reuses what an earlier run left when it still matches (fitted teachers by fit
+fingerprint, caches by teacher identity + data fingerprint), so rerunning with another method only
+trains the student.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from appdistill.config import ExperimentConfig
+from appdistill.features.dataset import Dataset
+
+
+def text_embeddings_for(cfg: ExperimentConfig, ds: Dataset, run_dir: Path) -> dict[str, Any] | None:
+    """Item text embeddings for teachers that read text (LightGBM), from the foundation store."""
+    feats = [f for f in ds.spec.features if f.kind == "text"
+             and any(f.name in v for m, v in ds.spec.visibility.items() if m != "student")]
+    if not feats or not any(b.key == "lightgbm" for b in cfg.teachers.values()):
+        return None
+    try:
+        from appdistill.foundation.catalog import text_embeddings  # the foundation store
+    except ImportError:
+        return None
+    return text_embeddings(ds, feats, Path(run_dir) / "store")
+
+
+def fit_committee(cfg: ExperimentConfig, run_dir: str | Path, names: list[str] | None = None,
+                  ds: Dataset | None = None, force: bool = False, progress: bool = True) -> dict[str, Any]:
+    from appdistill.teachers.fit import fit_teachers
+
+    ds = ds if ds is not None else Dataset.build(cfg.load_spec())
+    return fit_teachers(cfg, run_dir, names, ds, text_embeddings=text_embeddings_for(cfg, ds, Path(run_dir)),
+                        progress=progress, force=force)
+
+
+def distill(cfg: ExperimentConfig, run_dir: str | Path, *, export: bool = True, progress: bool = True,
+            ds: Dataset | None = None) -> dict[str, Any]:
+    """Fit/reuse teachers, build/reuse caches, train the student with ``cfg.method``, evaluate, export."""
+    from appdistill.train.loop import teachers_dir, train
+
+    run_dir = Path(run_dir)
+    rank = int(os.environ.get("RANK", "0"))
+    ds = ds if ds is not None else Dataset.build(cfg.load_spec())
+    if cfg.teachers and rank == 0 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        fit_committee(cfg, teachers_dir(cfg, run_dir), ds=ds, progress=progress)
+    elif cfg.teachers and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # under torchrun, teachers are fitted by one process beforehand (`appdistill teachers fit`)
+        pass
+    metrics = train(cfg, run_dir, dataset=ds, progress=progress)
+    if export and rank == 0:
+        from appdistill.export.artifact import export_run
+
+        export_run(run_dir, run_dir / "export")
+    return metrics
