@@ -60,7 +60,7 @@ class TeacherPort(nn.Module):
         else:
             self.dim = dims[tap]
         self.has_head = self.head is not None
-        body = getattr(self.head, "body", None)
+        body = _body(self.head)
         self.answer_dim = (_out_dim(body, self.dim) + 1) if body is not None else (self.dim + 1)
 
     def state(self, batch: Batch, idx: torch.Tensor | None = None) -> torch.Tensor:
@@ -79,14 +79,27 @@ class TeacherPort(nn.Module):
         """
         if self.head is None:
             return torch.cat([x, x.new_zeros(x.shape[0], 1)], 1)
-        body = getattr(self.head, "body", None)
+        body = _body(self.head)
         if body is not None:
             z = body(x)
-            return torch.cat([z, self.head.out(z)], 1)
+            return torch.cat([z, _inner(self.head).out(z).reshape(-1, 1)], 1)
         return torch.cat([x, self.head(x).reshape(-1, 1)], 1)
 
     def logit(self, batch: Batch) -> torch.Tensor:
         return batch.teacher[self.name].logits.float()
+
+
+def _inner(head: nn.Module | None) -> nn.Module | None:
+    """The head itself, or the module a frozen wrapper (``FrozenHead.module``) holds."""
+    if head is not None and not hasattr(head, "body") and isinstance(getattr(head, "module", None), nn.Module):
+        return head.module
+    return head
+
+
+def _body(head: nn.Module | None) -> nn.Module | None:
+    """The hidden layers of an over-arch-like head (``body`` then ``out``), when it has them."""
+    inner = _inner(head)
+    return getattr(inner, "body", None) if inner is not None and hasattr(inner, "out") else None
 
 
 def _out_dim(body: nn.Module, in_dim: int) -> int:

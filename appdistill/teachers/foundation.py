@@ -1,0 +1,281 @@
+"""The ``foundation`` teacher: LEVI-style layer-wise ensemble (DESIGN.md 5 and 7.5, arXiv 2402.04644).
+
+Frozen foundation features — several hidden layers of the text encoder (and the CLIP embedding for
+image features), read from the per-item embedding store — for the candidate item and for the
+user's training history (mean of the items they liked, leave-one-out on training rows so a row
+never sees its own label), are combined layer by layer with a small id model trained from scratch:
+
+    s_id  = IdNet([e_user ; e_item])                                  [B, d_a]
+    H_l   = Adapter_l([x_l ; u_l ; x_l ⊙ u_l]) + s_id                 [B, d_a]   (hidden tap "l")
+    z_l   = head_l(H_l);   z = Σ_l softmax(β)_l · z_l                 [B]
+
+``head(l)`` is the frozen ``head_l`` (the foundation "adapting layers" DiverseDistill answers
+through). Item ids are randomly replaced by the OOV row during training (``id_dropout``) so the
+model learns to lean on the text for items the ids never saw (cold items).
+
+Example:
+    >>> t = TEACHERS.build("foundation", {"layers": [3, 6]}, spec=spec).fit(ds)
+    >>> t.predict(ds, rows).hidden.keys()            # {"title:final", "title:layer3", "title:layer6"}
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from appdistill.errors import AppDistillError
+from appdistill.eval.metrics import auc
+from appdistill.features.batch import TeacherOutput
+from appdistill.features.dataset import Dataset
+from appdistill.features.spec import FeatureSpecSet
+from appdistill.student.model import OverArch
+from appdistill.teachers.base import TEACHERS, Teacher
+from appdistill.teachers.fit import (TeacherError, check_encoding, encoding_fingerprint, read_teacher_json,
+                                     write_teacher_json)
+from appdistill.train.io import atomic_write_bytes, load_checkpoint
+
+MODEL_FILE = "model.pt"
+
+
+def default_store_root() -> Path:
+    return Path(os.environ.get("APPDISTILL_CACHE", Path.home() / ".cache" / "appdistill")) / "store"
+
+
+class LayerwiseNet(nn.Module):
+    """Per-layer adapters + id model + per-layer heads, mixed by learned weights."""
+
+    def __init__(self, layer_dims: dict[str, int], id_vocab: list[int], id_dim: int, d_a: int,
+                 head: list[int]) -> None:
+        super().__init__()
+        self.layers = list(layer_dims)
+        self.ids = nn.ModuleList([nn.Embedding(n, id_dim) for n in id_vocab])
+        self.id_net = nn.Sequential(nn.Linear(id_dim * len(id_vocab), d_a), nn.GELU(), nn.Linear(d_a, d_a))
+        self.adapters = nn.ModuleList([nn.Sequential(nn.Linear(3 * d, d_a), nn.GELU(), nn.Linear(d_a, d_a))
+                                       for d in layer_dims.values()])
+        self.heads = nn.ModuleList([OverArch(d_a, head) for _ in layer_dims])
+        self.mix = nn.Parameter(torch.zeros(len(layer_dims)))
+
+    def forward(self, ids: torch.Tensor, feats: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """``ids`` ``[B, n_id]``, ``feats[l]`` ``[B, 3·d_l]`` -> (logit ``[B]``, states ``[B, d_a]`` per layer)."""
+        s_id = self.id_net(torch.cat([e(ids[:, j]) for j, e in enumerate(self.ids)], 1))
+        states = [a(x) + s_id for a, x in zip(self.adapters, feats)]
+        z = torch.stack([h(s) for h, s in zip(self.heads, states)], 1)
+        return (z * torch.softmax(self.mix, 0)).sum(1), states
+
+
+@TEACHERS.register("foundation")
+class FoundationTeacher(Teacher):
+    """Args:
+        layers: text-encoder hidden layers to read besides the final embedding.
+        encoder_kwargs: per feature or encoder name kwargs (e.g. ``{"clip": {"pretrained": PATH}}``).
+        d_a: adapted-state width; id_dim: id embedding width; head: head hidden sizes.
+        epochs, batch_size, lr, weight_decay, patience: training; early stopping on validation AUC.
+        id_dropout: probability of replacing an item id by OOV during training.
+        seed: initialisation and shuffling.
+    """
+
+    key = "foundation"
+
+    def __init__(self, spec: FeatureSpecSet, name: str | None = None, layers: list[int] | None = None,
+                 encoder_kwargs: dict[str, dict[str, Any]] | None = None, d_a: int = 64, id_dim: int = 16,
+                 head: list[int] | None = None, epochs: int = 10, batch_size: int = 1024, lr: float = 2e-3,
+                 weight_decay: float = 1e-5, patience: int = 2, id_dropout: float = 0.1, seed: int = 0) -> None:
+        super().__init__(spec, name, layers=layers if layers is not None else [3], encoder_kwargs=encoder_kwargs or {},
+                         d_a=d_a, id_dim=id_dim, head=head or [32], epochs=epochs, batch_size=batch_size, lr=lr,
+                         weight_decay=weight_decay, patience=patience, id_dropout=id_dropout, seed=seed)
+        self.config = dict(self.kwargs)
+        vis = spec.visible("foundation")
+        self.id_features = [f for f in vis if f.kind == "sparse_id"]
+        self.media = [f for f in vis if f.kind in ("text", "image")]
+        if not self.media:
+            raise AppDistillError(f"teacher '{self.name}': visibility.foundation has no text/image feature")
+        self.features = self.id_features
+        self.store_root: Path = default_store_root()
+        self.progress = True
+        self.net: LayerwiseNet | None = None
+        self.encoder_params = 0
+        self._ready_for: str | None = None
+
+    # ------------------------------------------------------------------ inputs
+    def _prepare(self, ds: Dataset) -> None:
+        """Open/build the stores, and the users' leave-one-out liked-item sums per layer."""
+        if self._ready_for == ds.fingerprint:
+            return
+        from appdistill.foundation.catalog import build_foundation_stores
+
+        enc_kw = {"minilm": {"layers": self.kwargs["layers"]}, **self.kwargs["encoder_kwargs"]}
+        stores = build_foundation_stores(ds, self.store_root, model="foundation", encoder_kwargs=enc_kw)
+        self.layer_names, self.mats, self.tables = [], [], []
+        for f in self.media:
+            for out, entry in stores[f.name].items():
+                m = np.asarray(entry.matrix, dtype=np.float32)
+                m = m / np.maximum(np.linalg.norm(m, axis=1, keepdims=True), 1e-6)
+                self.layer_names.append(f"{f.name}:{out}")
+                self.mats.append(np.vstack([m, np.zeros((1, m.shape[1]), np.float32)]))  # + missing row
+                self.tables.append(f.table)
+        # what the frozen features are: encoder identity + encoded-data fingerprint of each store
+        self.store_identity = {f"{f.name}:{out}": [e.manifest.encoder, e.manifest.data_fingerprint]
+                               for f in self.media for out, e in stores[f.name].items()}
+        train = ds.splits["train"]
+        self.is_train = np.zeros(ds.n, bool)
+        self.is_train[train] = True
+        y = ds.labels
+        n_users = int(ds.user_ids.max()) + 1
+        pos = train[y[train] > 0]
+        self.user_cnt = np.bincount(ds.user_ids[pos], minlength=n_users).astype(np.float32)
+        self.user_sum = []
+        for m, table in zip(self.mats, self.tables):
+            s = np.zeros((n_users, m.shape[1]), np.float32)
+            if table != "users":
+                np.add.at(s, ds.user_ids[pos], m[ds.table_rows[table][pos]])
+            self.user_sum.append(s)
+        self.id_cols = [ds.sparse[f.name] for f in self.id_features]
+        self._ready_for = ds.fingerprint
+
+    def _inputs(self, ds: Dataset, rows: np.ndarray, train_mode: bool = False,
+                rng: np.random.Generator | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        ids = np.stack([c[rows] for c in self.id_cols], 1) if self.id_cols else np.zeros((len(rows), 0), np.int64)
+        if train_mode and rng is not None and self.kwargs["id_dropout"] > 0:
+            for j, f in enumerate(self.id_features):
+                if f.name == self.spec.item_key:
+                    ids[rng.random(len(rows)) < self.kwargs["id_dropout"], j] = 0
+        u, yv, tr = ds.user_ids[rows], ds.labels[rows], self.is_train[rows]
+        # leave-one-out on training rows: a liked training item is removed from its own user vector
+        own = (tr & (yv > 0)).astype(np.float32)
+        cnt = np.maximum(self.user_cnt[u] - own, 0)
+        feats = []
+        for m, table, s in zip(self.mats, self.tables, self.user_sum):
+            x = m[ds.table_rows[table][rows]]
+            if table == "users":
+                uvec = x
+            else:
+                uvec = (s[u] - own[:, None] * x) / np.maximum(cnt, 1)[:, None]
+            feats.append(torch.from_numpy(np.concatenate([x, uvec, x * uvec], 1)))
+        return torch.from_numpy(ids), feats
+
+    # ------------------------------------------------------------------ fit / predict
+    def fit(self, ds: Dataset) -> FoundationTeacher:
+        self._prepare(ds)
+        k = self.kwargs
+        torch.manual_seed(k["seed"])
+        rng = np.random.default_rng(k["seed"])
+        dims = {n: m.shape[1] for n, m in zip(self.layer_names, self.mats)}
+        vocab = [ds.processor.vocabs[f.name].num_embeddings for f in self.id_features]
+        self.net = LayerwiseNet(dims, vocab, k["id_dim"], k["d_a"], k["head"])
+        opt = torch.optim.Adam(self.net.parameters(), lr=k["lr"], weight_decay=k["weight_decay"])
+        train, valid = ds.splits["train"], ds.splits["valid"]
+        best, best_state, bad = -1.0, None, 0
+        self.history = []
+        for epoch in range(k["epochs"]):
+            self.net.train()
+            perm = train[rng.permutation(len(train))]
+            bar = tqdm(range(0, len(perm), k["batch_size"]), desc=f"{self.name} epoch {epoch + 1}",
+                       disable=not self.progress, leave=False)
+            for i in bar:
+                rows = perm[i:i + k["batch_size"]]
+                ids, feats = self._inputs(ds, rows, True, rng)
+                z, _ = self.net(ids, feats)
+                loss = F.binary_cross_entropy_with_logits(z, torch.from_numpy(ds.labels[rows]))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+            v = auc(self.predict_all(ds, valid).logits.numpy(), ds.labels[valid])
+            self.history.append({"epoch": epoch + 1, "valid_auc": v})
+            if v > best + 1e-4:
+                best, bad = v, 0
+                best_state = {n: p.detach().clone() for n, p in self.net.state_dict().items()}
+            else:
+                bad += 1
+                if bad > k["patience"]:
+                    break
+        if best_state is not None:
+            self.net.load_state_dict(best_state)
+        self.encoder_params = self._encoder_params()
+        self.encoding = encoding_fingerprint(ds, self.features)
+        self._hash()
+        return self
+
+    @torch.no_grad()
+    def predict(self, ds: Dataset, rows: np.ndarray) -> TeacherOutput:
+        if self.net is None:
+            raise TeacherError(f"teacher '{self.name}' is not fitted")
+        self._prepare(ds)
+        self.net.eval()
+        ids, feats = self._inputs(ds, np.asarray(rows, np.int64))
+        z, states = self.net(ids, feats)
+        return TeacherOutput(z, {n: s for n, s in zip(self.layer_names, states)})
+
+    def hidden_dims(self) -> dict[str, int]:
+        return {n: self.kwargs["d_a"] for n in self.layer_names}
+
+    def head(self, tap: str) -> nn.Module | None:
+        if self.net is None or tap not in self.layer_names:
+            return None
+        import copy
+
+        h = copy.deepcopy(self.net.heads[self.layer_names.index(tap)]).requires_grad_(False)
+        return h.eval()
+
+    # ------------------------------------------------------------------ size / identity / io
+    def params(self) -> int:
+        """Trainable parameters plus the frozen encoders' (the whole foundation teacher)."""
+        return sum(p.numel() for p in self.net.parameters()) + self.encoder_params if self.net else 0
+
+    def _encoder_params(self) -> int:
+        from appdistill.foundation.catalog import make_encoder
+
+        total = 0
+        enc_kw = {"minilm": {"layers": self.kwargs["layers"]}, **self.kwargs["encoder_kwargs"]}
+        for f in self.media:
+            try:
+                model = make_encoder(f, enc_kw).model
+                total += sum(p.numel() for p in model.parameters())
+            except Exception:  # noqa: BLE001 - size is informative only
+                pass
+        return total
+
+    def _hash(self) -> None:
+        buf = io.BytesIO()
+        torch.save(self.net.state_dict(), buf)
+        self._blob = buf.getvalue()
+        self.artifact_hash = hashlib.sha256(self._blob).hexdigest()[:16]
+
+    def identity(self) -> dict[str, Any]:
+        return {**super().identity(), "layers": getattr(self, "layer_names", []),
+                "stores": getattr(self, "store_identity", {})}
+
+    def save(self, path: str | Path) -> None:
+        if self.net is None:
+            raise TeacherError(f"teacher '{self.name}' is not fitted")
+        path = Path(path)
+        atomic_write_bytes(path / MODEL_FILE, self._blob)
+        write_teacher_json(self, path, layer_names=self.layer_names, history=self.history,
+                           encoder_params=self.encoder_params, params=self.params(),
+                           encoding=getattr(self, "encoding", None))
+
+    @classmethod
+    def load(cls, path: str | Path, spec: FeatureSpecSet, ds: Dataset) -> FoundationTeacher:
+        path = Path(path)
+        meta = read_teacher_json(path)
+        t = cls(spec, meta["name"], **meta["kwargs"])
+        check_encoding(meta, ds, t.features, t.name)
+        t._prepare(ds)
+        if t.layer_names != meta["layer_names"]:
+            raise TeacherError(f"teacher '{t.name}' at '{path}': layers {meta['layer_names']} vs store {t.layer_names}")
+        dims = {n: m.shape[1] for n, m in zip(t.layer_names, t.mats)}
+        vocab = [ds.processor.vocabs[f.name].num_embeddings for f in t.id_features]
+        k = t.kwargs
+        t.net = LayerwiseNet(dims, vocab, k["id_dim"], k["d_a"], k["head"])
+        t.net.load_state_dict(load_checkpoint(path / MODEL_FILE))
+        t.history, t.encoder_params = meta.get("history", []), int(meta.get("encoder_params", 0))
+        t._hash()
+        return t
