@@ -1,0 +1,111 @@
+"""Training-step cost of each method with 3 cached teachers, as a ratio to the plain student's step.
+
+Batches (with the teachers' cached outputs already joined) are prebuilt, so the timing is the step
+itself: student forward, method loss terms, backward, optimiser steps. All methods are timed in the
+same run, interleaved, best of ``--repeats``. Target: ``diverse_distill`` <= 1.5x plain. It also
+trains DiverseDistill with and without gating to report the fraction of teacher answers skipped
+and the validation-AUC difference (target: >= 30% skipped, |ΔAUC| <= 0.001).
+
+Usage:
+    python benchmarks/bench_step.py --out DIR [--teachers-dir DIR_WITH_FITTED_TEACHERS]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from appdistill.config import REPO_ROOT, load_config
+from appdistill.features.batch import BatchBuilder, BatchLoader
+from appdistill.features.dataset import Dataset
+from appdistill.pipeline import fit_committee
+from appdistill.train.distributed import DistContext, shard_model
+from appdistill.train.loop import build_method, build_model_for_run, load_committee, train
+
+METHODS = {"none": {}, "kd": {"teacher": "dlrm"}, "avg_kd": {}, "taid": {"teacher": "dlrm"}, "talking": {},
+           "diverse_distill": {}}
+
+
+def time_method(cfg, ds, key: str, kwargs: dict, committee, batches, steps: int) -> float:
+    torch.manual_seed(0)
+    model = build_model_for_run(cfg, ds)
+    c = cfg.model_copy(update={"method": cfg.method.model_copy(update={"key": key, "kwargs": kwargs})})
+    method = build_method(c, committee, model.over_arch.in_dim)
+    model, opt = shard_model(model, DistContext(), cfg.train.lr, cfg.train.embedding_lr)
+    mp = [p for p in method.parameters() if p.requires_grad]
+    mopt = torch.optim.Adam(mp, lr=1e-3) if mp else None
+
+    def step(b) -> None:
+        out = model(b.sparse, b.dense)
+        loss = sum(method(out, b, model).values())
+        opt.zero_grad(set_to_none=True)
+        if mopt:
+            mopt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if mopt:
+            mopt.step()
+
+    for b in batches[:5]:  # warm-up
+        step(b)
+    t0 = time.perf_counter()
+    for i in range(steps):
+        step(batches[i % len(batches)])
+    return (time.perf_counter() - t0) / steps
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--config", default=str(REPO_ROOT / "configs/ml100k_committee.yaml"))
+    ap.add_argument("--teachers-dir", default=None, help="fitted teachers (default: fit them into OUT)")
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--no-gating-check", action="store_true")
+    a = ap.parse_args()
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tdir = Path(a.teachers_dir or out)
+    cfg = load_config(a.config, [f"teachers_dir={tdir}"])
+    ds = Dataset.build(cfg.load_spec())
+    fit_committee(cfg, tdir, ds=ds)
+    committee, hooks = load_committee(cfg.model_copy(update={"method": cfg.method}), ds, tdir, DistContext())
+    builder = BatchBuilder(ds, cfg.load_spec().visible("student"))
+    batches = list(BatchLoader(builder, ds.splits["train"][: 40 * cfg.train.batch_size], cfg.train.batch_size,
+                               hooks=hooks, prefetch=0))
+    times: dict[str, list[float]] = {k: [] for k in METHODS}
+    for _ in range(a.repeats):
+        for k, kw in METHODS.items():
+            times[k].append(time_method(cfg, ds, k, kw, committee, batches, a.steps))
+    best = {k: min(v) for k, v in times.items()}
+    res = {"benchmark": "step_cost", "teachers": list(committee), "batch_size": cfg.train.batch_size,
+           "step_ms": {k: round(v * 1e3, 3) for k, v in best.items()},
+           "ratio_to_plain": {k: round(v / best["none"], 3) for k, v in best.items()},
+           "target_diverse_distill_ratio": 1.5}
+    res["pass_step"] = res["ratio_to_plain"]["diverse_distill"] <= 1.5
+    if not a.no_gating_check:
+        gated = train(cfg, out / "dd_gated", dataset=ds, progress=False)
+        ungated = train(cfg.model_copy(update={"method": cfg.method.model_copy(
+            update={"kwargs": {**cfg.method.kwargs, "gating": False}})}), out / "dd_ungated", dataset=ds, progress=False)
+        res["gating"] = {"skipped": gated["train"]["teacher_passes_skipped"],
+                         "valid_auc_gated": gated["valid"]["auc"], "valid_auc_ungated": ungated["valid"]["auc"],
+                         "valid_auc_diff": gated["valid"]["auc"] - ungated["valid"]["auc"]}
+        res["pass_gating"] = res["gating"]["skipped"] >= 0.3 and abs(res["gating"]["valid_auc_diff"]) <= 0.001
+    (out / "results.json").write_text(json.dumps(res, indent=2))
+    md = "| method | step ms | ratio to plain |\n|---|---|---|\n" + "".join(
+        f"| {k} | {res['step_ms'][k]:.2f} | {res['ratio_to_plain'][k]:.2f} |\n" for k in METHODS)
+    if "gating" in res:
+        g = res["gating"]
+        md += (f"\nDiverseDistill gating: {g['skipped']:.1%} of teacher answers skipped; validation AUC "
+               f"{g['valid_auc_gated']:.4f} gated vs {g['valid_auc_ungated']:.4f} ungated "
+               f"(diff {g['valid_auc_diff']:+.4f})\n")
+    (out / "results.md").write_text(md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
