@@ -48,7 +48,7 @@ class Registry(Generic[T]):
             raise ConfigError(f"unknown {self.kind} '{name}'{ctx}; known: {known}")
         return self._items[name]
 
-    def build(self, name: str, kwargs: dict[str, Any] | None = None, context: str = "",
+    def build(self, name: str, kwargs: dict[str, Any] | None = None, /, context: str = "",
               **extra: Any) -> Any:
         """Look up ``name`` and call it with ``kwargs`` (+ ``extra`` supplied by the framework)."""
         factory: Callable[..., Any] = self.get(name, context)  # type: ignore[assignment]

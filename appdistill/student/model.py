@@ -98,7 +98,7 @@ class RankingModel(nn.Module):
         dense_out = config.dense_arch[-1] if dense_in and config.dense_arch else dense_in
         inter = config.interaction
         self.interaction = INTERACTIONS.build(
-            inter["key"], inter.get("kwargs"), context="student.interaction",
+            inter["key"], inter.get("kwargs"), "student.interaction",
             num_sparse=len(tables), emb_dims=[t.embedding_dim for t in tables], dense_dim=dense_out)
         self.over_arch = OverArch(self.interaction.out_dim, config.over_arch, config.dropout)
 

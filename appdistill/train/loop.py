@@ -231,7 +231,7 @@ def build_method(cfg: ExperimentConfig, committee: dict[str, Any], student_dim: 
         extra["committee"] = committee
     if "student_dim" in params:
         extra["student_dim"] = student_dim
-    return METHODS.build(cfg.method.key, cfg.method.kwargs, context="method", **extra)
+    return METHODS.build(cfg.method.key, cfg.method.kwargs, "method", **extra)
 
 
 def teacher_metrics(cfg: ExperimentConfig, run_dir: Path) -> dict[str, Any]:

@@ -1,0 +1,269 @@
+"""Fit, save, reuse and load the teaching committee of a config (``appdistill teachers fit``).
+
+Layout of a run directory::
+
+    <run_dir>/teachers/<name>/teacher.json   key, name, kwargs, identity (+ the teacher's own metadata)
+                             /fit.json       fit fingerprint (config + spec + data), fit seconds
+                             /metrics.json   {"test": {auc, logloss, cold: {auc, n}, ...}, "valid": {...},
+                                              "fit_seconds": s}
+                             /...            the teacher's artefacts (model.txt, model.pt, ...)
+
+A teacher directory is reused instead of refitted when its ``fit.json`` fingerprint equals the one
+of the current config entry, spec and data set, and the loaded teacher's identity equals the saved
+one (so a truncated or edited artefact is refitted, never silently used).
+
+Example:
+    >>> metrics = fit_teachers(load_config("configs/ml100k_teachers.yaml"), "runs/t")
+    >>> metrics["lightgbm"]["test"]["auc"]
+    >>> t = load_teacher("runs/t", "dlrm", spec, ds)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from appdistill.config import ExperimentConfig
+from appdistill.errors import AppDistillError, ConfigError
+from appdistill.eval.metrics import evaluate
+from appdistill.features.dataset import Dataset
+from appdistill.features.spec import FeatureSpec, FeatureSpecSet
+from appdistill.teachers.base import TEACHERS, Teacher
+from appdistill.train.io import atomic_write_text
+
+log = logging.getLogger("appdistill.teachers")
+
+FORMAT_VERSION = 1
+TEACHER_JSON = "teacher.json"
+FIT_JSON = "fit.json"
+METRICS_JSON = "metrics.json"
+
+
+class TeacherError(AppDistillError):
+    """A saved teacher is missing, corrupt, or was fitted on differently encoded data."""
+
+
+# ---------------------------------------------------------------------------------------- helpers
+def jsonable(obj: Any) -> Any:
+    """``obj`` after a JSON round trip (tuples -> lists), so identities compare equal after loading."""
+    return json.loads(json.dumps(obj, sort_keys=True, default=str))
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def encoding_fingerprint(ds: Dataset, features: list[FeatureSpec]) -> str:
+    """Hash of the fitted vocabularies / dense transforms of ``features``.
+
+    A teacher maps *encoded* ids (embedding rows, categorical codes) to outputs, so it may only be
+    applied to a data set whose processor encodes its features the same way.
+    """
+    proc = ds.processor
+    payload = {f.name: (proc.vocabs[f.name].to_dict() if f.name in proc.vocabs
+                        else proc.dense[f.name].to_dict() if f.name in proc.dense else f.kind)
+               for f in features}
+    return sha256_bytes(json.dumps(payload, sort_keys=True, default=str).encode())[:16]
+
+
+def write_teacher_json(teacher: Teacher, path: Path, **extra: Any) -> None:
+    """Write ``path/teacher.json``: what :func:`load_teacher` needs to find and check the teacher."""
+    meta = {"format": FORMAT_VERSION, "key": teacher.key, "name": teacher.name, "kwargs": teacher.kwargs,
+            "identity": teacher.identity(), "identity_hash": teacher.identity_hash(), **extra}
+    atomic_write_text(path / TEACHER_JSON, json.dumps(jsonable(meta), indent=1, sort_keys=True))
+
+
+def read_teacher_json(path: str | Path) -> dict[str, Any]:
+    p = Path(path) / TEACHER_JSON
+    if not p.is_file():
+        raise TeacherError(f"directory '{path}': no {TEACHER_JSON} (not a saved teacher)")
+    try:
+        meta = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise TeacherError(f"file '{p}': not valid JSON ({e})") from e
+    if meta.get("format") != FORMAT_VERSION:
+        raise TeacherError(f"file '{p}': format {meta.get('format')!r}, expected {FORMAT_VERSION}")
+    return meta
+
+
+def check_encoding(meta: dict[str, Any], ds: Dataset, features: list[FeatureSpec], where: str) -> None:
+    """Refuse to apply a teacher to a data set whose features are encoded differently."""
+    want, got = meta.get("encoding"), encoding_fingerprint(ds, features)
+    if want is not None and want != got:
+        raise TeacherError(f"teacher '{where}': fitted on data encoded differently (vocabularies/transforms "
+                           f"{want} vs {got}); refit it on this data set")
+
+
+def fit_fingerprint(teacher: Teacher, ds: Dataset) -> str:
+    """What a fit depends on: key, name, resolved config, spec, data (and extra inputs such as text)."""
+    payload = {"key": teacher.key, "name": teacher.name, "kwargs": teacher.kwargs,
+               "config": getattr(teacher, "config", None), "spec": teacher.spec.fingerprint(),
+               "data": ds.fingerprint, "format": FORMAT_VERSION}
+    extra = getattr(teacher, "input_fingerprint", None)
+    if callable(extra):
+        payload["inputs"] = extra(ds)
+    return sha256_bytes(json.dumps(jsonable(payload), sort_keys=True).encode())[:16]
+
+
+# ---------------------------------------------------------------------------------------- public API
+def teacher_class(key: str, context: str = "") -> type[Teacher]:
+    """The class registered as ``key``; a built-in module ``appdistill.teachers.<key>`` is imported on
+    first use, so a teacher with heavy dependencies (foundation encoders) loads only when named."""
+    if key not in TEACHERS and key.isidentifier():
+        module = f"appdistill.teachers.{key}"
+        if importlib.util.find_spec(module) is not None:
+            importlib.import_module(module)
+    return TEACHERS.get(key, context=context)
+
+
+def build_teacher(key: str, kwargs: dict[str, Any] | None, spec: FeatureSpecSet, name: str) -> Teacher:
+    """``TEACHERS[key](spec, name=name, **kwargs)``; bad kwargs are a :class:`ConfigError`.
+
+    (Not ``TEACHERS.build(..., name=name)``: ``Registry.build``'s own first parameter is ``name``.)
+    """
+    cls = teacher_class(key, context=f"teachers.{name}")
+    try:
+        return cls(spec, name=name, **(kwargs or {}))
+    except TypeError as e:
+        raise ConfigError(f"bad kwargs for teacher '{key}' in teachers.{name}: {e}") from e
+
+
+def load_teacher(run_dir: str | Path, name: str, spec: FeatureSpecSet, ds: Dataset) -> Teacher:
+    """Load teacher ``name`` from ``run_dir/teachers/<name>/`` (or from that directory itself).
+
+    Raises:
+        TeacherError: missing/corrupt files, unknown key, or a loaded identity that differs from the
+            saved one (an edited or truncated artefact).
+    """
+    run_dir = Path(run_dir)
+    path = run_dir / "teachers" / name
+    if not (path / TEACHER_JSON).is_file() and (run_dir / TEACHER_JSON).is_file():
+        path = run_dir
+    meta = read_teacher_json(path)
+    cls = teacher_class(meta["key"], context=f"{path / TEACHER_JSON}")
+    try:
+        teacher: Teacher = cls.load(path, spec, ds)
+    except TeacherError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any unreadable artefact is reported with its directory
+        raise TeacherError(f"teacher '{name}' in '{path}' cannot be loaded ({type(e).__name__}: {e})") from e
+    if meta.get("identity_hash") and teacher.identity_hash() != meta["identity_hash"]:
+        raise TeacherError(f"teacher '{name}' in '{path}': loaded identity {teacher.identity_hash()} differs "
+                           f"from the saved {meta['identity_hash']} (artefact edited or corrupt)")
+    return teacher
+
+
+def evaluate_teacher(teacher: Teacher, ds: Dataset, k: int = 10) -> dict[str, Any]:
+    """``{"test": {...}, "valid": {...}}`` via :func:`appdistill.eval.metrics.evaluate`."""
+    out: dict[str, Any] = {}
+    for split, full in (("test", True), ("valid", False)):
+        rows = ds.splits[split]
+        z = teacher.predict_all(ds, rows).logits.double().numpy()
+        out[split] = evaluate(z, ds.labels[rows], ds.user_ids[rows], ds.cold[rows], k, full)
+    return out
+
+
+def fit_teachers(cfg: ExperimentConfig, run_dir: str | Path, names: list[str] | None = None,
+                 ds: Dataset | None = None, *, text_embeddings: dict[str, np.ndarray] | None = None,
+                 progress: bool = True, force: bool = False) -> dict[str, dict[str, Any]]:
+    """Fit (or reuse) every teacher of ``cfg.teachers`` and write ``run_dir/teachers/<name>/``.
+
+    Args:
+        cfg: the experiment config; ``cfg.teachers`` is ``{name: {key, kwargs}}``.
+        run_dir: run directory.
+        names: fit only these teachers (default: all, in config order).
+        ds: the encoded data set (built from ``cfg``'s spec when omitted).
+        text_embeddings: ``{text feature: [n_table_rows(+1), d]}`` item text embeddings for teachers
+            that take them (LightGBM); teachers without the ``text_embeddings`` attribute ignore them.
+        progress: progress bars and one line per teacher.
+        force: refit even when a matching fitted teacher exists.
+
+    Returns:
+        ``{name: metrics}`` with the ``metrics.json`` content plus ``reused`` and ``identity``.
+    """
+    run_dir = Path(run_dir)
+    spec = cfg.load_spec()
+    names = list(cfg.teachers) if names is None else list(names)
+    unknown = [n for n in names if n not in cfg.teachers]
+    if unknown:
+        raise ConfigError(f"teachers {unknown} are not in the config (teachers: {sorted(cfg.teachers)})")
+    if ds is None:
+        ds = Dataset.build(spec)
+    say = tqdm.write if progress else log.info
+    results: dict[str, dict[str, Any]] = {}
+    for name in names:
+        block = cfg.teachers[name]
+        teacher = build_teacher(block.key, block.kwargs, spec, name)
+        if text_embeddings is not None and hasattr(teacher, "text_embeddings"):
+            teacher.text_embeddings = text_embeddings  # type: ignore[attr-defined]
+        if hasattr(teacher, "progress"):
+            teacher.progress = progress  # type: ignore[attr-defined]
+        path = run_dir / "teachers" / name
+        fp = fit_fingerprint(teacher, ds)
+        reused = None if force else _try_reuse(run_dir, name, spec, ds, fp)
+        if reused is not None:
+            teacher, fit_seconds = reused
+            say(f"teacher {name} ({block.key}): reusing {path} (identity {teacher.identity_hash()})")
+        else:
+            say(f"teacher {name} ({block.key}): fitting on {len(ds.splits['train']):,} training rows")
+            t0 = time.perf_counter()
+            teacher.fit(ds)
+            fit_seconds = round(time.perf_counter() - t0, 3)
+            # fit.json goes first and comes back last: a crash mid-save leaves no directory to reuse
+            (path / FIT_JSON).unlink(missing_ok=True)
+            teacher.save(path)
+            if _saved_identity(path / TEACHER_JSON) != teacher.identity_hash():  # teachers that do not write it
+                write_teacher_json(teacher, path)
+        metrics_path = path / METRICS_JSON
+        if reused is not None and _saved_identity(metrics_path) == teacher.identity_hash():
+            metrics = json.loads(metrics_path.read_text())
+        else:
+            metrics = {**evaluate_teacher(teacher, ds, cfg.eval.k), "fit_seconds": fit_seconds,
+                       "key": block.key, "identity_hash": teacher.identity_hash()}
+            atomic_write_text(metrics_path, json.dumps(jsonable(metrics), indent=2))
+        if reused is None:
+            atomic_write_text(path / FIT_JSON, json.dumps({"fit_fingerprint": fp, "fit_seconds": fit_seconds,
+                                                           "identity_hash": teacher.identity_hash()}, indent=1))
+        say(f"teacher {name}: test AUC {metrics['test']['auc']:.4f}, valid AUC {metrics['valid']['auc']:.4f}, "
+            f"fit {metrics['fit_seconds']:.1f}s")
+        results[name] = {**metrics, "reused": reused is not None, "identity": jsonable(teacher.identity())}
+    return results
+
+
+def _saved_identity(path: Path) -> str | None:
+    """``identity_hash`` recorded in a JSON file (``None`` when missing or unreadable)."""
+    try:
+        return json.loads(path.read_text()).get("identity_hash")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return None
+
+
+def _try_reuse(run_dir: Path, name: str, spec: FeatureSpecSet, ds: Dataset,
+               fp: str) -> tuple[Teacher, float] | None:
+    """The saved teacher and its fit seconds when its fingerprint matches and it loads cleanly."""
+    path = run_dir / "teachers" / name
+    try:
+        fit = json.loads((path / FIT_JSON).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if fit.get("fit_fingerprint") != fp:
+        log.info("teacher %s: config, spec or data changed since %s was fitted; refitting", name, path)
+        return None
+    try:
+        teacher = load_teacher(run_dir, name, spec, ds)
+    except AppDistillError as e:
+        log.warning("teacher %s: saved teacher unusable (%s); refitting", name, e)
+        return None
+    if teacher.identity_hash() != fit.get("identity_hash"):
+        log.warning("teacher %s: identity differs from fit.json; refitting", name)
+        return None
+    return teacher, float(fit.get("fit_seconds", 0.0))
