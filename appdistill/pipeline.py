@@ -19,13 +19,12 @@ def text_embeddings_for(cfg: ExperimentConfig, ds: Dataset, run_dir: Path) -> di
     """Item text embeddings for teachers that read text (LightGBM), from the foundation store."""
     feats = [f for f in ds.spec.features if f.kind == "text"
              and any(f.name in v for m, v in ds.spec.visibility.items() if m != "student")]
-    if not feats or not any(b.key == "lightgbm" for b in cfg.teachers.values()):
+    wants_text = any(b.key == "lightgbm" and b.kwargs.get("use_text", True) for b in cfg.teachers.values())
+    if not feats or not wants_text:
         return None
-    try:
-        from appdistill.foundation.catalog import text_embeddings  # the foundation store
-    except ImportError:
-        return None
-    return text_embeddings(ds, feats, Path(run_dir) / "store")
+    from appdistill.foundation.catalog import text_embeddings  # through the shared per-item store
+
+    return text_embeddings(ds, feats)
 
 
 def fit_committee(cfg: ExperimentConfig, run_dir: str | Path, names: list[str] | None = None,
