@@ -18,6 +18,7 @@ import torch
 from appdistill.errors import AppDistillError, ConfigError
 from appdistill.foundation import (ENCODERS, ClipEncoder, EmbeddingStore, EmptyInputWarning,
                                    SentenceTransformerEncoder, build_foundation_stores, foundation_features)
+from appdistill.foundation.catalog import text_embeddings
 
 TINY_CLIP = {
     "embed_dim": 16,
@@ -181,16 +182,23 @@ def test_build_foundation_stores_from_spec(tiny_clip: dict, tmp_path: Path) -> N
     assert img.matrix.shape == (12, 16) and img.manifest.zero_rows == 9
     assert img.matrix[img.index[3]].any() and not img.matrix[img.index[4]].any()
     assert store.stats["encoded"] == 24
-    again = build_foundation_stores(spec, store, encoder_kwargs=kw)
+    from appdistill.features import Dataset
+
+    again = build_foundation_stores(Dataset.build(spec), store, encoder_kwargs=kw)  # same stores via a Dataset
     assert store.stats["encoded"] == 24 and again["image"]["final"].n_encoded == 0
     _png(tmp_path / "imgs" / "4.png", 4)  # a poster appears: only that image is encoded again
     third = build_foundation_stores(spec, store, encoder_kwargs=kw)
     assert third["image"]["final"].n_encoded == 1 and third["text"]["final"].n_encoded == 0
     assert third["image"]["final"].matrix[4].any()
+    # LightGBM's text columns: the same "final" store (layers only add outputs), nothing re-encoded
+    emb = text_embeddings(Dataset.build(spec), store=store)
+    assert emb["text"].shape == (12, 384) and store.stats["encoded"] == 25
+    np.testing.assert_array_equal(emb["text"], np.asarray(built["text"]["final"].matrix, np.float32))
 
 
 @pytest.mark.skipif(not POSTERS.is_dir(), reason="ML-100K posters not present")
 def test_ml100k_posters_encode_with_tiny_clip(tiny_clip: dict) -> None:
     enc = ClipEncoder(arch=tiny_clip["config"], pretrained=tiny_clip["checkpoint"], root=str(POSTERS))
-    out = enc.encode(["1.jpg", "50.jpg"], progress=False)["final"]
-    assert out.shape == (2, 16) and out.any(axis=1).all()
+    names = [p.name for p in sorted(POSTERS.glob("*.jpg"))[:2]]
+    out = enc.encode(names, progress=False)["final"]
+    assert out.shape == (2, 16) and out.any(axis=1).all() and not enc.stats

@@ -30,7 +30,8 @@ counted warning. A relative ``root:`` resolves against the spec file's directory
 """
 
 from appdistill.foundation.base import ENCODERS, EmptyInputWarning, Encoder, force_offline
-from appdistill.foundation.catalog import build_foundation_stores, feature_inputs, foundation_features
+from appdistill.foundation.catalog import (build_foundation_stores, feature_inputs, foundation_features,
+                                           text_embeddings)
 from appdistill.foundation.image import ClipEncoder
 from appdistill.foundation.store import EmbeddingStore, StoreEntry, StoreError, StoreManifest, StoreRebuildWarning
 from appdistill.foundation.text import SentenceTransformerEncoder, minilm_dir
@@ -38,5 +39,5 @@ from appdistill.foundation.text import SentenceTransformerEncoder, minilm_dir
 __all__ = [
     "ENCODERS", "ClipEncoder", "EmbeddingStore", "EmptyInputWarning", "Encoder", "SentenceTransformerEncoder",
     "StoreEntry", "StoreError", "StoreManifest", "StoreRebuildWarning", "build_foundation_stores",
-    "feature_inputs", "force_offline", "foundation_features", "minilm_dir",
+    "feature_inputs", "force_offline", "foundation_features", "minilm_dir", "text_embeddings",
 ]

@@ -12,7 +12,8 @@ the spec's ``base_dir`` (the spec file's directory); absolute paths are kept.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -76,7 +77,7 @@ def make_encoder(feature: FeatureSpec, encoder_kwargs: Mapping[str, Mapping[str,
     kw = dict((encoder_kwargs or {}).get(feature.name) or (encoder_kwargs or {}).get(name) or {})
     if name == "clip" and feature.kind == "text":
         kw.setdefault("modality", "text")  # CLIP text tower for a text feature
-    enc: Encoder = ENCODERS.build(name, kw, context=f"feature '{feature.name}'")
+    enc: Encoder = ENCODERS.build(name, kw, f"feature '{feature.name}'")
     if enc.modality != feature.kind:
         raise SpecError(f"feature '{feature.name}': encoder '{name}' encodes {enc.modality}, "
                         f"but the feature is kind '{feature.kind}'")
@@ -98,7 +99,9 @@ def build_foundation_stores(data: Dataset | FeatureSpecSet, store: EmbeddingStor
         encoders: ready encoders by feature name (override the registry, e.g. in tests).
 
     Returns:
-        ``{feature: {output: StoreEntry}}``; ``entry.matrix`` is ``[rows of the feature's table, dim]``.
+        ``{feature: {output: StoreEntry}}``; ``entry.matrix`` is ``[rows of the feature's table, dim]``
+        in table row order, so ``Dataset.table_rows[table]`` indexes it directly (its "missing" row
+        ``len(table)`` needs one appended zero row, as the dataset does for dense features).
     """
     if hasattr(data, "tables") and hasattr(data, "spec"):  # a Dataset
         spec, tables = data.spec, data.tables
@@ -108,18 +111,54 @@ def build_foundation_stores(data: Dataset | FeatureSpecSet, store: EmbeddingStor
             from appdistill.features.tables import load_tables
 
             tables = load_tables(spec)
-    if not isinstance(store, EmbeddingStore):
-        store = EmbeddingStore(store)
-    shared: dict[str, Encoder] = {}  # one model per (encoder, kwargs), shared by the features using it
+    store = store if isinstance(store, EmbeddingStore) else EmbeddingStore(store)
+    shared: dict[str, Encoder] = {}
     out: dict[str, dict[str, StoreEntry]] = {}
     for f in foundation_features(spec, model):
-        enc = (encoders or {}).get(f.name)
-        if enc is None:
-            name = f.encoder or DEFAULT_ENCODERS[f.kind]
-            kw = (encoder_kwargs or {}).get(f.name) or (encoder_kwargs or {}).get(name) or {}
-            k = f"{name}:{f.kind}:{json_digest(kw)}"
-            enc = shared.get(k) or make_encoder(f, encoder_kwargs)
-            shared[k] = enc
+        enc = _encoder_for(f, encoder_kwargs, encoders, shared)
         ids, inputs = feature_inputs(spec, tables, f)
         out[f.name] = store.get_or_build_all(enc, f.name, ids, inputs)
     return out
+
+
+def text_embeddings(data: Dataset, features: Sequence[FeatureSpec] | None = None,
+                    store: EmbeddingStore | str | Path | None = None,
+                    encoder_kwargs: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, np.ndarray]:
+    """Final sentence embeddings of text features, through the store (e.g. LightGBM's text columns).
+
+    Args:
+        data: the dataset (spec + tables).
+        features: text features to encode (default: every ``text`` feature of the spec).
+        store: store or root (default: :func:`default_store_root`).
+        encoder_kwargs: as in :func:`build_foundation_stores`.
+
+    Returns:
+        ``{feature: [n_table_rows, dim] float32}`` in the feature's table row order.
+    """
+    spec, tables = data.spec, data.tables
+    store = store if isinstance(store, EmbeddingStore) else EmbeddingStore(store or default_store_root())
+    shared: dict[str, Encoder] = {}
+    out: dict[str, np.ndarray] = {}
+    for f in features if features is not None else [f for f in spec.features if f.kind == "text"]:
+        enc = _encoder_for(f, encoder_kwargs, None, shared)
+        ids, inputs = feature_inputs(spec, tables, f)
+        out[f.name] = np.asarray(store.get_or_build(enc, f.name, ids, inputs).matrix, dtype=np.float32)
+    return out
+
+
+def default_store_root() -> Path:
+    """``$APPDISTILL_CACHE/store`` (default ``~/.cache/appdistill/store``; the foundation teacher's too)."""
+    return Path(os.environ.get("APPDISTILL_CACHE", Path.home() / ".cache" / "appdistill")) / "store"
+
+
+def _encoder_for(f: FeatureSpec, encoder_kwargs: Mapping[str, Mapping[str, Any]] | None,
+                 encoders: Mapping[str, Encoder] | None, shared: dict[str, Encoder]) -> Encoder:
+    """A ready encoder for ``f``: given by feature name, or one model per (encoder, kwargs) shared."""
+    if encoders and f.name in encoders:
+        return encoders[f.name]
+    name = f.encoder or DEFAULT_ENCODERS[f.kind]
+    kw = (encoder_kwargs or {}).get(f.name) or (encoder_kwargs or {}).get(name) or {}
+    k = f"{name}:{f.kind}:{json_digest(kw)}"
+    if k not in shared:
+        shared[k] = make_encoder(f, encoder_kwargs)
+    return shared[k]

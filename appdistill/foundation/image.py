@@ -170,9 +170,10 @@ class ClipEncoder(Encoder):
         return self._model
 
     def _tag_message(self, detail: str) -> str:
+        first = detail.split(". ")[0][:160]
         return (f"open_clip pretrained tag '{self.pretrained}' of '{self.arch}' needs network access to download "
                 f"its weights, and appdistill runs the hub offline; download the checkpoint on a machine with "
-                f"network and pass the local file as `pretrained: /path/to/checkpoint.bin` ({detail.split('. ')[0][:160]})")
+                f"network and pass the local file as `pretrained: /path/to/checkpoint.bin` ({first})")
 
     def _check_tag_cached(self, oc: Any) -> None:
         """A url-only tag would be fetched with urllib (not covered by HF offline): refuse early."""
@@ -237,7 +238,7 @@ class ClipEncoder(Encoder):
             if pool is not None:
                 pool.shutdown()
         for kind, rows in problems.items():
-            examples = [str(inputs[i]) for i in rows[:3]] if kind != "empty_text" else [f"position {i}" for i in rows[:3]]
+            examples = [f"position {i}" if kind == "empty_text" else str(inputs[i]) for i in rows[:3]]
             self._warn_zero(kind, len(rows), n, examples)
 
 

@@ -40,7 +40,7 @@ import time
 import warnings
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
@@ -191,6 +191,8 @@ class EmbeddingStore:
                  progress: bool = True) -> None:
         if dtype not in ("float16", "float32"):
             raise AppDistillError(f"embedding store dtype must be float16 or float32, got {dtype!r}")
+        if verify not in ("checksum", "size"):
+            raise AppDistillError(f"embedding store verify must be 'checksum' or 'size', got {verify!r}")
         self.root = Path(root)
         self.dtype, self.verify, self.rebuild_corrupt, self.progress = dtype, verify, rebuild_corrupt, progress
         self.stats: Counter[str] = Counter()
@@ -353,7 +355,7 @@ class EmbeddingStore:
             for layer, m in mats.items():
                 if len(dup):
                     m[dup] = m[first[inverse[dup]]]
-                m.flush()
+                # no msync here: the pages are in the page cache, and _commit fsyncs the file anyway
                 zero_rows[layer] = int(np.count_nonzero(~np.asarray(m).any(axis=1)))
             del m
             mats.clear()  # close the memmaps before their files are moved
