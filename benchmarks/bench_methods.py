@@ -76,6 +76,7 @@ def run(dataset: str, splits: list[str], seeds: list[int], methods: list[str], o
                 })
                 print(f"[{split} seed {seed}] {name:<22} test AUC {m['test']['auc']:.4f} "
                       f"(skipped {m['train']['teacher_passes_skipped']:.2f})", flush=True)
+                pd.DataFrame(rows).to_csv(out / "partial.csv", index=False)  # survives an interrupted run
     df = pd.DataFrame(rows)
     none = df[df.method == "none"].set_index(["split", "seed"])["auc"]
     ref = df.groupby(["split", "seed"])["ref_teacher_auc"].first()
