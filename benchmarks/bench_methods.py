@@ -56,7 +56,7 @@ def run(dataset: str, splits: list[str], seeds: list[int], methods: list[str], o
             tdir = out / f"{split}-seed{seed}"
             tmetrics = fit_committee(base, tdir, ds=ds)
             best = max(tmetrics, key=lambda n: tmetrics[n]["valid"]["auc"])
-            foundation_params = sum(m.get("params", 0) for m in tmetrics.values() if m.get("key") == "foundation")
+            foundation_params = foundation_size(tdir)
             for name in methods:
                 key, kwargs = METHODS[name]
                 kw = {k: (best if v == "{best}" else v) for k, v in kwargs.items()}
@@ -77,11 +77,25 @@ def run(dataset: str, splits: list[str], seeds: list[int], methods: list[str], o
                 print(f"[{split} seed {seed}] {name:<22} test AUC {m['test']['auc']:.4f} "
                       f"(skipped {m['train']['teacher_passes_skipped']:.2f})", flush=True)
                 pd.DataFrame(rows).to_csv(out / "partial.csv", index=False)  # survives an interrupted run
-    df = pd.DataFrame(rows)
+    return add_gap(pd.DataFrame(rows))
+
+
+def foundation_size(tdir: Path) -> int:
+    """Parameters of the fitted foundation teacher, encoder included (0 when there is none)."""
+    p = tdir / "teachers" / "foundation" / "teacher.json"
+    return int(json.loads(p.read_text()).get("params", 0)) if p.is_file() else 0
+
+
+def add_gap(df: pd.DataFrame) -> pd.DataFrame:
+    """``gap_recovered`` per row against the plain student and the reference teacher of its split/seed.
+
+    When the plain student already matches or beats the reference teacher there is no gap to
+    recover and the figure is undefined (NaN), not a meaningless ratio of noise.
+    """
     none = df[df.method == "none"].set_index(["split", "seed"])["auc"]
     ref = df.groupby(["split", "seed"])["ref_teacher_auc"].first()
     key = list(zip(df.split, df.seed))
-    df["gap_recovered"] = [(a - none[k]) / (ref[k] - none[k]) if ref[k] != none[k] else np.nan
+    df["gap_recovered"] = [(a - none[k]) / (ref[k] - none[k]) if ref[k] > none[k] + 1e-4 else np.nan
                            for a, k in zip(df.auc, key)]
     return df
 
@@ -93,14 +107,15 @@ def summarise(df: pd.DataFrame) -> str:
     for split in df.split.unique():
         sub = df[df.split == split]
         tcols = [c for c in df.columns if c.startswith("teacher_") and c.endswith("_auc")]
-        lines.append(f"\n### split: {split} (seeds {sorted(sub.seed.unique())}; teachers' test AUC: "
+        lines.append(f"\n### split: {split} (seeds {sorted(int(x) for x in sub.seed.unique())}; teachers' test AUC: "
                      + ", ".join(f"{c[8:-4]} {sub[c].mean():.4f}" for c in tcols) + ")\n")
         lines.append("| method | " + " | ".join(cols) + " |")
         lines.append("|---|" + "---|" * len(cols))
         for (s, meth), grp in g:
             if s != split:
                 continue
-            cells = [f"{grp[c].mean():.4f} ± {grp[c].std(ddof=0):.4f}" for c in cols]
+            cells = [f"{grp[c].mean():.4f} ± {grp[c].std(ddof=0):.4f}" if grp[c].notna().any() else "n/a"
+                     for c in cols]
             lines.append(f"| {meth} | " + " | ".join(cells) + " |")
     p = df.student_params.iloc[0]
     fp = df.foundation_params.iloc[0]
@@ -143,10 +158,18 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
     ap.add_argument("--out", required=True)
+    ap.add_argument("--from-partial", action="store_true",
+                    help="summarise OUT/partial.csv of an interrupted run instead of running")
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    df = run(a.dataset, a.split, a.seeds, a.methods, out, a.set)
+    if a.from_partial:
+        df = add_gap(pd.read_csv(out / "partial.csv"))
+        df["foundation_params"] = [foundation_size(out / f"{sp}-seed{sd}") for sp, sd in zip(df.split, df.seed)]
+        a.split = list(df.split.unique())
+        a.seeds = sorted(df.seed.unique())
+    else:
+        df = run(a.dataset, a.split, a.seeds, a.methods, out, a.set)
     df.to_csv(out / "results.csv", index=False)
     md = summarise(df)
     (out / "results.md").write_text(f"# bench_methods: {a.dataset}\n\n`python benchmarks/bench_methods.py "
