@@ -85,7 +85,7 @@ def cmd_train(a: argparse.Namespace) -> int:
     from appdistill.train.loop import train
 
     cfg = load_config(a.config, a.set)
-    m = train(cfg, a.run_dir, progress=not a.no_progress)
+    m = train(cfg, a.run_dir, progress=not a.no_progress, resume=a.resume)
     if _is_main():
         print(format_metrics(m))
         print(f"run directory: {a.run_dir}")
@@ -139,7 +139,7 @@ def cmd_distill(a: argparse.Namespace) -> int:
     from appdistill.pipeline import distill
 
     cfg = load_config(a.config, a.set)
-    m = distill(cfg, a.run_dir, export=not a.no_export, progress=not a.no_progress)
+    m = distill(cfg, a.run_dir, export=not a.no_export, progress=not a.no_progress, resume=a.resume)
     if _is_main():
         print(format_metrics(m))
         print(f"run directory: {a.run_dir}")
@@ -200,6 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--run-dir", required=True)
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
     t.add_argument("--no-progress", action="store_true")
+    t.add_argument("--resume", action="store_true",
+                   help="continue from RUN_DIR/checkpoints/last.pt if it exists (refused if the spec, data, "
+                        "teachers, student or method changed)")
     t.set_defaults(fn=cmd_train)
     tf = sub.add_parser("teachers", help="teacher commands").add_subparsers(dest="sub", required=True)
     f = tf.add_parser("fit", help="fit (or reuse) the configured teachers into RUN_DIR/teachers/<name>/")
@@ -221,6 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     di.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     di.add_argument("--no-export", action="store_true")
     di.add_argument("--no-progress", action="store_true")
+    di.add_argument("--resume", action="store_true", help="continue the student's training from its last checkpoint")
     di.set_defaults(fn=cmd_distill)
     d = sub.add_parser("demo", help="the default pipeline on the embedded MovieLens-100K")
     d.add_argument("--run-dir", default="runs/demo")

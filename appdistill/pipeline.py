@@ -37,7 +37,7 @@ def fit_committee(cfg: ExperimentConfig, run_dir: str | Path, names: list[str] |
 
 
 def distill(cfg: ExperimentConfig, run_dir: str | Path, *, export: bool = True, progress: bool = True,
-            ds: Dataset | None = None) -> dict[str, Any]:
+            ds: Dataset | None = None, resume: bool = False) -> dict[str, Any]:
     """Fit/reuse teachers, build/reuse caches, train the student with ``cfg.method``, evaluate, export."""
     from appdistill.train.loop import teachers_dir, train
 
@@ -49,7 +49,7 @@ def distill(cfg: ExperimentConfig, run_dir: str | Path, *, export: bool = True, 
     elif cfg.teachers and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # under torchrun, teachers are fitted by one process beforehand (`appdistill teachers fit`)
         pass
-    metrics = train(cfg, run_dir, dataset=ds, progress=progress)
+    metrics = train(cfg, run_dir, dataset=ds, progress=progress, resume=resume)
     if export and rank == 0:
         from appdistill.export.artifact import export_run
 

@@ -117,7 +117,8 @@ def test_torchrun_two_ranks_matches_single_process(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr[-3000:]
     m = json.loads((tmp_path / "dist" / "metrics.json").read_text())
     assert m["train"]["world_size"] == 2
-    assert abs(m["test"]["auc"] - single["test"]["auc"]) < 0.01
+    # the issue asks for 0.01; with the embedding order fixed (RankingModel.embed) they agree far closer
+    assert abs(m["test"]["auc"] - single["test"]["auc"]) < 1e-3
     # the checkpoint written by the sharded run is a full, unsharded state dict
     ck = load_checkpoint(tmp_path / "dist" / "checkpoint.pt")
     single_ck = load_checkpoint(tmp_path / "single" / "checkpoint.pt")

@@ -25,8 +25,12 @@ Safety:
 - :func:`get_or_build_cache` reuses an intact cache (no teacher call at all), builds a missing split,
   and rebuilds a corrupt one with a :class:`CacheRebuildWarning`.
 
-Join: :meth:`TeacherCache.lookup` gathers rows by ``row_ids`` (``np.searchsorted`` on the split's
-sorted ``rows``), :class:`CacheJoin` does it for several teachers as a ``BatchLoader`` hook.
+Join: :meth:`TeacherCache.lookup` gathers rows by ``row_ids`` through a row id -> (split, position)
+index built from the splits' ``rows`` shards on first use (5 bytes per interaction), with ``np.take``
+into recycled output buffers; :class:`CacheJoin` does it for several teachers as a ``BatchLoader``
+hook. Cost on ML-100K, batch 1024, 2-core VM: ~0.85 ms of CPU per batch for three teachers with
+``[B, 64]`` + ``[B, 128]`` float32 and ``[B, 300]`` int leaves (~3.2 KB gathered per row), about what
+copying that many bytes from random rows costs (``benchmarks/bench_cache.py``).
 
 Example:
     >>> cache = get_or_build_cache(teacher, ds, run_dir / "cache")

@@ -56,6 +56,9 @@ class DiverseDistill(Method):
         lambda_kd, lambda_t, lambda_lb: weights of the committee-KD, teacher-KD and balance terms.
         temperature: KD temperature ``T``.
         output_loss: ``kd`` or ``taid`` for the teacher term.
+        kd_weights: how the teacher term weighs the teachers' cached logits: ``gated`` (the top-k
+            weights ``w``) or ``soft`` (the ungated importance ``softmax``: cached logits cost nothing
+            to read, so only *answers* need skipping, and every teacher keeps teaching each sample).
         taps: ``{teacher: tap}`` overrides of the hidden tap each teacher answers from.
     """
 
@@ -65,7 +68,7 @@ class DiverseDistill(Method):
                  committee_path: bool = True, d_e: int = 32, tau: float = 1.0, lambda_kd: float = 0.5,
                  lambda_t: float = 0.5, lambda_lb: float = 0.01, temperature: float = 1.0,
                  output_loss: str = "kd", taps: dict[str, str] | None = None, leaf_dim: int = 32,
-                 taid: dict[str, float] | None = None) -> None:
+                 taid: dict[str, float] | None = None, kd_weights: str = "gated") -> None:
         super().__init__(committee)
         committee = committee or {}
         names = self.pick(teachers)
@@ -85,6 +88,9 @@ class DiverseDistill(Method):
         self.tau, self.T = tau, temperature
         self.lambda_kd, self.lambda_t, self.lambda_lb = lambda_kd, lambda_t, lambda_lb
         self.output_loss = output_loss
+        if kd_weights not in ("gated", "soft"):
+            raise ConfigError(f"diverse_distill: kd_weights must be 'gated' or 'soft', got '{kd_weights}'")
+        self.kd_weights = kd_weights
         self.schedule = TAIDSchedule(**(taid or {})) if output_loss == "taid" else None
 
         self.ports = build_ports(committee, names, taps, leaf_dim)
@@ -153,7 +159,7 @@ class DiverseDistill(Method):
             terms["kd_committee"] = self.lambda_kd * self.T ** 2 * F.binary_cross_entropy_with_logits(
                 z_s / self.T, torch.sigmoid(z_qa.detach() / self.T))
         z_t = torch.stack([self.ports[n].logit(batch) for n in self.names], 1)  # [B, n]
-        wd = w.detach()
+        wd = (w if self.kd_weights == "gated" or not self.gating else probs).detach()
         if self.output_loss == "kd":
             per = F.binary_cross_entropy_with_logits(
                 (z_s / self.T).unsqueeze(1).expand_as(z_t), torch.sigmoid(z_t / self.T), reduction="none")

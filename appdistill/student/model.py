@@ -116,8 +116,21 @@ class RankingModel(nn.Module):
         dense_in = sum(1 for f in features if f.kind == "dense")
         return cls(tables, dense_in, config, device)
 
+    def embed(self, sparse: KeyedJaggedTensor) -> torch.Tensor:
+        """Pooled embeddings ``[B, sum(dims)]`` in ``self.keys`` order.
+
+        A sharded EBC returns its keys grouped by shard (table-wise on 2 ranks: rank 0's tables first),
+        so the order is fixed here; otherwise a model trained under ``torchrun`` would learn a
+        permuted layout that no unsharded copy (resume on 1 rank, export) reproduces.
+        """
+        kt = self.ebc(sparse)
+        if kt.keys() == self.keys:
+            return kt.values()
+        d = kt.to_dict()
+        return torch.cat([d[k] for k in self.keys], dim=1)
+
     def forward(self, sparse: KeyedJaggedTensor, dense: torch.Tensor) -> StudentOutput:
-        emb = self.ebc(sparse).values()  # [B, sum(dims)] in table order
+        emb = self.embed(sparse)  # [B, sum(dims)] in table order
         d = self.dense_arch(dense) if self.dense_arch is not None else dense
         h = self.interaction(d, emb)
         return StudentOutput(self.over_arch(h), h)

@@ -140,7 +140,7 @@ class DLRMTeacher(Teacher):
         """The model's forward, keeping the taps: logits ``[B]``, ``{"h": [B, d_h], "over": [B, d_o]}``."""
         m = self.model
         assert m is not None
-        emb = m.ebc(sparse).values()
+        emb = m.embed(sparse)
         d = m.dense_arch(dense) if m.dense_arch is not None else dense
         h = m.interaction(d, emb)
         over = m.over_arch.body(h)

@@ -42,7 +42,13 @@ def init_distributed() -> DistContext:
     if use_cuda:
         torch.cuda.set_device(local)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
+        # torchrun --max-restarts can hand a restarted worker group the agent's store with the previous
+        # attempt's keys still in it; gloo would then dial the dead ranks' old addresses (pytorch
+        # issue 135712). A per-attempt key prefix isolates the attempts.
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        store, _, _ = next(dist.rendezvous("env://", rank=rank, world_size=world))
+        dist.init_process_group("nccl" if use_cuda else "gloo", store=dist.PrefixStore(f"appdistill/{attempt}/", store),
+                                rank=rank, world_size=world)
     return DistContext(rank, world, local, torch.device(f"cuda:{local}") if use_cuda else torch.device("cpu"))
 
 

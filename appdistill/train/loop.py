@@ -17,6 +17,7 @@ import json
 import math
 import os
 import random
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from appdistill.features.batch import BatchBuilder, BatchLoader
 from appdistill.features.dataset import Dataset
 from appdistill.methods import METHODS
 from appdistill.student.model import RankingModel, StudentConfig, build_student
+from appdistill.train import checkpoint as ckpt
 from appdistill.train.distributed import (DistContext, all_gather_varlen, full_state_dict, init_distributed,
                                           load_full_state_dict, shard_model, unwrap)
 from appdistill.train.io import atomic_write_text, save_checkpoint
@@ -80,8 +82,12 @@ def evaluate_split(model: torch.nn.Module, ds: Dataset, builder: BatchBuilder, s
 
 
 def train(cfg: ExperimentConfig, run_dir: str | Path, *, dataset: Dataset | None = None,
-          progress: bool = True) -> dict[str, Any]:
+          progress: bool = True, resume: bool = False) -> dict[str, Any]:
     """Train the student with ``cfg.method``, evaluate, and write ``run_dir`` (rank 0).
+
+    Args:
+        resume: continue from ``run_dir/checkpoints/last.pt`` when it exists (a fresh start
+            otherwise). Under ``torchrun --max-restarts`` a restarted worker group resumes by itself.
 
     Returns the ``metrics.json`` dict (on every rank).
     """
@@ -108,10 +114,17 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, dataset: Dataset | None
     method = build_method(cfg, committee, unwrap(model).over_arch.in_dim).to(ctx.device)
     model, opt = shard_model(model, ctx, cfg.train.lr, cfg.train.embedding_lr, cfg.train.weight_decay,
                              cfg.train.sharding)
-    if ctx.is_dist:
-        load_full_state_dict(model, init_state, ctx)  # same initial weights as a single-process run
     method_params = [p for p in method.parameters() if p.requires_grad]
     method_opt = torch.optim.Adam(method_params, lr=cfg.train.lr) if method_params else None
+    ident = ckpt.identity(cfg, spec.fingerprint(), ds.fingerprint, {n: t.identity() for n, t in committee.items()})
+    pos, best_state = ckpt.Position(), None
+    resume_path = run_dir / ckpt.RESUME_FILE
+    if (resume or _restarted()) and resume_path.is_file():
+        pos, best_state = _restore(resume_path, ident, model, opt, method, method_opt, ctx, cfg.seed)
+        if ctx.is_main:
+            print(f"resuming from {resume_path}: epoch {pos.epoch + 1}, step {pos.global_step}", flush=True)
+    elif ctx.is_dist:
+        load_full_state_dict(model, init_state, ctx)  # same initial weights as a single-process run
     method_fn: torch.nn.Module = method
     if ctx.is_dist and method_params:
         # training-only parameters are replicated: average their gradients like the dense arch's
@@ -123,16 +136,19 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, dataset: Dataset | None
                          drop_last=len(ds.splits["train"]) >= tr.batch_size, rank=ctx.rank,
                          world_size=ctx.world_size, prefetch=tr.prefetch, hooks=hooks)
     total = tr.epochs * len(loader)
-    history: list[dict[str, Any]] = []
-    step_log: list[dict[str, float]] = []
-    best: tuple[float, int, dict[str, torch.Tensor] | None] = (-math.inf, -1, None)
-    train_seconds, samples, step = 0.0, 0, 0
-    for epoch in range(tr.epochs):
-        loader.set_epoch(epoch)
+    fault = _fault_step(ctx)
+
+    def checkpoint() -> None:  # collective under torchrun
+        ckpt.save_resume_collective(resume_path, model, opt, method, method_opt, pos, ident, best_state,
+                                    cfg.model_dump(exclude={"base_dir"}), ctx)
+
+    for epoch in range(pos.epoch, tr.epochs):
+        if epoch != pos.epoch or pos.step_in_epoch == 0:
+            pos.epoch, pos.step_in_epoch, pos.sums = epoch, 0, {}
+        loader.set_epoch(epoch, pos.step_in_epoch)
         model.train()
-        sums: dict[str, float] = {}
         t0 = time.perf_counter()
-        bar = tqdm(loader, total=len(loader), desc=f"epoch {epoch + 1}/{tr.epochs}",
+        bar = tqdm(loader, total=len(loader), initial=pos.step_in_epoch, desc=f"epoch {epoch + 1}/{tr.epochs}",
                    disable=not (progress and ctx.is_main), leave=False, dynamic_ncols=True)
         for batch in bar:
             batch = batch.to(ctx.device)
@@ -146,35 +162,47 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, dataset: Dataset | None
             opt.step()
             if method_opt is not None:
                 method_opt.step()
-            method.on_step_end(loss.detach(), step, total)
-            step += 1
-            samples += batch.size * ctx.world_size
+            method.on_step_end(loss.detach(), pos.global_step, total)
+            pos.global_step += 1
+            pos.step_in_epoch += 1
+            pos.samples += batch.size * ctx.world_size
             for k, v in terms.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach())
-            if step % tr.log_every == 0 or step == 1:
-                rec = {"step": step, "loss": float(loss.detach()), **method.logs()}
-                step_log.append(rec)
+                pos.sums[k] = pos.sums.get(k, 0.0) + float(v.detach())
+            if pos.global_step % tr.log_every == 0 or pos.global_step == 1:
+                rec = {"step": pos.global_step, "loss": float(loss.detach()), **method.logs()}
+                pos.step_log.append(rec)
                 bar.set_postfix(loss=f"{rec['loss']:.4f}")
-        train_seconds += time.perf_counter() - t0
+            if tr.checkpoint_every and pos.global_step % tr.checkpoint_every == 0:
+                pos.train_seconds += time.perf_counter() - t0
+                checkpoint()
+                t0 = time.perf_counter()
+            if pos.global_step == fault:
+                os.kill(os.getpid(), signal.SIGKILL)  # fault injection for the restart tests
+        pos.train_seconds += time.perf_counter() - t0
         n_steps = max(1, len(loader))
         valid, _ = evaluate_split(model, ds, builder, "valid", ctx, cfg, full=False)
-        rec = {"epoch": epoch + 1, **{f"train_{k}": v / n_steps for k, v in sums.items()},
+        rec = {"epoch": epoch + 1, **{f"train_{k}": v / n_steps for k, v in pos.sums.items()},
                "valid_auc": valid["auc"], "valid_logloss": valid["logloss"]}
-        history.append(rec)
+        pos.history.append(rec)
         if ctx.is_main and progress:
             tqdm.write(f"epoch {epoch + 1}: " + ", ".join(f"{k}={v:.4f}" for k, v in rec.items() if k != "epoch"))
-        if tr.select_best and valid["auc"] > best[0]:
-            best = (valid["auc"], epoch + 1, full_state_dict(model, ctx) if tr.epochs > 1 else None)
-    if tr.select_best and best[2] is not None and best[1] != tr.epochs:
-        load_full_state_dict(model, _broadcast_state(best[2], model, ctx), ctx)
+        if tr.select_best and valid["auc"] > pos.best_auc:
+            pos.best_auc, pos.best_epoch = valid["auc"], epoch + 1
+            best_state = full_state_dict(model, ctx) if tr.epochs > 1 else None
+        pos.epoch, pos.step_in_epoch, pos.sums = epoch + 1, 0, {}
+        checkpoint()
+    if tr.select_best and pos.best_epoch != tr.epochs and pos.best_epoch > 0:
+        load_full_state_dict(model, _broadcast_state(best_state, model, ctx), ctx)
     test, _ = evaluate_split(model, ds, builder, "test", ctx, cfg)
     valid, _ = evaluate_split(model, ds, builder, "valid", ctx, cfg, full=False)
     metrics: dict[str, Any] = {
         "dataset": spec.name, "split": spec.split.by, "method": cfg.method.key, "seed": cfg.seed,
         "test": test, "valid": valid, "teachers": teacher_metrics(cfg, run_dir),
         "student": {"params": size["params"], "bytes": size["bytes"], "embedding_params": size["embedding_params"]},
-        "train": {"seconds": round(train_seconds, 3), "samples_per_s": round(samples / max(train_seconds, 1e-9), 1),
-                  "steps": step, "epochs": tr.epochs, "best_epoch": best[1] if tr.select_best else tr.epochs,
+        "train": {"seconds": round(pos.train_seconds, 3),
+                  "samples_per_s": round(pos.samples / max(pos.train_seconds, 1e-9), 1),
+                  "steps": pos.global_step, "epochs": tr.epochs,
+                  "best_epoch": pos.best_epoch if tr.select_best else tr.epochs,
                   "world_size": ctx.world_size, "teacher_passes_skipped": float(method.logs().get("skipped", 0.0))},
         "data": {"fingerprint": ds.fingerprint, "nan_imputed": ds.processor.nan_imputed},
     }
@@ -182,12 +210,50 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, dataset: Dataset | None
     if ctx.is_main:
         save_checkpoint(run_dir / "checkpoint.pt", {
             "model": state, "config": cfg.model_dump(exclude={"base_dir"}), "spec_fingerprint": spec.fingerprint(),
-            "data_fingerprint": ds.fingerprint, "epoch": tr.epochs, "step": step,
+            "data_fingerprint": ds.fingerprint, "epoch": tr.epochs, "step": pos.global_step,
             "teachers": {n: t.identity() for n, t in committee.items()}})
         atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2, default=_json_default))
-        atomic_write_text(run_dir / "history.json", json.dumps({"epochs": history, "steps": step_log}, indent=1))
-        plot_curves(history, step_log, run_dir / "curve.png", title=f"{cfg.name} ({cfg.method.key})")
+        atomic_write_text(run_dir / "history.json",
+                          json.dumps({"epochs": pos.history, "steps": pos.step_log}, indent=1))
+        plot_curves(pos.history, pos.step_log, run_dir / "curve.png", title=f"{cfg.name} ({cfg.method.key})")
     return metrics
+
+
+def _restarted() -> bool:
+    """True in a worker group that ``torchrun --max-restarts`` restarted after a failure."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0
+
+
+def _fault_step(ctx: DistContext) -> int:
+    """``APPDISTILL_FAULT=RANK:STEP``: SIGKILL this rank after global step STEP (first attempt only).
+
+    A testing hook: the kill-and-resume and torchrun-restart tests use it to die at a chosen step.
+    """
+    spec = os.environ.get("APPDISTILL_FAULT", "")
+    if not spec or _restarted():
+        return -1
+    rank, step = (int(x) for x in spec.split(":"))
+    return step if rank == ctx.rank else -1
+
+
+def _restore(path: Path, ident: dict[str, Any], model: torch.nn.Module, opt: Any, method: torch.nn.Module,
+             method_opt: torch.optim.Optimizer | None, ctx: DistContext,
+             seed: int) -> tuple[ckpt.Position, dict[str, torch.Tensor] | None]:
+    """Load a resume checkpoint into the (possibly sharded) model, optimizers, method and RNGs."""
+    ck = ckpt.load_resume(path, ident)
+    ckpt.load_optimizer_state(opt, ck["optim"], ctx)
+    load_full_state_dict(model, ck["model"], ctx)  # after the optimizer: its state init may touch weights
+    m = ck["method"]
+    method.load_state_dict(m["params"], strict=False)
+    if method_opt is not None and m["optim"] is not None:
+        method_opt.load_state_dict(m["optim"])
+    method.load_state(m["state"])
+    pos: ckpt.Position = ck["position"]
+    if len(ck["rng"]) == ctx.world_size:
+        ckpt.set_rng_state(ck["rng"][ctx.rank])
+    else:  # another world size: no per-rank stream to continue; a fresh, reproducible one
+        seed_everything(seed + 7919 * ctx.rank + pos.global_step)
+    return pos, ck["best_state"]
 
 
 def teachers_dir(cfg: ExperimentConfig, run_dir: Path) -> Path:
