@@ -15,7 +15,7 @@ from typing import Any
 
 from appdistill.errors import AppDistillError
 
-DEMO_CONFIG = "configs/ml100k_plain.yaml"
+DEMO_CONFIG = "configs/ml100k_committee.yaml"
 
 
 def _quiet() -> None:
@@ -93,15 +93,38 @@ def cmd_train(a: argparse.Namespace) -> int:
 
 
 def cmd_demo(a: argparse.Namespace) -> int:
+    """The committee on MovieLens-100K: fit (or reuse) the three teachers, distil them with
+    DiverseDistill into the compact student, train the plain student on the same budget, compare."""
     from appdistill.config import REPO_ROOT, load_config
+    from appdistill.features.dataset import Dataset
+    from appdistill.pipeline import distill
     from appdistill.train.loop import train
 
     cfg = load_config(REPO_ROOT / DEMO_CONFIG, a.set)
-    print(f"appdistill demo: plain TorchRec student on MovieLens-100K ({DEMO_CONFIG})")
-    m = train(cfg, a.run_dir)
-    print(format_metrics(m))
-    print(f"run directory: {a.run_dir}  (metrics.json, curve.png, checkpoint.pt)")
+    run = Path(a.run_dir)
+    print(f"appdistill demo: teaching committee -> DiverseDistill -> TorchRec student on MovieLens-100K "
+          f"({DEMO_CONFIG})")
+    ds = Dataset.build(cfg.load_spec())
+    dd = distill(cfg, run, ds=ds)  # teachers, caches, student, evaluation, export (run/export)
+    plain_cfg = cfg.model_copy(update={"method": cfg.method.model_copy(update={"key": "none", "kwargs": {}}),
+                                       "teachers_dir": str(run.resolve())})
+    plain = train(plain_cfg, run / "plain", dataset=ds)
+    print(format_comparison(dd, plain))
+    print(f"run directory: {run}  (teachers/, cache/, metrics.json, curve.png, export/; plain student in plain/)")
     return 0
+
+
+def format_comparison(dd: dict[str, Any], plain: dict[str, Any]) -> str:
+    """Teachers vs the plain student vs the distilled student, as a markdown table."""
+    rows = ["| model | test AUC | test logloss | cold-item AUC | params |", "|---|---:|---:|---:|---:|"]
+    for name, t in dd.get("teachers", {}).items():
+        rows.append(f"| teacher `{name}` | {t['test']['auc']:.4f} | {t['test'].get('logloss', float('nan')):.4f} "
+                    f"| {t['test'].get('cold', {}).get('auc', float('nan')):.4f} | "
+                    f"{format(t['params'], ',') if 'params' in t else '-'} |")
+    for label, m in (("student, plain (`none`)", plain), (f"student, `{dd['method']}`", dd)):
+        rows.append(f"| {label} | {m['test']['auc']:.4f} | {m['test']['logloss']:.4f} "
+                    f"| {m['test']['cold']['auc']:.4f} | {m['student']['params']:,} |")
+    return "\n".join(rows) + f"\n\nteacher answers skipped by the gate: {dd['train']['teacher_passes_skipped']:.1%}"
 
 
 def cmd_teachers_fit(a: argparse.Namespace) -> int:
@@ -149,6 +172,7 @@ def cmd_distill(a: argparse.Namespace) -> int:
 def cmd_export(a: argparse.Namespace) -> int:
     from appdistill.export.artifact import export_run
 
+    # all or nothing: a failed export (exit 2) leaves --out exactly as it was
     out = export_run(a.run_dir, a.out, compile=not a.no_compile)
     man = json.loads((out / "manifest.json").read_text())
     print(f"exported the student of {a.run_dir} to {out}: {man['params']['params']:,} parameters, "
@@ -157,29 +181,39 @@ def cmd_export(a: argparse.Namespace) -> int:
 
 
 def cmd_score(a: argparse.Namespace) -> int:
+    """Score a parquet/CSV file of raw rows. The output is written atomically (temporary file, then
+    rename) and only after every row scored: on any error (exit 2) an existing output is untouched."""
+    import io
+
     import pandas as pd
 
     from appdistill.export.artifact import Ranker
     from appdistill.features.tables import _read_file
     from appdistill.train.io import atomic_write_bytes
 
+    src, out = Path(a.input), Path(a.output)
+    kind = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv"}.get(out.suffix.lower())
+    if kind is None:
+        raise AppDistillError(f"file '{out}': output must be .parquet or .csv")
+    if out.is_dir():
+        raise AppDistillError(f"file '{out}': --output is a directory")
+    if out.exists() and src.exists() and out.resolve() == src.resolve():
+        raise AppDistillError(f"file '{out}': --output is the --input file; write the scores elsewhere")
     ranker = Ranker.load(a.export_dir)
-    src = Path(a.input)
-    df = _read_file(src, {})
+    # CSV: string-keyed id columns are read as text, so "08" stays "08" (not the integer 8)
+    df = _read_file(src, {"dtype": {c: str for c in ranker.encoder.string_columns()}}
+                    if src.suffix.lower() in (".csv", ".tsv", ".gz") else {})
     scores = ranker.score(df, str(src))
-    out = Path(a.output)
     res = pd.DataFrame({"score": scores})
     if a.keep_columns:
+        if "score" in df.columns:
+            raise AppDistillError(f"file '{src}': has a column 'score' already; --keep-columns would duplicate it")
         res = pd.concat([df.reset_index(drop=True), res], axis=1)
-    import io
-
     buf = io.BytesIO()
-    if out.suffix.lower() in (".parquet", ".pq"):
-        res.to_parquet(buf, index=False)
-    elif out.suffix.lower() == ".csv":
-        res.to_csv(buf, index=False)
-    else:
-        raise AppDistillError(f"file '{out}': output must be .parquet or .csv")
+    try:
+        res.to_parquet(buf, index=False) if kind == "parquet" else res.to_csv(buf, index=False)
+    except Exception as e:  # noqa: BLE001 - e.g. --keep-columns with mixed-type cells
+        raise AppDistillError(f"file '{out}': cannot write the scores as {kind} ({type(e).__name__}: {e})") from e
     atomic_write_bytes(out, buf.getvalue())
     print(f"scored {len(res):,} rows from {src} -> {out}")
     return 0

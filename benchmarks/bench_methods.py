@@ -5,6 +5,10 @@ once, then the student is trained with each method. Writes ``DIR/results.csv`` (
 method/split/seed), ``DIR/results.md`` (mean ± std per method and split), ``DIR/results.json`` and
 plots (AUC per method, gap recovered).
 
+Resumable: rows already in ``DIR/partial.csv`` (method, split, seed) are kept and not rerun, so an
+interrupted run continues where it stopped (delete rows to rerun them); fitted teachers and caches
+under ``DIR/<split>-seed<seed>/`` are reused.
+
 Gap recovered = ``(AUC_method - AUC_none) / (AUC_ref - AUC_none)`` on test, where the reference is
 the single teacher with the best *validation* AUC (no selection on test).
 
@@ -48,7 +52,10 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
 
 def run(dataset: str, splits: list[str], seeds: list[int], methods: list[str], out: Path,
         overrides: list[str]) -> pd.DataFrame:
-    rows = []
+    # an interrupted run continues: rows already in OUT/partial.csv are kept and not rerun
+    old = pd.read_csv(out / "partial.csv") if (out / "partial.csv").is_file() else pd.DataFrame()
+    rows = old.to_dict("records")
+    done = {(r["method"], r["split"], int(r["seed"])) for r in rows}
     for split in splits:
         for seed in seeds:
             base = load_config(REPO_ROOT / CONFIGS[dataset], [f"split.by={split}", f"seed={seed}", *overrides])
@@ -58,8 +65,12 @@ def run(dataset: str, splits: list[str], seeds: list[int], methods: list[str], o
             best = max(tmetrics, key=lambda n: tmetrics[n]["valid"]["auc"])
             foundation_params = foundation_size(tdir)
             for name in methods:
+                if (name, split, seed) in done:
+                    continue
                 key, kwargs = METHODS[name]
                 kw = {k: (best if v == "{best}" else v) for k, v in kwargs.items()}
+                if key == base.method.key:  # the config's tuned kwargs, then the variant's switches
+                    kw = {**base.method.kwargs, **kw}
                 cfg = base.model_copy(update={"method": base.method.model_copy(update={"key": key, "kwargs": kw}),
                                               "teachers_dir": str(tdir)})
                 t0 = time.perf_counter()
@@ -165,11 +176,10 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     if a.from_partial:
         df = add_gap(pd.read_csv(out / "partial.csv"))
-        df["foundation_params"] = [foundation_size(out / f"{sp}-seed{sd}") for sp, sd in zip(df.split, df.seed)]
-        a.split = list(df.split.unique())
-        a.seeds = sorted(df.seed.unique())
     else:
         df = run(a.dataset, a.split, a.seeds, a.methods, out, a.set)
+    df["foundation_params"] = [foundation_size(out / f"{sp}-seed{sd}") for sp, sd in zip(df.split, df.seed)]
+    a.split, a.seeds = list(df.split.unique()), sorted(int(s) for s in df.seed.unique())
     df.to_csv(out / "results.csv", index=False)
     md = summarise(df)
     (out / "results.md").write_text(f"# bench_methods: {a.dataset}\n\n`python benchmarks/bench_methods.py "

@@ -125,3 +125,15 @@ def test_torchrun_two_ranks_matches_single_process(tmp_path: Path) -> None:
     for k, v in single_ck["model"].items():
         assert ck["model"][k].shape == v.shape, k
     assert isinstance(next(iter(ck["model"].values())), torch.Tensor)
+
+
+def test_demo_comparison_table() -> None:
+    from appdistill.cli import format_comparison
+
+    t = {"auc": 0.8, "logloss": 0.5, "cold": {"auc": 0.6}}
+    dd = {"method": "diverse_distill", "test": t, "student": {"params": 1234},
+          "train": {"teacher_passes_skipped": 0.25}, "teachers": {"dlrm": {"test": {**t, "auc": 0.79}}}}
+    plain = {"test": {**t, "auc": 0.78}, "student": {"params": 1234}}
+    out = format_comparison(dd, plain)
+    assert "| teacher `dlrm` | 0.7900 |" in out and "| student, plain (`none`) | 0.7800 |" in out
+    assert "| student, `diverse_distill` | 0.8000 |" in out and "1,234" in out and "25.0%" in out
