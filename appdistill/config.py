@@ -59,6 +59,21 @@ class EvalSection(_Strict):
     k: int = 10
 
 
+class TrackingSection(_Strict):
+    """Optional MLflow experiment tracking (``appdistill.train.tracking``); off by default.
+
+    Example::
+
+        tracking: {enabled: true, uri: ./mlruns, experiment: ml100k}
+    """
+
+    enabled: bool = False
+    #: MLflow tracking URI; a plain path is a local file store relative to the cwd (default ./mlruns)
+    uri: str | None = None
+    #: MLflow experiment name (default: the config's ``name``)
+    experiment: str | None = None
+
+
 class ExperimentConfig(_Strict):
     """A whole experiment.
 
@@ -83,6 +98,7 @@ class ExperimentConfig(_Strict):
     teachers_dir: str | None = None
     train: TrainSection = Field(default_factory=TrainSection)
     eval: EvalSection = Field(default_factory=EvalSection)
+    tracking: TrackingSection = Field(default_factory=TrackingSection)
     #: directory of the config file (relative paths resolve against it, then the cwd, then the repo)
     base_dir: str = "."
 

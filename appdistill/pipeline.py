@@ -54,4 +54,9 @@ def distill(cfg: ExperimentConfig, run_dir: str | Path, *, export: bool = True, 
         from appdistill.export.artifact import export_run
 
         export_run(run_dir, run_dir / "export")
+        if cfg.tracking.enabled:  # into the MLflow run that train() recorded in RUN_DIR/tracking.json
+            from appdistill.train.tracking import reopen_tracker
+
+            with reopen_tracker(run_dir) as tracker:
+                tracker.log_artifacts(run_dir / "export", "export")
     return metrics

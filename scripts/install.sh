@@ -18,6 +18,6 @@ else
 fi
 "${PIP[@]}" --no-deps torchrec==1.9.2
 "${PIP[@]}" --no-deps recbole==1.2.1   # only for its dataset_example/ml-100k files
-# the rest (and the package itself, editable); pyproject pins what must match
-"${PIP[@]}" -e ".[dev]"
-"$VENV/bin/python" -c "import torchrec, fbgemm_gpu, lightgbm, sentence_transformers, open_clip; print('appdistill install ok: torch', __import__('torch').__version__, 'torchrec', torchrec.__version__ if hasattr(torchrec, '__version__') else '?')"
+# the rest (and the package itself, editable, with MLflow tracking); pyproject pins what must match
+"${PIP[@]}" -e ".[dev,tracking]"
+"$VENV/bin/python" -c "import torchrec, fbgemm_gpu, lightgbm, sentence_transformers, open_clip, mlflow; print('appdistill install ok: torch', __import__('torch').__version__, 'torchrec', torchrec.__version__ if hasattr(torchrec, '__version__') else '?')"

@@ -37,6 +37,7 @@ from appdistill.train.distributed import (DistContext, all_gather_varlen, full_s
                                           load_full_state_dict, shard_model, unwrap)
 from appdistill.train.io import atomic_write_text, save_checkpoint
 from appdistill.train.plots import plot_curves
+from appdistill.train.tracking import Tracker, config_params, make_tracker, step_values
 
 
 def seed_everything(seed: int) -> None:
@@ -89,8 +90,26 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, dataset: Dataset | None
         resume: continue from ``run_dir/checkpoints/last.pt`` when it exists (a fresh start
             otherwise). Under ``torchrun --max-restarts`` a restarted worker group resumes by itself.
 
+    With ``tracking.enabled`` rank 0 also logs to MLflow (``appdistill.train.tracking``); the run
+    ends FINISHED, or FAILED (KILLED on Ctrl-C) when training raises.
+
     Returns the ``metrics.json`` dict (on every rank).
     """
+    trackers: list[Tracker] = []  # _train puts its tracker here once the run directory exists
+    try:
+        metrics = _train(cfg, run_dir, trackers, dataset=dataset, progress=progress, resume=resume)
+    except BaseException as e:
+        for t in trackers:
+            t.close("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        raise
+    for t in trackers:
+        t.close("FINISHED")
+    return metrics
+
+
+def _train(cfg: ExperimentConfig, run_dir: str | Path, trackers: list[Tracker], *, dataset: Dataset | None,
+           progress: bool, resume: bool) -> dict[str, Any]:
+    """The body of :func:`train`; appends its tracker to ``trackers`` for the caller to close."""
     ctx = init_distributed()
     run_dir = Path(run_dir)
     if cfg.train.num_threads:
@@ -105,6 +124,10 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, dataset: Dataset | None
         atomic_write_text(run_dir / "config.yaml", cfg.dump())
         atomic_write_text(run_dir / "processor.json", ds.processor.to_json())
         atomic_write_text(run_dir / "spec.json", json.dumps(spec.model_dump(), indent=1))
+    tracker = make_tracker(cfg, run_dir, ctx.is_main,
+                           resume=(resume or _restarted()) and (run_dir / ckpt.RESUME_FILE).is_file())
+    trackers.append(tracker)
+    tracker.log_params(config_params(cfg))
 
     torch.manual_seed(cfg.seed)
     model: torch.nn.Module = build_student(spec, ds.processor, student_config(cfg))
@@ -171,6 +194,7 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, dataset: Dataset | None
             if pos.global_step % tr.log_every == 0 or pos.global_step == 1:
                 rec = {"step": pos.global_step, "loss": float(loss.detach()), **method.logs()}
                 pos.step_log.append(rec)
+                tracker.log_step(pos.global_step, step_values(rec, terms))
                 bar.set_postfix(loss=f"{rec['loss']:.4f}")
             if tr.checkpoint_every and pos.global_step % tr.checkpoint_every == 0:
                 pos.train_seconds += time.perf_counter() - t0
@@ -184,6 +208,7 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, dataset: Dataset | None
         rec = {"epoch": epoch + 1, **{f"train_{k}": v / n_steps for k, v in pos.sums.items()},
                "valid_auc": valid["auc"], "valid_logloss": valid["logloss"]}
         pos.history.append(rec)
+        tracker.log_step(epoch + 1, {k: v for k, v in rec.items() if k != "epoch"})
         if ctx.is_main and progress:
             tqdm.write(f"epoch {epoch + 1}: " + ", ".join(f"{k}={v:.4f}" for k, v in rec.items() if k != "epoch"))
         if tr.select_best and valid["auc"] > pos.best_auc:
@@ -216,6 +241,9 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, dataset: Dataset | None
         atomic_write_text(run_dir / "history.json",
                           json.dumps({"epochs": pos.history, "steps": pos.step_log}, indent=1))
         plot_curves(pos.history, pos.step_log, run_dir / "curve.png", title=f"{cfg.name} ({cfg.method.key})")
+        tracker.log_metrics(metrics)
+        for name in ("metrics.json", "history.json", "curve.png", "config.yaml"):
+            tracker.log_artifact(run_dir / name)
     return metrics
 
 
