@@ -96,12 +96,15 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, dataset: Dataset | None
     Returns the ``metrics.json`` dict (on every rank).
     """
     trackers: list[Tracker] = []  # _train puts its tracker here once the run directory exists
+    threads = torch.get_num_threads()  # _train may change it for the run; the caller gets it back
     try:
         metrics = _train(cfg, run_dir, trackers, dataset=dataset, progress=progress, resume=resume)
     except BaseException as e:
         for t in trackers:
             t.close("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
         raise
+    finally:
+        torch.set_num_threads(threads)
     for t in trackers:
         t.close("FINISHED")
     return metrics
@@ -112,10 +115,15 @@ def _train(cfg: ExperimentConfig, run_dir: str | Path, trackers: list[Tracker], 
     """The body of :func:`train`; appends its tracker to ``trackers`` for the caller to close."""
     ctx = init_distributed()
     run_dir = Path(run_dir)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     elif ctx.is_dist:
-        torch.set_num_threads(max(1, (os.cpu_count() or 2) // ctx.world_size))
+        torch.set_num_threads(max(1, cores // ctx.world_size))
+    elif cfg.train.prefetch > 0 and cores > 1:
+        # leave one core to the loader thread: on 2 cores a 1-thread step with batches built
+        # alongside beats a 2-thread step that shares its cores with the loader (bench_student.py)
+        torch.set_num_threads(cores - 1)
     seed_everything(cfg.seed)
     spec = cfg.load_spec()
     ds = dataset if dataset is not None else Dataset.build(spec)
