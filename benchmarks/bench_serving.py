@@ -104,7 +104,7 @@ class FoundationServing:
             uvec = s[u] / cnt
             feats.append(torch.from_numpy(np.concatenate([x, uvec, x * uvec], 1)))
         t.net.eval()
-        return t.net(ids, feats)[0].numpy()
+        return t.net(ids, feats, t.dense_inputs(ds, rows))[0].numpy()
 
 
 def timed(fn: Callable[[], Any]) -> float:

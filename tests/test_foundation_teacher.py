@@ -21,7 +21,7 @@ def fitted(tmp_path_factory: pytest.TempPathFactory):
     tmp = tmp_path_factory.mktemp("foundation")
     raw = yaml.safe_load((REPO / "feature_specs/synthetic.yaml").read_text())
     raw["source"]["kwargs"] = {"n_users": 200, "n_items": 120, "n_interactions": 6000, "seed": 3}
-    raw["visibility"]["foundation"] = ["user_id", "item_id", "text"]
+    raw["visibility"]["foundation"] = ["user_id", "item_id", "text", "year", "age"]  # ids + dense into the id model
     raw["split"] = {"by": "cold_item", "valid": 0.1, "test": 0.15, "seed": 0}
     spec = FeatureSpecSet.from_dict(raw)
     ds = Dataset.build(spec)
@@ -46,6 +46,7 @@ def test_taps_heads_and_mixture(fitted) -> None:
     t.head("text:final")(h).sum().backward()
     assert h.grad is not None and all(p.grad is None for p in t.head("text:final").parameters())
     assert t.params() > 20_000_000  # MiniLM (encoder) included
+    assert [f.name for f in t.dense_features] == ["year", "age"] and t.dense_inputs(ds, rows).shape == (64, 2)
 
 
 def test_text_knows_cold_items(fitted) -> None:

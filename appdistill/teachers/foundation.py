@@ -54,19 +54,22 @@ class LayerwiseNet(nn.Module):
     """Per-layer adapters + id model + per-layer heads, mixed by learned weights."""
 
     def __init__(self, layer_dims: dict[str, int], id_vocab: list[int], id_dim: int, d_a: int,
-                 head: list[int]) -> None:
+                 head: list[int], n_dense: int = 0) -> None:
         super().__init__()
         self.layers = list(layer_dims)
         self.ids = nn.ModuleList([nn.Embedding(n, id_dim) for n in id_vocab])
-        self.id_net = nn.Sequential(nn.Linear(id_dim * len(id_vocab), d_a), nn.GELU(), nn.Linear(d_a, d_a))
+        self.id_net = nn.Sequential(nn.Linear(id_dim * len(id_vocab) + n_dense, d_a), nn.GELU(), nn.Linear(d_a, d_a))
         self.adapters = nn.ModuleList([nn.Sequential(nn.Linear(3 * d, d_a), nn.GELU(), nn.Linear(d_a, d_a))
                                        for d in layer_dims.values()])
         self.heads = nn.ModuleList([OverArch(d_a, head) for _ in layer_dims])
         self.mix = nn.Parameter(torch.zeros(len(layer_dims)))
 
-    def forward(self, ids: torch.Tensor, feats: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """``ids`` ``[B, n_id]``, ``feats[l]`` ``[B, 3·d_l]`` -> (logit ``[B]``, states ``[B, d_a]`` per layer)."""
-        s_id = self.id_net(torch.cat([e(ids[:, j]) for j, e in enumerate(self.ids)], 1))
+    def forward(self, ids: torch.Tensor, feats: list[torch.Tensor],
+                dense: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """``ids`` ``[B, n_id]``, ``feats[l]`` ``[B, 3·d_l]``, ``dense`` ``[B, n_dense]`` -> (logit ``[B]``,
+        states ``[B, d_a]`` per layer)."""
+        parts = [e(ids[:, j]) for j, e in enumerate(self.ids)] + ([dense] if dense is not None else [])
+        s_id = self.id_net(torch.cat(parts, 1))
         states = [a(x) + s_id for a, x in zip(self.adapters, feats)]
         z = torch.stack([h(s) for h, s in zip(self.heads, states)], 1)
         return (z * torch.softmax(self.mix, 0)).sum(1), states
@@ -94,11 +97,13 @@ class FoundationTeacher(Teacher):
                          weight_decay=weight_decay, patience=patience, id_dropout=id_dropout, seed=seed)
         self.config = dict(self.kwargs)
         vis = spec.visible("foundation")
+        # the small model trained from scratch reads every visible id and dense feature
         self.id_features = [f for f in vis if f.kind == "sparse_id"]
+        self.dense_features = [f for f in vis if f.kind == "dense"]
         self.media = [f for f in vis if f.kind in ("text", "image")]
         if not self.media:
             raise AppDistillError(f"teacher '{self.name}': visibility.foundation has no text/image feature")
-        self.features = self.id_features
+        self.features = self.id_features + self.dense_features
         self.store_root: Path = default_store_root()
         self.progress = True
         self.net: LayerwiseNet | None = None
@@ -139,10 +144,11 @@ class FoundationTeacher(Teacher):
                 np.add.at(s, ds.user_ids[pos], m[ds.table_rows[table][pos]])
             self.user_sum.append(s)
         self.id_cols = [ds.sparse[f.name] for f in self.id_features]
+        self.dense_cols = [(ds.dense[f.name], f.table) for f in self.dense_features]
         self._ready_for = ds.fingerprint
 
     def _inputs(self, ds: Dataset, rows: np.ndarray, train_mode: bool = False,
-                rng: np.random.Generator | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+                rng: np.random.Generator | None = None) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor | None]:
         ids = np.stack([c[rows] for c in self.id_cols], 1) if self.id_cols else np.zeros((len(rows), 0), np.int64)
         if train_mode and rng is not None and self.kwargs["id_dropout"] > 0:
             for j, f in enumerate(self.id_features):
@@ -160,7 +166,15 @@ class FoundationTeacher(Teacher):
             else:
                 uvec = (s[u] - own[:, None] * x) / np.maximum(cnt, 1)[:, None]
             feats.append(torch.from_numpy(np.concatenate([x, uvec, x * uvec], 1)))
-        return torch.from_numpy(ids), feats
+        return torch.from_numpy(ids), feats, self.dense_inputs(ds, rows)
+
+    def dense_inputs(self, ds: Dataset, rows: np.ndarray) -> torch.Tensor | None:
+        """Transformed dense features ``[B, n_dense]`` of ``rows`` (``None`` when it sees none)."""
+        if not self.dense_cols:
+            return None
+        # side-table features carry a trailing "missing" row (Dataset), so table_rows index them directly
+        return torch.from_numpy(np.stack([v[rows] if table == "interactions" else v[ds.table_rows[table][rows]]
+                                          for v, table in self.dense_cols], 1).astype(np.float32))
 
     # ------------------------------------------------------------------ fit / predict
     def fit(self, ds: Dataset) -> FoundationTeacher:
@@ -170,7 +184,7 @@ class FoundationTeacher(Teacher):
         rng = np.random.default_rng(k["seed"])
         dims = {n: m.shape[1] for n, m in zip(self.layer_names, self.mats)}
         vocab = [ds.processor.vocabs[f.name].num_embeddings for f in self.id_features]
-        self.net = LayerwiseNet(dims, vocab, k["id_dim"], k["d_a"], k["head"])
+        self.net = LayerwiseNet(dims, vocab, k["id_dim"], k["d_a"], k["head"], len(self.dense_features))
         opt = torch.optim.Adam(self.net.parameters(), lr=k["lr"], weight_decay=k["weight_decay"])
         train, valid = ds.splits["train"], ds.splits["valid"]
         best, best_state, bad = -1.0, None, 0
@@ -182,8 +196,8 @@ class FoundationTeacher(Teacher):
                        disable=not self.progress, leave=False)
             for i in bar:
                 rows = perm[i:i + k["batch_size"]]
-                ids, feats = self._inputs(ds, rows, True, rng)
-                z, _ = self.net(ids, feats)
+                ids, feats, dense = self._inputs(ds, rows, True, rng)
+                z, _ = self.net(ids, feats, dense)
                 loss = F.binary_cross_entropy_with_logits(z, torch.from_numpy(ds.labels[rows]))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -210,8 +224,8 @@ class FoundationTeacher(Teacher):
             raise TeacherError(f"teacher '{self.name}' is not fitted")
         self._prepare(ds)
         self.net.eval()
-        ids, feats = self._inputs(ds, np.asarray(rows, np.int64))
-        z, states = self.net(ids, feats)
+        ids, feats, dense = self._inputs(ds, np.asarray(rows, np.int64))
+        z, states = self.net(ids, feats, dense)
         return TeacherOutput(z, {n: s for n, s in zip(self.layer_names, states)})
 
     def hidden_dims(self) -> dict[str, int]:
@@ -274,7 +288,7 @@ class FoundationTeacher(Teacher):
         dims = {n: m.shape[1] for n, m in zip(t.layer_names, t.mats)}
         vocab = [ds.processor.vocabs[f.name].num_embeddings for f in t.id_features]
         k = t.kwargs
-        t.net = LayerwiseNet(dims, vocab, k["id_dim"], k["d_a"], k["head"])
+        t.net = LayerwiseNet(dims, vocab, k["id_dim"], k["d_a"], k["head"], len(t.dense_features))
         t.net.load_state_dict(load_checkpoint(path / MODEL_FILE))
         t.history, t.encoder_params = meta.get("history", []), int(meta.get("encoder_params", 0))
         t._hash()
