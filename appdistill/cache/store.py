@@ -53,7 +53,7 @@ import tempfile
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -63,6 +63,7 @@ import torch
 
 from appdistill.errors import AppDistillError
 from appdistill.features.batch import Batch, TeacherOutput
+from appdistill.train.io import locked, sha256_file
 
 if TYPE_CHECKING:  # heavy / cyclic imports only for annotations
     from appdistill.config import ExperimentConfig
@@ -172,14 +173,6 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", name) or "_"
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _version() -> str:
     try:
         from importlib.metadata import version
@@ -196,23 +189,6 @@ def _fsync_dir(d: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
-
-
-@contextlib.contextmanager
-def _locked(d: Path) -> Iterator[None]:
-    """Exclusive lock on a teacher directory so two processes never build the same cache at once."""
-    d.mkdir(parents=True, exist_ok=True)
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: the atomic replace still keeps every split consistent
-        yield
-        return
-    with open(d / ".lock", "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _field_label(path: str) -> str:
@@ -321,7 +297,7 @@ def _open_split(d: Path, teacher: str, identity: dict[str, Any], fingerprint: st
         if size != info.bytes:
             raise CacheCorruptError(f"teacher '{teacher}': cache shard '{p}' has {size} bytes, its manifest says "
                                     f"{info.bytes} (truncated or overwritten)")
-        if verify == "checksum" and _sha256(p) != info.sha256:
+        if verify == "checksum" and sha256_file(p) != info.sha256:
             raise CacheCorruptError(f"teacher '{teacher}': cache shard '{p}' fails its sha256 check (edited or "
                                     "corrupted on disk)")
         try:
@@ -778,7 +754,7 @@ def _write_split(teacher: Teacher, ds: Dataset, split: str, tmp: Path, batch_siz
         p = tmp / fname
         with open(p, "rb+") as f:
             os.fsync(f.fileno())
-        shards[key] = ShardInfo(fname, list(shapes[key][0]), shapes[key][1], p.stat().st_size, _sha256(p))
+        shards[key] = ShardInfo(fname, list(shapes[key][0]), shapes[key][1], p.stat().st_size, sha256_file(p))
     return CacheManifest(
         format=FORMAT_VERSION, teacher=name, identity=_normalise(teacher.identity()),
         identity_hash=teacher.identity_hash(), fingerprint=ds.fingerprint, split=split, n_rows=n, shards=shards,
@@ -891,7 +867,7 @@ def _get_or_build(teacher: Teacher, ds: Dataset, root_dir: str | Path, splits: S
     kdir = tdir / f"{ihash}-{ds.fingerprint}"
     built: list[str] = []
     rebuilt: dict[str, str] = {}
-    with _locked(tdir):
+    with locked(tdir):
         _clean_leftovers(tdir)
         shards: dict[str, SplitShards] = {}
         for s in splits:

@@ -46,7 +46,6 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -67,21 +66,13 @@ from appdistill.features.processor import FeatureProcessor
 from appdistill.features.spec import FeatureSpec
 from appdistill.features.vocab import Vocabulary, normalize_ids
 from appdistill.student.model import RankingModel, StudentConfig
-from appdistill.train.io import atomic_write_bytes, atomic_write_text, load_checkpoint
+from appdistill.train.io import atomic_write_bytes, atomic_write_text, load_checkpoint, sha256_file
 
 FILES = ("model.pt2", "weights.pt", "student.json", "features.json", "processor.json")
 REQUIRED = ("weights.pt", "student.json", "features.json", "processor.json")
 MANIFEST = "manifest.json"
 FORMAT = "appdistill-export/1"
 STUDENT_PREFIXES = ("ebc.", "dense_arch.", "interaction.", "over_arch.")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _read_json(path: Path, what: str) -> Any:
@@ -236,7 +227,7 @@ def _write_artifact(out: Path, run_dir: Path, model: RankingModel, serving: Serv
         "data_fingerprint": ck.get("data_fingerprint"), "teachers": ck.get("teachers", {}),
         "metrics": json.loads(metrics_path.read_text()) if metrics_path.is_file() else {},
         "params": model.size(), "compiled": "torch.export" if compile else None,
-        "files": {f: _sha256(out / f) for f in FILES if (out / f).is_file()},
+        "files": {f: sha256_file(out / f) for f in FILES if (out / f).is_file()},
     }
     atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1, default=str))
 
@@ -484,7 +475,7 @@ class Ranker:
             p = self.path / f
             if not p.is_file():
                 raise AppDistillError(f"export directory '{self.path}': missing file '{f}'")
-            if _sha256(p) != digest:
+            if sha256_file(p) != digest:
                 raise AppDistillError(f"export directory '{self.path}': file '{f}' does not match its checksum "
                                       "in manifest.json (edited or corrupt); re-run `appdistill export`")
         try:

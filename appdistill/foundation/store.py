@@ -29,7 +29,6 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -39,7 +38,7 @@ import tempfile
 import time
 import warnings
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from functools import cached_property
 from pathlib import Path
@@ -49,6 +48,7 @@ import numpy as np
 
 from appdistill.errors import AppDistillError
 from appdistill.foundation.base import Encoder
+from appdistill.train.io import locked, sha256_file
 
 log = logging.getLogger("appdistill.foundation")
 FORMAT_VERSION = 1
@@ -136,32 +136,8 @@ def _json_id(v: Any) -> Any:
     return str(v)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", name) or "_"
-
-
-@contextlib.contextmanager
-def _locked(d: Path) -> Iterator[None]:
-    """Exclusive lock on a store directory so two processes do not build the same store at once."""
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: atomic replaces still keep each file consistent
-        yield
-        return
-    with open(d / ".lock", "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _tmp_path(d: Path, stem: str) -> Path:
@@ -237,7 +213,7 @@ class EmbeddingStore:
         fingerprint = h.hexdigest()
         d = self.store_dir(encoder, field)
         d.mkdir(parents=True, exist_ok=True)
-        with _locked(d):
+        with locked(d):
             entries: dict[str, StoreEntry] = {}
             stale: dict[str, tuple[str, StoreManifest | None]] = {}
             for layer in layers:
@@ -282,7 +258,7 @@ class EmbeddingStore:
                 return None, self._corrupt(p, "file missing", quiet)
             if size is not None and p.stat().st_size != size:
                 return None, self._corrupt(p, f"size {p.stat().st_size} != {size} bytes (truncated?)", quiet)
-            if (self.verify == "checksum" or size is None) and _sha256(p) != sha:
+            if (self.verify == "checksum" or size is None) and sha256_file(p) != sha:
                 return None, self._corrupt(p, "sha256 mismatch (edited?)", quiet)
         return man, None
 
@@ -386,8 +362,8 @@ class EmbeddingStore:
                 np.save(f, keys.astype(np.uint64))
             man = StoreManifest(
                 format=FORMAT_VERSION, encoder=ident, field=field, layer=layer, dim=dim, dtype=self.dtype,
-                n_rows=len(ids), item_ids=ids, data_fingerprint=fingerprint, matrix_sha256=_sha256(tmp),
-                matrix_bytes=tmp.stat().st_size, keys_sha256=_sha256(ktmp), zero_rows=zero_rows,
+                n_rows=len(ids), item_ids=ids, data_fingerprint=fingerprint, matrix_sha256=sha256_file(tmp),
+                matrix_bytes=tmp.stat().st_size, keys_sha256=sha256_file(ktmp), zero_rows=zero_rows,
                 created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
             mtmp.write_text(json.dumps(asdict(man)))
             for p in (tmp, ktmp, mtmp):

@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 
 from appdistill.errors import AppDistillError
-from appdistill.train.distributed import DistContext
+from appdistill.train.distributed import DistContext, full_state_dict
 from appdistill.train.io import load_checkpoint, save_checkpoint
 
 RESUME_FILE = "checkpoints/last.pt"
@@ -216,8 +216,6 @@ def save_resume_collective(path: Path, model: torch.nn.Module, opt: Any, method:
                            best_state: dict[str, torch.Tensor] | None, config: dict[str, Any],
                            ctx: DistContext) -> None:
     """Gather every rank's part and write ``path`` on rank 0 (collective under torchrun)."""
-    from appdistill.train.distributed import full_state_dict
-
     full = full_state_dict(model, ctx)
     optim = optimizer_state(opt, ctx)
     rng = gather_rng(ctx)
