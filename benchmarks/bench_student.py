@@ -3,8 +3,10 @@
 Both sides train the same ``RankingModel`` (same config, optimiser and batch size) on ML-100K.
 The reference prebuilds every batch (``KeyedJaggedTensor`` + dense) before timing, so it measures
 the model step alone; appdistill's ``train()`` builds batches on the fly with its loader. Target:
-``ratio = appdistill samples/s / reference samples/s >= 0.9``. Both run in the same process, in
-alternating order, best of ``--repeats``.
+``ratio = appdistill samples/s / reference samples/s >= 0.9``. Both run in the same process as
+back-to-back pairs; the headline is the **median of the per-pair ratios** over ``--repeats`` pairs
+(the VM's run-to-run noise is about ±25%, so a ratio of two maxima from different moments would
+mostly measure the noise). The best-of ratio is reported beside it.
 
 Usage:
     python benchmarks/bench_student.py --out DIR [--epochs 2] [--repeats 3]
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 from pathlib import Path
 
@@ -53,7 +56,7 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--config", default=str(REPO_ROOT / "configs/ml100k_plain.yaml"))
     ap.add_argument("--epochs", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=7)
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -62,22 +65,29 @@ def main() -> None:
     ours, ref = [], []
     reference(cfg, ds, 1)  # warm-up (allocator, kernels)
     for r in range(a.repeats):
-        ref.append(reference(cfg, ds, a.epochs))
+        first_ref = r % 2 == 0  # alternate which side goes first so drift hits both alike
+        if first_ref:
+            ref.append(reference(cfg, ds, a.epochs))
         m = train(cfg, out / f"run{r}", dataset=ds, progress=False)
         ours.append(m["train"]["samples_per_s"])
+        if not first_ref:
+            ref.append(reference(cfg, ds, a.epochs))
+    pairs = [o / f for o, f in zip(ours, ref)]
     res = {
         "benchmark": "student_throughput", "config": a.config, "epochs": a.epochs, "repeats": a.repeats,
         "batch_size": cfg.train.batch_size, "threads": torch.get_num_threads(),
-        "appdistill_samples_per_s": max(ours), "reference_samples_per_s": max(ref),
-        "all_appdistill": ours, "all_reference": ref,
-        "ratio": max(ours) / max(ref), "target_ratio": 0.9,
+        "appdistill_samples_per_s": statistics.median(ours), "reference_samples_per_s": statistics.median(ref),
+        "all_appdistill": ours, "all_reference": ref, "pair_ratios": [round(x, 3) for x in pairs],
+        "ratio": statistics.median(pairs), "ratio_best_of": max(ours) / max(ref), "target_ratio": 0.9,
     }
     res["pass"] = res["ratio"] >= res["target_ratio"]
     (out / "results.json").write_text(json.dumps(res, indent=2))
-    md = ("| loop | samples/s |\n|---|---|\n"
+    md = ("| loop | samples/s (median) |\n|---|---|\n"
           f"| appdistill train() (loader included) | {res['appdistill_samples_per_s']:,.0f} |\n"
           f"| hand-written TorchRec, prebuilt batches | {res['reference_samples_per_s']:,.0f} |\n"
-          f"| **ratio** (target >= 0.9) | **{res['ratio']:.3f}** |\n")
+          f"| **ratio**, median of {a.repeats} pairs (target >= 0.9) | **{res['ratio']:.3f}** |\n"
+          f"| ratio, best of each side | {res['ratio_best_of']:.3f} |\n"
+          f"\nper-pair ratios: {res['pair_ratios']}\n")
     (out / "results.md").write_text(md)
     print(md)
 

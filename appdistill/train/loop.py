@@ -63,7 +63,8 @@ def predict(model: torch.nn.Module, builder: BatchBuilder, rows: np.ndarray, ctx
     logits, ids = [], []
     for b in loader:
         b = b.to(ctx.device)
-        logits.append(model(b.sparse, b.dense).logits.float().cpu())
+        with torch.no_grad():  # evaluation builds no autograd graph
+            logits.append(model(b.sparse, b.dense).logits.float().cpu())
         ids.append(b.row_ids.cpu())
     z = all_gather_varlen(torch.cat(logits) if logits else torch.zeros(0), ctx)
     r = all_gather_varlen(torch.cat(ids) if ids else torch.zeros(0, dtype=torch.long), ctx)
@@ -120,10 +121,6 @@ def _train(cfg: ExperimentConfig, run_dir: str | Path, trackers: list[Tracker], 
         torch.set_num_threads(cfg.train.num_threads)
     elif ctx.is_dist:
         torch.set_num_threads(max(1, cores // ctx.world_size))
-    elif cfg.train.prefetch > 0 and cores > 1:
-        # leave one core to the loader thread: on 2 cores a 1-thread step with batches built
-        # alongside beats a 2-thread step that shares its cores with the loader (bench_student.py)
-        torch.set_num_threads(cores - 1)
     seed_everything(cfg.seed)
     spec = cfg.load_spec()
     ds = dataset if dataset is not None else Dataset.build(spec)
