@@ -336,6 +336,12 @@ def test_cache_join_taps_and_errors(ds, tmp_path):
     assert list(batch.teacher["lgbm"].hidden) == ["leaves"]
     with pytest.raises(CacheError, match="unknown teachers"):
         CacheJoin({"lgbm": cache}, taps={"dlrm": ["h"]})
+    # select(): only the teachers and taps a method reads (Method.cache_taps())
+    logits_only = CacheJoin({"lgbm": cache}, split="test").select({"lgbm": []})
+    batch = next(iter(BatchLoader(builder, ds.splits["test"], 64, prefetch=0, hooks=[logits_only])))
+    assert batch.teacher["lgbm"].hidden == {} and batch.teacher["lgbm"].logits.shape == (64,)
+    with pytest.raises(CacheError, match="no cache for teachers"):
+        CacheJoin({"lgbm": cache}).select({"dlrm": []})
     wrong = BatchLoader(builder, ds.splits["train"], 64, prefetch=2, hooks=[join])  # train rows, test join
     with pytest.raises(CacheError, match="not in the cache's split 'test'"):
         next(iter(wrong))

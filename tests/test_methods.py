@@ -180,3 +180,33 @@ def test_talking_terms_and_frozen_teachers() -> None:
     sum(terms.values()).backward()
     assert m.enc_s[0].weight.grad is not None and m.dec["dlrm"][0].weight.grad is not None
     assert all(p.grad is None for p in COMMITTEE["dlrm"].head("h").parameters())
+
+
+def test_leaf_trees_sampling_is_an_unbiased_subset_in_training_only() -> None:
+    from appdistill.methods.committee import TeacherPort
+
+    torch.manual_seed(0)
+    port = TeacherPort("lightgbm", FakeTeacher("lightgbm", leaves=True), leaf_dim=3, leaf_trees=2)
+    batch = make_batch()
+    leaves = batch.teacher["lightgbm"].hidden["leaves"]                      # [4, 8 trees]
+    table = port.leaf_emb.weight.detach()                                     # [8 trees * 4 leaves, 3]
+    per_tree = table[leaves.long() + torch.arange(8) * 4]                     # [4, 8, 3]
+    port.eval()
+    assert torch.allclose(port.state(batch), per_tree.mean(1), atol=1e-6)     # every tree at evaluation
+    port.train()
+    torch.manual_seed(5)
+    got = port.state(batch)
+    torch.manual_seed(5)
+    trees = torch.randperm(8)[:2]                                             # the same draw
+    assert torch.allclose(got, per_tree[:, trees].mean(1), atol=1e-6)
+    # averaged over draws the sampled state is the all-tree mean (unbiased)
+    mean = torch.stack([port.state(batch) for _ in range(4000)]).mean(0)
+    assert torch.allclose(mean, per_tree.mean(1), atol=0.03)
+    assert TeacherPort("l", FakeTeacher("l", leaves=True), leaf_trees=100).leaf_trees is None  # >= trees: all
+
+
+def test_methods_declare_the_cache_taps_they_read() -> None:
+    assert _dd().cache_taps() == {"dlrm": ["h"], "foundation": ["h"], "lightgbm": ["leaves"]}
+    assert METHODS.build("kd", {"teacher": "dlrm"}, committee=COMMITTEE).cache_taps() == {"dlrm": []}
+    talking = METHODS.build("talking", {}, committee=COMMITTEE, student_dim=5)
+    assert talking.cache_taps()["lightgbm"] == ["leaves"]

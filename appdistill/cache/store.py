@@ -626,6 +626,16 @@ class CacheJoin:
         if unknown:
             raise CacheError(f"CacheJoin: taps given for unknown teachers {unknown} (teachers: {sorted(self.caches)})")
 
+    def select(self, taps: Mapping[str, Sequence[str]]) -> CacheJoin:
+        """Join only the teachers in ``taps`` (``{teacher: hidden taps}``, e.g. ``Method.cache_taps()``),
+        gathering only those taps; returns ``self``."""
+        unknown = sorted(set(taps) - set(self.caches))
+        if unknown:
+            raise CacheError(f"CacheJoin: no cache for teachers {unknown} (teachers: {sorted(self.caches)})")
+        self.caches = {n: c for n, c in self.caches.items() if n in taps}
+        self.taps = {n: list(v) for n, v in taps.items()}
+        return self
+
     def __call__(self, batch: Batch) -> Batch:
         ids = _ids(batch.row_ids)
         # caches built on the same data and splits hold identical rows arrays: search once per group

@@ -53,6 +53,11 @@ class Method(nn.Module):
     def forward(self, out: StudentOutput, batch: Batch, model: RankingModel) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
+    def cache_taps(self) -> dict[str, list[str]]:
+        """``{teacher: hidden taps}`` each batch must carry. The cache join gathers nothing else: a
+        GBDT's leaf indices are by far the widest tap, and a method that reads logits only needs none."""
+        return {n: [] for n in self.requires}
+
     def on_step_end(self, loss: torch.Tensor, step: int, total_steps: int) -> None:
         """Hook after the optimiser step (TAID updates ``t`` here)."""
 

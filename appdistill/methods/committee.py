@@ -30,6 +30,12 @@ class TeacherPort(nn.Module):
         teacher: the fitted teacher (``hidden_dims()``, ``head(tap)``, optional ``num_leaves``).
         tap: which hidden tap to use (default: the first one with a head, else the first).
         leaf_dim: embedding width for integer (leaf-index) taps.
+        leaf_trees: trees whose leaves make a training step's leaf state (``None`` = all). A
+            GBDT has hundreds of trees: embedding every tree's leaf costs ``B·T·leaf_dim`` gathers and
+            as many scattered gradients per step, several times the whole student step. Each step
+            draws ``leaf_trees`` trees at random (one draw for the batch) and averages their leaf
+            embeddings: an unbiased estimate of the all-tree mean, like dropout over trees, and every
+            leaf embedding is still learned. Evaluation (``model.eval()``) uses every tree.
 
     Attributes:
         dim: width ``d_i`` of ``H_i``.
@@ -37,7 +43,8 @@ class TeacherPort(nn.Module):
         answer_dim: width of :meth:`answer`'s output.
     """
 
-    def __init__(self, name: str, teacher: Any, tap: str | None = None, leaf_dim: int = 32) -> None:
+    def __init__(self, name: str, teacher: Any, tap: str | None = None, leaf_dim: int = 32,
+                 leaf_trees: int | None = None) -> None:
         super().__init__()
         dims: dict[str, int] = dict(teacher.hidden_dims())
         if not dims:
@@ -56,6 +63,7 @@ class TeacherPort(nn.Module):
             # one row per (tree, leaf); a sample's state is the mean of its trees' leaf embeddings
             self.leaf_emb = nn.EmbeddingBag(n_trees * n_leaves, leaf_dim, mode="mean")
             self.register_buffer("tree_offset", torch.arange(n_trees) * n_leaves, persistent=False)
+            self.leaf_trees = leaf_trees if leaf_trees and leaf_trees < n_trees else None
             self.dim = leaf_dim
         else:
             self.dim = dims[tap]
@@ -69,6 +77,10 @@ class TeacherPort(nn.Module):
         if idx is not None:
             h = h[idx]
         if self.is_leaves:
+            if self.leaf_trees is not None and self.training:
+                # torch's global RNG: seeded by train() and restored on resume
+                trees = torch.randperm(h.shape[1], device=h.device)[: self.leaf_trees]
+                return self.leaf_emb(h[:, trees].long() + self.tree_offset[trees])
             return self.leaf_emb(h.long() + self.tree_offset)
         return h.float()
 
@@ -108,5 +120,6 @@ def _out_dim(body: nn.Module, in_dim: int) -> int:
 
 
 def build_ports(committee: dict[str, Any], names: list[str], taps: dict[str, str] | None = None,
-                leaf_dim: int = 32) -> nn.ModuleDict:
-    return nn.ModuleDict({n: TeacherPort(n, committee[n], (taps or {}).get(n), leaf_dim) for n in names})
+                leaf_dim: int = 32, leaf_trees: int | None = None) -> nn.ModuleDict:
+    return nn.ModuleDict({n: TeacherPort(n, committee[n], (taps or {}).get(n), leaf_dim, leaf_trees)
+                          for n in names})

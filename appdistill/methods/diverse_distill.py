@@ -60,6 +60,8 @@ class DiverseDistill(Method):
             weights ``w``) or ``soft`` (the ungated importance ``softmax``: cached logits cost nothing
             to read, so only *answers* need skipping, and every teacher keeps teaching each sample).
         taps: ``{teacher: tap}`` overrides of the hidden tap each teacher answers from.
+        leaf_dim / leaf_trees: GBDT leaf-embedding width and trees sampled per step
+            (:class:`~appdistill.methods.committee.TeacherPort`; ``None`` = every tree).
     """
 
     def __init__(self, committee: dict[str, Any] | None = None, student_dim: int = 0,
@@ -68,7 +70,8 @@ class DiverseDistill(Method):
                  committee_path: bool = True, d_e: int = 32, tau: float = 1.0, lambda_kd: float = 0.5,
                  lambda_t: float = 0.5, lambda_lb: float = 0.01, temperature: float = 1.0,
                  output_loss: str = "kd", taps: dict[str, str] | None = None, leaf_dim: int = 32,
-                 taid: dict[str, float] | None = None, kd_weights: str = "gated") -> None:
+                 leaf_trees: int | None = 32, taid: dict[str, float] | None = None,
+                 kd_weights: str = "gated") -> None:
         super().__init__(committee)
         committee = committee or {}
         names = self.pick(teachers)
@@ -93,7 +96,7 @@ class DiverseDistill(Method):
         self.kd_weights = kd_weights
         self.schedule = TAIDSchedule(**(taid or {})) if output_loss == "taid" else None
 
-        self.ports = build_ports(committee, names, taps, leaf_dim)
+        self.ports = build_ports(committee, names, taps, leaf_dim, leaf_trees)
         self.E = nn.Parameter(torch.randn(n, d_e) * 0.1)              # teacher embeddings
         self.W = nn.Linear(student_dim, d_e, bias=False)                # gate query
         self.Q = nn.Sequential(nn.Linear(student_dim, d_e), nn.GELU(), nn.Linear(d_e, d_e))  # shared question
@@ -113,7 +116,8 @@ class DiverseDistill(Method):
     def importance(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(w, keep, probs)``: gated weights ``[B, n]`` (0 where skipped, rows sum to 1), the keep
         mask ``[B, n]`` bool and the ungated softmax ``[B, n]``."""
-        probs = torch.softmax(self.W(h) @ self.E.t() / self.tau, dim=1)
+        # ⟨W h, e_i⟩ = h·(Wᵀ e_i): one [d_s, n] matrix instead of projecting every sample to d_e
+        probs = torch.softmax(h @ (self.W.weight.t() @ self.E.t()) / self.tau, dim=1)
         if not self.gating:
             keep = torch.ones_like(probs, dtype=torch.bool)
             return torch.full_like(probs, 1.0 / probs.shape[1]), keep, probs
@@ -147,6 +151,9 @@ class DiverseDistill(Method):
         return msg
 
     # ------------------------------------------------------------------ loss
+    def cache_taps(self) -> dict[str, list[str]]:
+        return {n: [p.tap] for n, p in self.ports.items()}
+
     def forward(self, out: StudentOutput, batch: Batch, model: RankingModel) -> dict[str, torch.Tensor]:
         h, z_s, y = out.h, out.logits, batch.labels
         w, keep, probs = self.importance(h)

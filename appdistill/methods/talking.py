@@ -42,22 +42,28 @@ class TalkingModels(Method):
         lambda_int, lambda_msg, lambda_rec, lambda_kd: weights of the interaction BCE, message
             consistency, reconstruction and KD terms.
         temperature: KD temperature.
+        taps / leaf_dim / leaf_trees: which hidden taps to talk through; GBDT leaf-embedding width and
+            trees sampled per step (:class:`~appdistill.methods.committee.TeacherPort`).
     """
 
     def __init__(self, committee: dict[str, Any] | None = None, student_dim: int = 0,
                  teachers: list[str] | None = None, d_m: int = 32, lambda_int: float = 1.0,
                  lambda_msg: float = 0.1, lambda_rec: float = 0.1, lambda_kd: float = 0.5,
-                 temperature: float = 1.0, taps: dict[str, str] | None = None, leaf_dim: int = 32) -> None:
+                 temperature: float = 1.0, taps: dict[str, str] | None = None, leaf_dim: int = 32,
+                 leaf_trees: int | None = 32) -> None:
         super().__init__(committee)
         if student_dim <= 0:
             raise ConfigError("talking: student_dim must be supplied (the width of h)")
         self.names = self.pick(teachers)
         self.requires = tuple(self.names)
-        self.ports = build_ports(committee or {}, self.names, taps, leaf_dim)
+        self.ports = build_ports(committee or {}, self.names, taps, leaf_dim, leaf_trees)
         self.enc_s, self.dec_s = _mlp(student_dim, d_m), _mlp(d_m, student_dim)
         self.enc = nn.ModuleDict({n: _mlp(p.answer_dim if p.has_head else p.dim, d_m) for n, p in self.ports.items()})
         self.dec = nn.ModuleDict({n: _mlp(d_m, p.dim) for n, p in self.ports.items() if p.has_head})
         self.l_int, self.l_msg, self.l_rec, self.l_kd, self.T = lambda_int, lambda_msg, lambda_rec, lambda_kd, temperature
+
+    def cache_taps(self) -> dict[str, list[str]]:
+        return {n: [p.tap] for n, p in self.ports.items()}
 
     def forward(self, out: StudentOutput, batch: Batch, model: RankingModel) -> dict[str, torch.Tensor]:
         h, z_s, y = out.h, out.logits, batch.labels

@@ -54,21 +54,25 @@ class LayerwiseNet(nn.Module):
     """Per-layer adapters + id model + per-layer heads, mixed by learned weights."""
 
     def __init__(self, layer_dims: dict[str, int], id_vocab: list[int], id_dim: int, d_a: int,
-                 head: list[int], n_dense: int = 0) -> None:
+                 head: list[int], n_dense: int = 0, list_vocab: list[int] | None = None) -> None:
         super().__init__()
         self.layers = list(layer_dims)
         self.ids = nn.ModuleList([nn.Embedding(n, id_dim) for n in id_vocab])
-        self.id_net = nn.Sequential(nn.Linear(id_dim * len(id_vocab) + n_dense, d_a), nn.GELU(), nn.Linear(d_a, d_a))
+        self.bags = nn.ModuleList([nn.EmbeddingBag(n, id_dim, mode="mean") for n in list_vocab or []])
+        n_in = id_dim * (len(id_vocab) + len(self.bags)) + n_dense
+        self.id_net = nn.Sequential(nn.Linear(n_in, d_a), nn.GELU(), nn.Linear(d_a, d_a))
         self.adapters = nn.ModuleList([nn.Sequential(nn.Linear(3 * d, d_a), nn.GELU(), nn.Linear(d_a, d_a))
                                        for d in layer_dims.values()])
         self.heads = nn.ModuleList([OverArch(d_a, head) for _ in layer_dims])
         self.mix = nn.Parameter(torch.zeros(len(layer_dims)))
 
-    def forward(self, ids: torch.Tensor, feats: list[torch.Tensor],
-                dense: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """``ids`` ``[B, n_id]``, ``feats[l]`` ``[B, 3·d_l]``, ``dense`` ``[B, n_dense]`` -> (logit ``[B]``,
-        states ``[B, d_a]`` per layer)."""
-        parts = [e(ids[:, j]) for j, e in enumerate(self.ids)] + ([dense] if dense is not None else [])
+    def forward(self, ids: torch.Tensor, feats: list[torch.Tensor], dense: torch.Tensor | None = None,
+                lists: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """``ids`` ``[B, n_id]``, ``feats[l]`` ``[B, 3·d_l]``, ``dense`` ``[B, n_dense]``, ``lists`` one
+        ``(values, offsets [B])`` per id-list feature -> (logit ``[B]``, states ``[B, d_a]`` per layer)."""
+        parts = [e(ids[:, j]) for j, e in enumerate(self.ids)]
+        parts += [bag(v, o) for bag, (v, o) in zip(self.bags, lists or [])]
+        parts += [dense] if dense is not None else []
         s_id = self.id_net(torch.cat(parts, 1))
         states = [a(x) + s_id for a, x in zip(self.adapters, feats)]
         z = torch.stack([h(s) for h, s in zip(self.heads, states)], 1)
@@ -97,13 +101,14 @@ class FoundationTeacher(Teacher):
                          weight_decay=weight_decay, patience=patience, id_dropout=id_dropout, seed=seed)
         self.config = dict(self.kwargs)
         vis = spec.visible("foundation")
-        # the small model trained from scratch reads every visible id and dense feature
+        # the small model trained from scratch reads every visible id, id-list and dense feature
         self.id_features = [f for f in vis if f.kind == "sparse_id"]
+        self.list_features = [f for f in vis if f.kind == "id_list"]
         self.dense_features = [f for f in vis if f.kind == "dense"]
         self.media = [f for f in vis if f.kind in ("text", "image")]
         if not self.media:
             raise AppDistillError(f"teacher '{self.name}': visibility.foundation has no text/image feature")
-        self.features = self.id_features + self.dense_features
+        self.features = self.id_features + self.list_features + self.dense_features
         self.store_root: Path = default_store_root()
         self.progress = True
         self.net: LayerwiseNet | None = None
@@ -148,7 +153,8 @@ class FoundationTeacher(Teacher):
         self._ready_for = ds.fingerprint
 
     def _inputs(self, ds: Dataset, rows: np.ndarray, train_mode: bool = False,
-                rng: np.random.Generator | None = None) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor | None]:
+                rng: np.random.Generator | None = None) -> tuple[Any, ...]:
+        """The network's inputs for ``rows``: ``(ids, feats, dense, lists)`` (see :meth:`LayerwiseNet.forward`)."""
         ids = np.stack([c[rows] for c in self.id_cols], 1) if self.id_cols else np.zeros((len(rows), 0), np.int64)
         if train_mode and rng is not None and self.kwargs["id_dropout"] > 0:
             for j, f in enumerate(self.id_features):
@@ -166,7 +172,12 @@ class FoundationTeacher(Teacher):
             else:
                 uvec = (s[u] - own[:, None] * x) / np.maximum(cnt, 1)[:, None]
             feats.append(torch.from_numpy(np.concatenate([x, uvec, x * uvec], 1)))
-        return torch.from_numpy(ids), feats, self.dense_inputs(ds, rows)
+        lists = []
+        for f in self.list_features:
+            lengths, values = ds.lists[f.name].take(ds.table_rows[f.table][rows])
+            offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+            lists.append((torch.from_numpy(np.asarray(values, np.int64)), torch.from_numpy(offsets)))
+        return torch.from_numpy(ids), feats, self.dense_inputs(ds, rows), lists
 
     def dense_inputs(self, ds: Dataset, rows: np.ndarray) -> torch.Tensor | None:
         """Transformed dense features ``[B, n_dense]`` of ``rows`` (``None`` when it sees none)."""
@@ -176,6 +187,11 @@ class FoundationTeacher(Teacher):
         return torch.from_numpy(np.stack([v[rows] if table == "interactions" else v[ds.table_rows[table][rows]]
                                           for v, table in self.dense_cols], 1).astype(np.float32))
 
+    def _build_net(self, dims: dict[str, int], ds: Dataset) -> LayerwiseNet:
+        k, vocab = self.kwargs, ds.processor.vocabs
+        return LayerwiseNet(dims, [vocab[f.name].num_embeddings for f in self.id_features], k["id_dim"], k["d_a"],
+                            k["head"], len(self.dense_features), [vocab[f.name].num_embeddings for f in self.list_features])
+
     # ------------------------------------------------------------------ fit / predict
     def fit(self, ds: Dataset) -> FoundationTeacher:
         self._prepare(ds)
@@ -183,8 +199,7 @@ class FoundationTeacher(Teacher):
         torch.manual_seed(k["seed"])
         rng = np.random.default_rng(k["seed"])
         dims = {n: m.shape[1] for n, m in zip(self.layer_names, self.mats)}
-        vocab = [ds.processor.vocabs[f.name].num_embeddings for f in self.id_features]
-        self.net = LayerwiseNet(dims, vocab, k["id_dim"], k["d_a"], k["head"], len(self.dense_features))
+        self.net = self._build_net(dims, ds)
         opt = torch.optim.Adam(self.net.parameters(), lr=k["lr"], weight_decay=k["weight_decay"])
         train, valid = ds.splits["train"], ds.splits["valid"]
         best, best_state, bad = -1.0, None, 0
@@ -196,8 +211,7 @@ class FoundationTeacher(Teacher):
                        disable=not self.progress, leave=False)
             for i in bar:
                 rows = perm[i:i + k["batch_size"]]
-                ids, feats, dense = self._inputs(ds, rows, True, rng)
-                z, _ = self.net(ids, feats, dense)
+                z, _ = self.net(*self._inputs(ds, rows, True, rng))
                 loss = F.binary_cross_entropy_with_logits(z, torch.from_numpy(ds.labels[rows]))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -224,8 +238,7 @@ class FoundationTeacher(Teacher):
             raise TeacherError(f"teacher '{self.name}' is not fitted")
         self._prepare(ds)
         self.net.eval()
-        ids, feats, dense = self._inputs(ds, np.asarray(rows, np.int64))
-        z, states = self.net(ids, feats, dense)
+        z, states = self.net(*self._inputs(ds, np.asarray(rows, np.int64)))
         return TeacherOutput(z, {n: s for n, s in zip(self.layer_names, states)})
 
     def hidden_dims(self) -> dict[str, int]:
@@ -286,9 +299,7 @@ class FoundationTeacher(Teacher):
         if t.layer_names != meta["layer_names"]:
             raise TeacherError(f"teacher '{t.name}' at '{path}': layers {meta['layer_names']} vs store {t.layer_names}")
         dims = {n: m.shape[1] for n, m in zip(t.layer_names, t.mats)}
-        vocab = [ds.processor.vocabs[f.name].num_embeddings for f in t.id_features]
-        k = t.kwargs
-        t.net = LayerwiseNet(dims, vocab, k["id_dim"], k["d_a"], k["head"], len(t.dense_features))
+        t.net = t._build_net(dims, ds)
         t.net.load_state_dict(load_checkpoint(path / MODEL_FILE))
         t.history, t.encoder_params = meta.get("history", []), int(meta.get("encoder_params", 0))
         t._hash()

@@ -140,6 +140,7 @@ def _train(cfg: ExperimentConfig, run_dir: str | Path, trackers: list[Tracker], 
     init_state = {k: v.clone() for k, v in model.state_dict().items()}
     committee, hooks = load_committee(cfg, ds, run_dir, ctx, progress)
     method = build_method(cfg, committee, unwrap(model).over_arch.in_dim).to(ctx.device)
+    hooks = [h.select(method.cache_taps()) if hasattr(h, "select") else h for h in hooks]
     model, opt = shard_model(model, ctx, cfg.train.lr, cfg.train.embedding_lr, cfg.train.weight_decay,
                              cfg.train.sharding)
     method_params = [p for p in method.parameters() if p.requires_grad]
