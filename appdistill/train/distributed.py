@@ -7,6 +7,8 @@ Single process: the plain model and Adagrad for embeddings (``embedding_lr``) an
 
 from __future__ import annotations
 
+from typing import Any
+
 import os
 from dataclasses import dataclass
 
@@ -52,6 +54,13 @@ def init_distributed() -> DistContext:
     return DistContext(rank, world, local, torch.device(f"cuda:{local}") if use_cuda else torch.device("cpu"))
 
 
+def adam(params: Any, lr: float, weight_decay: float = 0.0) -> torch.optim.Adam:
+    """Adam for dense parameters (student dense arch, method modules). ``fused=True``: one pass over
+    each tensor instead of ~10 elementwise kernels; 5x faster on CPU for a 1M-parameter GBDT leaf
+    table, where the unfused update cost more than the whole student step."""
+    return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, fused=True)
+
+
 def shard_model(model: nn.Module, ctx: DistContext, lr: float, embedding_lr: float,
                 weight_decay: float = 0.0, sharding: str = "table_wise") -> tuple[nn.Module, torch.optim.Optimizer]:
     """Return ``(model, optimizer)``: plain on one process, DMP-sharded under torchrun.
@@ -71,7 +80,7 @@ def shard_model(model: nn.Module, ctx: DistContext, lr: float, embedding_lr: flo
         dense = {n: p for n, p in named.items() if n not in emb}
         opt = CombinedOptimizer([
             ("embedding", KeyedOptimizerWrapper(emb, lambda ps: torch.optim.Adagrad(ps, lr=embedding_lr, eps=1e-8))),
-            ("dense", KeyedOptimizerWrapper(dense, lambda ps: torch.optim.Adam(ps, lr=lr, weight_decay=weight_decay))),
+            ("dense", KeyedOptimizerWrapper(dense, lambda ps: adam(ps, lr, weight_decay))),
         ])
         return model, opt
 
@@ -93,7 +102,7 @@ def shard_model(model: nn.Module, ctx: DistContext, lr: float, embedding_lr: flo
                                                                   pg=dist.GroupMember.WORLD)
     dmp = DistributedModelParallel(model, device=ctx.device, plan=plan)
     dense = KeyedOptimizerWrapper(dict(in_backward_optimizer_filter(dmp.named_parameters())),
-                                  lambda ps: torch.optim.Adam(ps, lr=lr, weight_decay=weight_decay))
+                                  lambda ps: adam(ps, lr, weight_decay))
     return dmp, CombinedOptimizer([("embedding", dmp.fused_optimizer), ("dense", dense)])
 
 
