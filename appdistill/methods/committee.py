@@ -80,7 +80,10 @@ class TeacherPort(nn.Module):
             if self.leaf_trees is not None and self.training:
                 # torch's global RNG: seeded by train() and restored on resume
                 trees = torch.randperm(h.shape[1], device=h.device)[: self.leaf_trees]
-                return self.leaf_emb(h[:, trees].long() + self.tree_offset[trees])
+                rows = (h.index_select(1, trees).long() + self.tree_offset[trees]).reshape(-1)
+                # index_select + mean rather than the EmbeddingBag: its backward is one index_add,
+                # where EmbeddingBag's sorts every index first (2x slower on CPU at B x 32 lookups)
+                return self.leaf_emb.weight.index_select(0, rows).view(h.shape[0], len(trees), -1).mean(1)
             return self.leaf_emb(h.long() + self.tree_offset)
         return h.float()
 
