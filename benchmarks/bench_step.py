@@ -66,6 +66,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-gating-check", action="store_true")
+    ap.add_argument("--dd-variant", action="append", default=[], metavar="JSON",
+                    help='also time diverse_distill with these kwargs merged in, e.g. \'{"taps": {"dlrm": "over"}}\'')
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -77,10 +79,15 @@ def main() -> None:
     builder = BatchBuilder(ds, cfg.load_spec().visible("student"))
     batches = list(BatchLoader(builder, ds.splits["train"][: 40 * cfg.train.batch_size], cfg.train.batch_size,
                                hooks=hooks, prefetch=0))
-    times: dict[str, list[float]] = {k: [] for k in METHODS}
+    variants = {k: (k, kw) for k, kw in METHODS.items()}
+    dd = dict(cfg.method.kwargs) if cfg.method.key == "diverse_distill" else {}
+    variants["diverse_distill"] = ("diverse_distill", dd)  # as the config trains it
+    for v in a.dd_variant:
+        variants[f"diverse_distill {v}"] = ("diverse_distill", {**dd, **json.loads(v)})
+    times: dict[str, list[float]] = {k: [] for k in variants}
     for _ in range(a.repeats):
-        for k, kw in METHODS.items():
-            times[k].append(time_method(cfg, ds, k, kw, committee, batches, a.steps))
+        for name, (k, kw) in variants.items():
+            times[name].append(time_method(cfg, ds, k, kw, committee, batches, a.steps))
     best = {k: min(v) for k, v in times.items()}
     res = {"benchmark": "step_cost", "teachers": list(committee), "batch_size": cfg.train.batch_size,
            "step_ms": {k: round(v * 1e3, 3) for k, v in best.items()},
@@ -97,7 +104,7 @@ def main() -> None:
         res["pass_gating"] = res["gating"]["skipped"] >= 0.3 and abs(res["gating"]["valid_auc_diff"]) <= 0.001
     (out / "results.json").write_text(json.dumps(res, indent=2))
     md = "| method | step ms | ratio to plain |\n|---|---|---|\n" + "".join(
-        f"| {k} | {res['step_ms'][k]:.2f} | {res['ratio_to_plain'][k]:.2f} |\n" for k in METHODS)
+        f"| {k} | {res['step_ms'][k]:.2f} | {res['ratio_to_plain'][k]:.2f} |\n" for k in variants)
     if "gating" in res:
         g = res["gating"]
         md += (f"\nDiverseDistill gating: {g['skipped']:.1%} of teacher answers skipped; validation AUC "
