@@ -21,7 +21,8 @@ def fitted(tmp_path_factory: pytest.TempPathFactory):
     tmp = tmp_path_factory.mktemp("foundation")
     raw = yaml.safe_load((REPO / "feature_specs/synthetic.yaml").read_text())
     raw["source"]["kwargs"] = {"n_users": 200, "n_items": 120, "n_interactions": 6000, "seed": 3}
-    raw["visibility"]["foundation"] = ["user_id", "item_id", "text", "year", "age"]  # ids + dense into the id model
+    # ids, id lists and dense features all reach the id model
+    raw["visibility"]["foundation"] = ["user_id", "item_id", "genres", "text", "year", "age"]
     raw["split"] = {"by": "cold_item", "valid": 0.1, "test": 0.15, "seed": 0}
     spec = FeatureSpecSet.from_dict(raw)
     ds = Dataset.build(spec)
@@ -47,6 +48,14 @@ def test_taps_heads_and_mixture(fitted) -> None:
     assert h.grad is not None and all(p.grad is None for p in t.head("text:final").parameters())
     assert t.params() > 20_000_000  # MiniLM (encoder) included
     assert [f.name for f in t.dense_features] == ["year", "age"] and t.dense_inputs(ds, rows).shape == (64, 2)
+    # the id-list feature (genres) is pooled by an EmbeddingBag of the id model and moves the output
+    assert [f.name for f in t.list_features] == ["genres"] and len(t.net.bags) == 1
+    ids, feats, dense, lists = t._inputs(ds, rows)
+    (values, offsets), = lists
+    assert offsets.shape == (64,) and values.numel() == int(ds.lists["genres"].lengths[ds.table_rows["items"][rows]].sum())
+    with torch.no_grad():
+        other = [(torch.zeros_like(values), offsets)]
+        assert not torch.allclose(t.net(ids, feats, dense, lists)[0], t.net(ids, feats, dense, other)[0])
 
 
 def test_text_knows_cold_items(fitted) -> None:
