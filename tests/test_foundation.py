@@ -202,3 +202,43 @@ def test_ml100k_posters_encode_with_tiny_clip(tiny_clip: dict) -> None:
     names = [p.name for p in sorted(POSTERS.glob("*.jpg"))[:2]]
     out = enc.encode(names, progress=False)["final"]
     assert out.shape == (2, 16) and out.any(axis=1).all() and not enc.stats
+
+
+REPO = Path(__file__).resolve().parent.parent
+POSTERS = REPO.parent / "shared" / "data" / "ml100k-posters"
+
+
+def test_ml100k_poster_spec_variant_without_posters_loads_and_is_optional() -> None:
+    """feature_specs/ml100k_posters.yaml: the poster column exists only when the source asks for it."""
+    from appdistill.data import SOURCES
+    from appdistill.features.spec import FeatureSpecSet
+
+    spec = FeatureSpecSet.from_yaml(REPO / "feature_specs/ml100k_posters.yaml")
+    poster = next(f for f in spec.features if f.name == "poster")
+    assert poster.kind == "image" and "poster" in [f.name for f in spec.visible("foundation")]
+    assert "poster" not in [f.name for f in spec.visible("student")]
+    assert "poster" not in SOURCES.get("ml100k")()["items"].columns  # default tables unchanged
+    items = SOURCES.get("ml100k")(posters=True)["items"]
+    assert items["poster"].head(2).tolist() == ["1.jpg", "2.jpg"]
+
+
+@pytest.mark.skipif(not POSTERS.is_dir(), reason="research posters (../shared/data/ml100k-posters) absent")
+def test_ml100k_posters_encode_through_a_clip_checkpoint(tiny_clip: dict) -> None:
+    """The poster variant resolves ../shared/data/ml100k-posters from the spec and encodes real posters
+    through the user-checkpoint path (tiny open_clip weights saved to a file)."""
+    from appdistill.data import SOURCES
+    from appdistill.features.spec import FeatureSpecSet
+    from appdistill.foundation.catalog import feature_inputs, make_encoder
+
+    spec = FeatureSpecSet.from_yaml(REPO / "feature_specs/ml100k_posters.yaml")
+    poster = next(f for f in spec.features if f.name == "poster")
+    keys, paths = feature_inputs(spec, SOURCES.get("ml100k")(posters=True), poster)
+    assert len(keys) == 1682 and Path(paths[0]).parent.resolve() == POSTERS.resolve()
+    enc = make_encoder(poster, {"clip": {"arch": tiny_clip["config"], "pretrained": tiny_clip["checkpoint"]}})
+    sample = paths[:12]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # items without a poster file are zero vectors (counted)
+        out = enc.encode(sample, progress=False)["final"]
+    present = np.array([Path(p).is_file() for p in sample])
+    assert present.any()
+    assert (np.abs(out).sum(1) > 0).tolist() == present.tolist()

@@ -6,7 +6,7 @@ GroupLens terms apply (research use, cite Harper & Konstan 2015, no redistributi
 
 Tables:
     interactions: user_id, item_id, rating (1-5), timestamp
-    items: item_id, title, year, genres ("Action|Comedy"), text ("title. genres")
+    items: item_id, title, year, genres ("Action|Comedy"), text ("title. genres") [, poster ("<id>.jpg")]
     users: user_id, age, gender, occupation, zip_prefix
 """
 
@@ -44,8 +44,15 @@ def _read_atomic(path: Path) -> pd.DataFrame:
 
 
 @SOURCES.register("ml100k")
-def load_ml100k() -> dict[str, pd.DataFrame]:
-    """Load the three ML-100K tables (100,000 ratings, 943 users, 1,682 items)."""
+def load_ml100k(posters: bool = False) -> dict[str, pd.DataFrame]:
+    """Load the three ML-100K tables (100,000 ratings, 943 users, 1,682 items).
+
+    Args:
+        posters: add an items column ``poster`` = ``"<item_id>.jpg"``, the file name of the item's
+            poster for an ``image`` feature whose ``root`` is a folder of posters named by item id
+            (``feature_specs/ml100k_posters.yaml``). Off by default so the tables, and every
+            fingerprint derived from them, do not change for specs without posters.
+    """
     d = ml100k_dir()
     inter = _read_atomic(d / "ml-100k.inter")
     inter = pd.DataFrame({
@@ -64,6 +71,8 @@ def load_ml100k() -> dict[str, pd.DataFrame]:
         "genres": genres,
         "text": it["movie_title"] + ". " + genres.str.replace("|", ", ", regex=False),
     })
+    if posters:
+        items["poster"] = items["item_id"].astype(str) + ".jpg"
     us = _read_atomic(d / "ml-100k.user")
     users = pd.DataFrame({
         "user_id": us["user_id"].astype("int64"),
