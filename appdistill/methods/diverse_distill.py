@@ -51,6 +51,9 @@ class DiverseDistill(Method):
             ``w_i >= threshold`` (the most important is always kept).
         questions: ``False`` = plain answers ``head_i(H_i)`` (no question) ablation.
         committee_path: ``False`` = drop ``z_qa`` and its terms (ablation).
+        committee_trains_over_arch: ``False`` = the committee path reads the student's over-arch with
+            its weights detached, so only the plain path (which is what is served: ``msg = 0``)
+            trains them; the committee terms still train ``h`` and every method module.
         d_e: teacher-embedding / question width.
         tau: gate temperature.
         lambda_kd, lambda_t, lambda_lb: weights of the committee-KD, teacher-KD and balance terms.
@@ -67,7 +70,8 @@ class DiverseDistill(Method):
     def __init__(self, committee: dict[str, Any] | None = None, student_dim: int = 0,
                  teachers: list[str] | None = None, complementary: bool = True, gating: bool = True,
                  top_k: int | None = None, threshold: float | None = None, questions: bool = True,
-                 committee_path: bool = True, d_e: int = 32, tau: float = 1.0, lambda_kd: float = 0.5,
+                 committee_path: bool = True, committee_trains_over_arch: bool = True, d_e: int = 32,
+                 tau: float = 1.0, lambda_kd: float = 0.5,
                  lambda_t: float = 0.5, lambda_lb: float = 0.01, temperature: float = 1.0,
                  output_loss: str = "kd", taps: dict[str, str] | None = None, leaf_dim: int = 32,
                  leaf_trees: int | None = 32, taid: dict[str, float] | None = None,
@@ -86,6 +90,7 @@ class DiverseDistill(Method):
         self.names, self.requires = names, tuple(names)
         n = len(names)
         self.gating, self.questions, self.committee_path = gating, questions, committee_path
+        self.committee_trains_over_arch = committee_trains_over_arch
         self.top_k = top_k if top_k is not None else (max(1, n - 1) if threshold is None else None)
         self.threshold = threshold
         self.tau, self.T = tau, temperature
@@ -162,7 +167,12 @@ class DiverseDistill(Method):
         self._total += keep.numel()
         terms = {"bce": F.binary_cross_entropy_with_logits(z_s, y)}
         if self.committee_path:
-            z_qa = model.over_arch(h + self.committee_message(h, batch, w, keep))
+            x = h + self.committee_message(h, batch, w, keep)
+            if self.committee_trains_over_arch:
+                z_qa = model.over_arch(x)
+            else:
+                frozen = {k: v.detach() for k, v in model.over_arch.named_parameters()}
+                z_qa = torch.func.functional_call(model.over_arch, frozen, (x,))
             terms["bce_committee"] = F.binary_cross_entropy_with_logits(z_qa, y)
             terms["kd_committee"] = self.lambda_kd * self.T ** 2 * F.binary_cross_entropy_with_logits(
                 z_s / self.T, torch.sigmoid(z_qa.detach() / self.T))
