@@ -9,7 +9,7 @@ back-to-back pairs; the headline is the **median of the per-pair ratios** over `
 mostly measure the noise). The best-of ratio is reported beside it.
 
 Usage:
-    python benchmarks/bench_student.py --out DIR [--epochs 2] [--repeats 3]
+    python benchmarks/bench_student.py --out DIR [--epochs 2] [--repeats 7]
 """
 
 from __future__ import annotations

@@ -110,8 +110,8 @@ class BatchBuilder:
             lengths=torch.from_numpy(np.concatenate(lengths) if lengths else np.zeros(0, np.int64)),
             length_per_key=per_key, offset_per_key=np.concatenate([[0], np.cumsum(per_key)]).tolist(),
         )
-        # The EBC splits the KJT per key (cached on the object). Doing it here moves that work onto
-        # the loader thread: it is ~20% of a small student's step (bench_student.py).
+        # The EBC splits the KJT per key (cached on the object). Doing it here moves that work
+        # (~0.13 ms per 1,024-row batch, ~2% of a small student's step) onto the loader thread.
         kjt.to_dict()
         if self.dense_features:
             dense = np.stack([ds.dense[f.name][ds.table_rows[f.table][rows]] for f in self.dense_features], 1)

@@ -55,7 +55,11 @@ class Method(nn.Module):
 
     def cache_taps(self) -> dict[str, list[str]]:
         """``{teacher: hidden taps}`` each batch must carry. The cache join gathers nothing else: a
-        GBDT's leaf indices are by far the widest tap, and a method that reads logits only needs none."""
+        GBDT's leaf indices are by far the widest tap, and a method that reads logits only needs none.
+        Methods that answer through teachers' hidden states hold ``TeacherPort``s (``self.ports``)."""
+        ports = getattr(self, "ports", None)
+        if ports is not None:
+            return {n: [p.tap] for n, p in ports.items()}
         return {n: [] for n in self.requires}
 
     def on_step_end(self, loss: torch.Tensor, step: int, total_steps: int) -> None:

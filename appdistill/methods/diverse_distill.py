@@ -157,9 +157,6 @@ class DiverseDistill(Method):
         return msg
 
     # ------------------------------------------------------------------ loss
-    def cache_taps(self) -> dict[str, list[str]]:
-        return {n: [p.tap] for n, p in self.ports.items()}
-
     def forward(self, out: StudentOutput, batch: Batch, model: RankingModel) -> dict[str, torch.Tensor]:
         h, z_s, y = out.h, out.logits, batch.labels
         w, keep, probs = self.importance(h)

@@ -62,9 +62,6 @@ class TalkingModels(Method):
         self.dec = nn.ModuleDict({n: _mlp(d_m, p.dim) for n, p in self.ports.items() if p.has_head})
         self.l_int, self.l_msg, self.l_rec, self.l_kd, self.T = lambda_int, lambda_msg, lambda_rec, lambda_kd, temperature
 
-    def cache_taps(self) -> dict[str, list[str]]:
-        return {n: [p.tap] for n, p in self.ports.items()}
-
     def forward(self, out: StudentOutput, batch: Batch, model: RankingModel) -> dict[str, torch.Tensor]:
         h, z_s, y = out.h, out.logits, batch.labels
         m_s = self.enc_s(h)

@@ -187,8 +187,10 @@ class FoundationTeacher(Teacher):
         return torch.from_numpy(np.stack([v[rows] if table == "interactions" else v[ds.table_rows[table][rows]]
                                           for v, table in self.dense_cols], 1).astype(np.float32))
 
-    def _build_net(self, dims: dict[str, int], ds: Dataset) -> LayerwiseNet:
+    def _build_net(self, ds: Dataset) -> LayerwiseNet:
+        """A fresh network for the prepared layers (``_prepare``) and the data set's vocabularies."""
         k, vocab = self.kwargs, ds.processor.vocabs
+        dims = {n: m.shape[1] for n, m in zip(self.layer_names, self.mats)}
         return LayerwiseNet(dims, [vocab[f.name].num_embeddings for f in self.id_features], k["id_dim"], k["d_a"],
                             k["head"], len(self.dense_features), [vocab[f.name].num_embeddings for f in self.list_features])
 
@@ -198,8 +200,7 @@ class FoundationTeacher(Teacher):
         k = self.kwargs
         torch.manual_seed(k["seed"])
         rng = np.random.default_rng(k["seed"])
-        dims = {n: m.shape[1] for n, m in zip(self.layer_names, self.mats)}
-        self.net = self._build_net(dims, ds)
+        self.net = self._build_net(ds)
         opt = torch.optim.Adam(self.net.parameters(), lr=k["lr"], weight_decay=k["weight_decay"])
         train, valid = ds.splits["train"], ds.splits["valid"]
         best, best_state, bad = -1.0, None, 0
@@ -298,8 +299,7 @@ class FoundationTeacher(Teacher):
         t._prepare(ds)
         if t.layer_names != meta["layer_names"]:
             raise TeacherError(f"teacher '{t.name}' at '{path}': layers {meta['layer_names']} vs store {t.layer_names}")
-        dims = {n: m.shape[1] for n, m in zip(t.layer_names, t.mats)}
-        t.net = t._build_net(dims, ds)
+        t.net = t._build_net(ds)
         t.net.load_state_dict(load_checkpoint(path / MODEL_FILE))
         t.history, t.encoder_params = meta.get("history", []), int(meta.get("encoder_params", 0))
         t._hash()

@@ -7,10 +7,9 @@ Single process: the plain model and Adagrad for embeddings (``embedding_lr``) an
 
 from __future__ import annotations
 
-from typing import Any
-
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
