@@ -48,6 +48,7 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "dd_no_committee_path": ("diverse_distill", {"committee_path": False}),
     "dd_taid": ("diverse_distill", {"output_loss": "taid"}),
     "dd_detached_over_arch": ("diverse_distill", {"committee_trains_over_arch": False}),
+    "dd_committee_ta": ("diverse_distill", {"committee_grad": 0.0}),
 }
 
 

@@ -26,7 +26,8 @@ def fitted(tmp_path_factory: pytest.TempPathFactory):
     raw["split"] = {"by": "cold_item", "valid": 0.1, "test": 0.15, "seed": 0}
     spec = FeatureSpecSet.from_dict(raw)
     ds = Dataset.build(spec)
-    t = build_teacher("foundation", {"layers": [3], "epochs": 12, "batch_size": 256, "lr": 5e-3, "d_a": 16, "head": [8], "patience": 3}, spec, "foundation")
+    t = build_teacher("foundation", {"layers": [3], "epochs": 12, "batch_size": 256, "lr": 5e-3, "d_a": 16, "head": [8], "patience": 3,
+                                     "feat_dropout": 0.3}, spec, "foundation")
     t.store_root = tmp / "store"
     t.progress = False
     t.fit(ds)
@@ -83,3 +84,25 @@ def test_save_load_round_trip(fitted) -> None:
     rows = ds.splits["valid"][:50]
     np.testing.assert_allclose(t2.predict(ds, rows).logits.numpy(), t.predict(ds, rows).logits.numpy(), atol=1e-6)
     assert t2.identity_hash() == t.identity_hash()
+    assert t2.net.feat_dropout.p == 0.3  # the feature dropout acts in training only (predictions agree)
+
+
+def test_teacher_saved_before_a_new_setting_gets_a_refit_message(fitted) -> None:
+    import json
+
+    from appdistill.teachers.fit import TeacherError, load_teacher
+
+    tmp, spec, ds, t = fitted
+    t.save(tmp / "old" / "teachers" / "foundation")
+    meta_path = tmp / "old" / "teachers" / "foundation" / "teacher.json"
+    meta = json.loads(meta_path.read_text())
+    del meta["kwargs"]["feat_dropout"]  # as written by a version without that setting
+    meta_path.write_text(json.dumps(meta))
+    import os
+
+    os.environ["APPDISTILL_CACHE"] = str(tmp)
+    try:
+        with pytest.raises(TeacherError, match=r"older appdistill.*feat_dropout.*teachers fit"):
+            load_teacher(tmp / "old", "foundation", spec, ds)
+    finally:
+        del os.environ["APPDISTILL_CACHE"]

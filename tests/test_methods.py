@@ -225,3 +225,25 @@ def test_committee_path_can_leave_the_over_arch_to_the_plain_path() -> None:
     shared = _dd()
     shared(StudentOutput(Z_S.clone(), h.detach()), make_batch(), model)["bce_committee"].backward()
     assert model.over_arch.out.weight.grad is not None
+
+
+def test_committee_grad_scales_what_the_committee_path_sends_into_the_student() -> None:
+    def grads(g: float) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, float]:
+        torch.manual_seed(0)
+        model = nn.Module()
+        model.over_arch = OverArch(5, [4])
+        h = torch.randn(4, 5, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        torch.manual_seed(2)
+        m = _dd(committee_grad=g)
+        terms = m(StudentOutput(Z_S.clone(), h), make_batch(), model)
+        (terms["bce_committee"] + terms.get("balance", 0.0)).backward()
+        return terms["bce_committee"].detach(), h.grad, model.over_arch.out.weight.grad, float(m.Q[0].weight.grad.abs().sum())
+
+    full, half, none = grads(1.0), grads(0.5), grads(0.0)
+    assert torch.allclose(full[0], none[0]) and torch.allclose(full[0], half[0])  # the forward is unchanged
+    assert torch.allclose(half[1], 0.5 * full[1], atol=1e-6)                       # h: scaled gradient
+    assert torch.allclose(half[2], 0.5 * full[2], atol=1e-6)                       # over-arch: scaled
+    assert none[1] is None and none[2] is None                                     # a teaching assistant
+    assert none[3] > 0 and abs(none[3] - full[3]) < 1e-5 * max(1.0, full[3])       # the method learns alike
+    with pytest.raises(ConfigError, match="committee_grad"):
+        _dd(committee_grad=1.5)

@@ -54,6 +54,11 @@ class DiverseDistill(Method):
         committee_trains_over_arch: ``False`` = the committee path reads the student's over-arch with
             its weights detached, so only the plain path (which is what is served: ``msg = 0``)
             trains them; the committee terms still train ``h`` and every method module.
+        committee_grad: scale of the gradient the committee terms send into the student (``h`` and
+            the over-arch); the forward is unchanged. ``0`` makes the committee path a teaching
+            assistant: it trains only the method's modules, and the student learns from it through
+            ``kd_committee`` alone, so the student's state is not bent towards what helps *with* the
+            teachers' answers (which the served model never has).
         d_e: teacher-embedding / question width.
         tau: gate temperature.
         lambda_kd, lambda_t, lambda_lb: weights of the committee-KD, teacher-KD and balance terms.
@@ -70,7 +75,8 @@ class DiverseDistill(Method):
     def __init__(self, committee: dict[str, Any] | None = None, student_dim: int = 0,
                  teachers: list[str] | None = None, complementary: bool = True, gating: bool = True,
                  top_k: int | None = None, threshold: float | None = None, questions: bool = True,
-                 committee_path: bool = True, committee_trains_over_arch: bool = True, d_e: int = 32,
+                 committee_path: bool = True, committee_trains_over_arch: bool = True,
+                 committee_grad: float = 1.0, d_e: int = 32,
                  tau: float = 1.0, lambda_kd: float = 0.5,
                  lambda_t: float = 0.5, lambda_lb: float = 0.01, temperature: float = 1.0,
                  output_loss: str = "kd", taps: dict[str, str] | None = None, leaf_dim: int = 32,
@@ -91,6 +97,9 @@ class DiverseDistill(Method):
         n = len(names)
         self.gating, self.questions, self.committee_path = gating, questions, committee_path
         self.committee_trains_over_arch = committee_trains_over_arch
+        if not 0.0 <= committee_grad <= 1.0:
+            raise ConfigError(f"diverse_distill: committee_grad must be in [0, 1], got {committee_grad}")
+        self.committee_grad = committee_grad
         self.top_k = top_k if top_k is not None else (max(1, n - 1) if threshold is None else None)
         self.threshold = threshold
         self.tau, self.T = tau, temperature
@@ -159,17 +168,20 @@ class DiverseDistill(Method):
     # ------------------------------------------------------------------ loss
     def forward(self, out: StudentOutput, batch: Batch, model: RankingModel) -> dict[str, torch.Tensor]:
         h, z_s, y = out.h, out.logits, batch.labels
-        w, keep, probs = self.importance(h)
+        g = self.committee_grad if self.committee_path else 1.0
+        h_c = h if g == 1.0 else scale_grad(h, g)  # what the method's modules read of the student
+        w, keep, probs = self.importance(h_c)
         self._kept += int(keep.sum())
         self._total += keep.numel()
         terms = {"bce": F.binary_cross_entropy_with_logits(z_s, y)}
         if self.committee_path:
-            x = h + self.committee_message(h, batch, w, keep)
-            if self.committee_trains_over_arch:
+            x = h_c + self.committee_message(h_c, batch, w, keep)
+            g_arch = g if self.committee_trains_over_arch else 0.0
+            if g_arch == 1.0:
                 z_qa = model.over_arch(x)
             else:
-                frozen = {k: v.detach() for k, v in model.over_arch.named_parameters()}
-                z_qa = torch.func.functional_call(model.over_arch, frozen, (x,))
+                weights = {k: scale_grad(v, g_arch) for k, v in model.over_arch.named_parameters()}
+                z_qa = torch.func.functional_call(model.over_arch, weights, (x,))
             terms["bce_committee"] = F.binary_cross_entropy_with_logits(z_qa, y)
             terms["kd_committee"] = self.lambda_kd * self.T ** 2 * F.binary_cross_entropy_with_logits(
                 z_s / self.T, torch.sigmoid(z_qa.detach() / self.T))
@@ -215,3 +227,10 @@ class DiverseDistill(Method):
         self.answer_calls.update(state.get("answer_calls", {}))
         if self.schedule is not None and "taid" in state:
             self.schedule.load_state(state["taid"])
+
+
+def scale_grad(x: torch.Tensor, g: float) -> torch.Tensor:
+    """``x`` in the forward; its gradient times ``g`` in the backward (``g = 0``: ``x.detach()``)."""
+    if g == 0.0:
+        return x.detach()
+    return x.detach() + g * (x - x.detach())

@@ -157,8 +157,11 @@ def load_teacher(run_dir: str | Path, name: str, spec: FeatureSpecSet, ds: Datas
     except Exception as e:  # noqa: BLE001 - any unreadable artefact is reported with its directory
         raise TeacherError(f"teacher '{name}' in '{path}' cannot be loaded ({type(e).__name__}: {e})") from e
     if meta.get("identity_hash") and teacher.identity_hash() != meta["identity_hash"]:
+        added = sorted(set(teacher.kwargs) - set(meta.get("kwargs") or {}))
+        why = (f"saved by an older appdistill: its teacher '{meta['key']}' has gained the settings {added} since; "
+               f"refit it with 'appdistill teachers fit'") if added else "artefact edited or corrupt"
         raise TeacherError(f"teacher '{name}' in '{path}': loaded identity {teacher.identity_hash()} differs "
-                           f"from the saved {meta['identity_hash']} (artefact edited or corrupt)")
+                           f"from the saved {meta['identity_hash']} ({why})")
     return teacher
 
 

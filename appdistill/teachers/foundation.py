@@ -11,7 +11,9 @@ never sees its own label), are combined layer by layer with a small id model tra
 
 ``head(l)`` is the frozen ``head_l`` (the foundation "adapting layers" DiverseDistill answers
 through). Item ids are randomly replaced by the OOV row during training (``id_dropout``) so the
-model learns to lean on the text for items the ids never saw (cold items).
+model learns to lean on the text for items the ids never saw (cold items), and the frozen features
+get dropout (``feat_dropout``) so the adapters learn smooth functions of the text instead of
+recognising each warm item by its title.
 
 Example:
     >>> t = TEACHERS.build("foundation", {"layers": [3, 6]}, spec=spec).fit(ds)
@@ -54,7 +56,8 @@ class LayerwiseNet(nn.Module):
     """Per-layer adapters + id model + per-layer heads, mixed by learned weights."""
 
     def __init__(self, layer_dims: dict[str, int], id_vocab: list[int], id_dim: int, d_a: int,
-                 head: list[int], n_dense: int = 0, list_vocab: list[int] | None = None) -> None:
+                 head: list[int], n_dense: int = 0, list_vocab: list[int] | None = None,
+                 feat_dropout: float = 0.0) -> None:
         super().__init__()
         self.layers = list(layer_dims)
         self.ids = nn.ModuleList([nn.Embedding(n, id_dim) for n in id_vocab])
@@ -65,6 +68,7 @@ class LayerwiseNet(nn.Module):
                                        for d in layer_dims.values()])
         self.heads = nn.ModuleList([OverArch(d_a, head) for _ in layer_dims])
         self.mix = nn.Parameter(torch.zeros(len(layer_dims)))
+        self.feat_dropout = nn.Dropout(feat_dropout)
 
     def forward(self, ids: torch.Tensor, feats: list[torch.Tensor], dense: torch.Tensor | None = None,
                 lists: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -74,7 +78,7 @@ class LayerwiseNet(nn.Module):
         parts += [bag(v, o) for bag, (v, o) in zip(self.bags, lists or [])]
         parts += [dense] if dense is not None else []
         s_id = self.id_net(torch.cat(parts, 1))
-        states = [a(x) + s_id for a, x in zip(self.adapters, feats)]
+        states = [a(self.feat_dropout(x)) + s_id for a, x in zip(self.adapters, feats)]
         z = torch.stack([h(s) for h, s in zip(self.heads, states)], 1)
         return (z * torch.softmax(self.mix, 0)).sum(1), states
 
@@ -87,6 +91,9 @@ class FoundationTeacher(Teacher):
         d_a: adapted-state width; id_dim: id embedding width; head: head hidden sizes.
         epochs, batch_size, lr, weight_decay, patience: training; early stopping on validation AUC.
         id_dropout: probability of replacing an item id by OOV during training.
+        feat_dropout: dropout on the frozen foundation features entering the adapters. A title
+            embedding identifies its item as well as the id does; dropout keeps the adapters from
+            memorising warm items through it, which is what carries over to cold items.
         seed: initialisation and shuffling.
     """
 
@@ -95,10 +102,12 @@ class FoundationTeacher(Teacher):
     def __init__(self, spec: FeatureSpecSet, name: str | None = None, layers: list[int] | None = None,
                  encoder_kwargs: dict[str, dict[str, Any]] | None = None, d_a: int = 64, id_dim: int = 16,
                  head: list[int] | None = None, epochs: int = 10, batch_size: int = 1024, lr: float = 2e-3,
-                 weight_decay: float = 1e-5, patience: int = 2, id_dropout: float = 0.1, seed: int = 0) -> None:
+                 weight_decay: float = 1e-5, patience: int = 2, id_dropout: float = 0.1, feat_dropout: float = 0.0,
+                 seed: int = 0) -> None:
         super().__init__(spec, name, layers=layers if layers is not None else [3], encoder_kwargs=encoder_kwargs or {},
                          d_a=d_a, id_dim=id_dim, head=head or [32], epochs=epochs, batch_size=batch_size, lr=lr,
-                         weight_decay=weight_decay, patience=patience, id_dropout=id_dropout, seed=seed)
+                         weight_decay=weight_decay, patience=patience, id_dropout=id_dropout,
+                         feat_dropout=feat_dropout, seed=seed)
         self.config = dict(self.kwargs)
         vis = spec.visible("foundation")
         # the small model trained from scratch reads every visible id, id-list and dense feature
@@ -192,7 +201,8 @@ class FoundationTeacher(Teacher):
         k, vocab = self.kwargs, ds.processor.vocabs
         dims = {n: m.shape[1] for n, m in zip(self.layer_names, self.mats)}
         return LayerwiseNet(dims, [vocab[f.name].num_embeddings for f in self.id_features], k["id_dim"], k["d_a"],
-                            k["head"], len(self.dense_features), [vocab[f.name].num_embeddings for f in self.list_features])
+                            k["head"], len(self.dense_features), [vocab[f.name].num_embeddings for f in self.list_features],
+                            k["feat_dropout"])
 
     # ------------------------------------------------------------------ fit / predict
     def fit(self, ds: Dataset) -> FoundationTeacher:
