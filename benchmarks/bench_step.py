@@ -23,7 +23,7 @@ from appdistill.config import REPO_ROOT, load_config
 from appdistill.features.batch import BatchBuilder, BatchLoader
 from appdistill.features.dataset import Dataset
 from appdistill.pipeline import fit_committee
-from appdistill.train.distributed import DistContext, method_optimizer, shard_model
+from appdistill.train.distributed import DistContext, adam, shard_model
 from appdistill.train.loop import build_method, build_model_for_run, load_committee, train
 
 METHODS = {"none": {}, "kd": {"teacher": "dlrm"}, "avg_kd": {}, "taid": {"teacher": "dlrm"}, "talking": {},
@@ -36,7 +36,8 @@ def time_method(cfg, ds, key: str, kwargs: dict, committee, batches, steps: int)
     c = cfg.model_copy(update={"method": cfg.method.model_copy(update={"key": key, "kwargs": kwargs})})
     method = build_method(c, committee, model.over_arch.in_dim)
     model, opt = shard_model(model, DistContext(), cfg.train.lr, cfg.train.embedding_lr)
-    mopt = method_optimizer(method, cfg.train.lr)  # what train() uses
+    mp = [p for p in method.parameters() if p.requires_grad]
+    mopt = adam(mp, 1e-3) if mp else None
 
     def step(b) -> None:
         out = model(b.sparse, b.dense)

@@ -247,29 +247,3 @@ def test_committee_grad_scales_what_the_committee_path_sends_into_the_student() 
     assert none[3] > 0 and abs(none[3] - full[3]) < 1e-5 * max(1.0, full[3])       # the method learns alike
     with pytest.raises(ConfigError, match="committee_grad"):
         _dd(committee_grad=1.5)
-
-
-def test_leaf_tables_get_sparse_gradients_and_sparse_adam() -> None:
-    from torchrec.optim.keyed import CombinedOptimizer
-
-    from appdistill.train.distributed import method_optimizer
-
-    m = _dd(gating=False)  # every teacher answers every row
-    leaf = m.ports["lightgbm"].leaf_emb.weight
-    assert m.sparse_parameters() == [leaf]
-    opt = method_optimizer(m, 1e-2)
-    assert isinstance(opt, CombinedOptimizer)
-    model = nn.Module()
-    model.over_arch = OverArch(5, [4])
-    torch.manual_seed(0)
-    before = leaf.detach().clone()
-    sum(m(StudentOutput(Z_S.clone(), torch.randn(4, 5)), make_batch(), model).values()).backward()
-    assert leaf.grad is not None and leaf.grad.is_sparse
-    touched = leaf.grad.coalesce().indices()[0].unique()
-    opt.step()
-    moved = (leaf.detach() != before).any(1).nonzero().flatten()
-    assert 0 < len(moved) < leaf.shape[0] and set(moved.tolist()) <= set(touched.tolist())  # lazy: only leaves read
-    dense = _dd(complementary=True)
-    for p in dense.ports.values():
-        p.sparse = False
-    assert dense.sparse_parameters() == []

@@ -62,12 +62,6 @@ class Method(nn.Module):
             return {n: [p.tap] for n, p in ports.items()}
         return {n: [] for n in self.requires}
 
-    def sparse_parameters(self) -> list[nn.Parameter]:
-        """Parameters whose gradients are row-sparse (``train.distributed.method_optimizer`` gives them
-        ``SparseAdam``): the GBDT leaf tables of the method's ``TeacherPort``s."""
-        ports = getattr(self, "ports", None)
-        return [p.leaf_emb.weight for p in ports.values() if getattr(p, "sparse", False)] if ports is not None else []
-
     def on_step_end(self, loss: torch.Tensor, step: int, total_steps: int) -> None:
         """Hook after the optimiser step (TAID updates ``t`` here)."""
 

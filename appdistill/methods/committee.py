@@ -11,7 +11,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from appdistill.features.batch import Batch
@@ -45,7 +44,7 @@ class TeacherPort(nn.Module):
     """
 
     def __init__(self, name: str, teacher: Any, tap: str | None = None, leaf_dim: int = 32,
-                 leaf_trees: int | None = None, sparse: bool | None = None) -> None:
+                 leaf_trees: int | None = None) -> None:
         super().__init__()
         dims: dict[str, int] = dict(teacher.hidden_dims())
         if not dims:
@@ -62,16 +61,12 @@ class TeacherPort(nn.Module):
             n_trees = dims[tap]
             n_leaves = int(getattr(teacher, "num_leaves", 64))
             # one row per (tree, leaf); a sample's state is the mean of its trees' leaf embeddings
-            if sparse is None:
-                sparse = not (torch.distributed.is_available() and torch.distributed.is_initialized())
-            self.sparse = bool(sparse)
-            self.leaf_emb = nn.EmbeddingBag(n_trees * n_leaves, leaf_dim, mode="mean", sparse=self.sparse)
+            self.leaf_emb = nn.EmbeddingBag(n_trees * n_leaves, leaf_dim, mode="mean")
             self.register_buffer("tree_offset", torch.arange(n_trees) * n_leaves, persistent=False)
             self.leaf_trees = leaf_trees if leaf_trees and leaf_trees < n_trees else None
             self.dim = leaf_dim
         else:
             self.dim = dims[tap]
-            self.sparse = False
         self.has_head = self.head is not None
         body = _body(self.head)
         self.answer_dim = (_out_dim(body, self.dim) + 1) if body is not None else (self.dim + 1)
@@ -86,11 +81,9 @@ class TeacherPort(nn.Module):
                 # torch's global RNG: seeded by train() and restored on resume
                 trees = torch.randperm(h.shape[1], device=h.device)[: self.leaf_trees]
                 rows = (h.index_select(1, trees).long() + self.tree_offset[trees]).reshape(-1)
-                # a plain lookup + mean rather than the EmbeddingBag: its dense backward is one
-                # index_add, where EmbeddingBag's sorts every index first (2x slower on CPU at B x 32)
-                e = F.embedding(rows, self.leaf_emb.weight, sparse=True) if self.sparse else \
-                    self.leaf_emb.weight.index_select(0, rows)
-                return e.view(h.shape[0], len(trees), -1).mean(1)
+                # index_select + mean rather than the EmbeddingBag: its backward is one index_add,
+                # where EmbeddingBag's sorts every index first (2x slower on CPU at B x 32 lookups)
+                return self.leaf_emb.weight.index_select(0, rows).view(h.shape[0], len(trees), -1).mean(1)
             return self.leaf_emb(h.long() + self.tree_offset)
         return h.float()
 

@@ -60,30 +60,6 @@ def adam(params: Any, lr: float, weight_decay: float = 0.0) -> torch.optim.Adam:
     return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, fused=True)
 
 
-def method_optimizer(method: nn.Module, lr: float) -> torch.optim.Optimizer | None:
-    """The optimiser of a method's training-only parameters (``None`` when it has none).
-
-    Parameters the method lists in ``sparse_parameters()`` (row-sparse gradients, e.g. GBDT leaf
-    embeddings of which a step touches a few thousand of ~30k rows) get lazy ``SparseAdam``: a dense
-    gradient and update of the whole table cost more than everything else the method does in a step.
-    The rest get fused :func:`adam`.
-    """
-    from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
-
-    named = {n: p for n, p in method.named_parameters() if p.requires_grad}
-    if not named:
-        return None
-    sparse_ids = {id(p) for p in getattr(method, "sparse_parameters", lambda: [])()}
-    dense = {n: p for n, p in named.items() if id(p) not in sparse_ids}
-    sparse = {n: p for n, p in named.items() if id(p) in sparse_ids}
-    if not sparse:
-        return adam(list(dense.values()), lr)
-    parts = [("sparse", KeyedOptimizerWrapper(sparse, lambda ps: torch.optim.SparseAdam(list(ps), lr=lr)))]
-    if dense:
-        parts.insert(0, ("dense", KeyedOptimizerWrapper(dense, lambda ps: adam(list(ps), lr))))
-    return CombinedOptimizer(parts)
-
-
 def shard_model(model: nn.Module, ctx: DistContext, lr: float, embedding_lr: float,
                 weight_decay: float = 0.0, sharding: str = "table_wise") -> tuple[nn.Module, torch.optim.Optimizer]:
     """Return ``(model, optimizer)``: plain on one process, DMP-sharded under torchrun.

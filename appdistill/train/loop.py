@@ -33,8 +33,8 @@ from appdistill.features.dataset import Dataset
 from appdistill.methods import METHODS
 from appdistill.student.model import RankingModel, StudentConfig, build_student
 from appdistill.train import checkpoint as ckpt
-from appdistill.train.distributed import (DistContext, all_gather_varlen, full_state_dict, init_distributed,
-                                          load_full_state_dict, method_optimizer, shard_model, unwrap)
+from appdistill.train.distributed import (DistContext, adam, all_gather_varlen, full_state_dict, init_distributed,
+                                          load_full_state_dict, shard_model, unwrap)
 from appdistill.train.io import atomic_write_text, save_checkpoint
 from appdistill.train.plots import plot_curves
 from appdistill.train.tracking import Tracker, config_params, make_tracker, step_values
@@ -144,7 +144,7 @@ def _train(cfg: ExperimentConfig, run_dir: str | Path, trackers: list[Tracker], 
     model, opt = shard_model(model, ctx, cfg.train.lr, cfg.train.embedding_lr, cfg.train.weight_decay,
                              cfg.train.sharding)
     method_params = [p for p in method.parameters() if p.requires_grad]
-    method_opt = method_optimizer(method, cfg.train.lr)
+    method_opt = adam(method_params, cfg.train.lr) if method_params else None
     ident = ckpt.identity(cfg, spec.fingerprint(), ds.fingerprint, {n: t.identity() for n, t in committee.items()})
     pos, best_state = ckpt.Position(), None
     resume_path = run_dir / ckpt.RESUME_FILE
