@@ -247,3 +247,17 @@ def test_committee_grad_scales_what_the_committee_path_sends_into_the_student() 
     assert none[3] > 0 and abs(none[3] - full[3]) < 1e-5 * max(1.0, full[3])       # the method learns alike
     with pytest.raises(ConfigError, match="committee_grad"):
         _dd(committee_grad=1.5)
+
+
+def test_uniform_kd_weights_imitate_every_teacher_alike() -> None:
+    model = nn.Module()
+    model.over_arch = OverArch(5, [4])
+    torch.manual_seed(0)
+    m = _dd(kd_weights="uniform", lambda_t=1.5, temperature=2.0)
+    terms = m(StudentOutput(Z_S.clone(), torch.randn(4, 5)), make_batch(), model)
+    z_t = np.stack([Z_A.numpy(), Z_B.numpy(), np.zeros(4, np.float32)], 1)
+    sig = 1 / (1 + np.exp(-z_t / 2.0))
+    per = np.stack([np_bce(Z_S.numpy() / 2.0, sig[:, j]) for j in range(3)])
+    assert float(terms["kd_teachers"]) == pytest.approx(1.5 * 4.0 * per.mean(), abs=1e-5)
+    with pytest.raises(ConfigError, match="kd_weights"):
+        _dd(kd_weights="loud")

@@ -65,8 +65,10 @@ class DiverseDistill(Method):
         temperature: KD temperature ``T``.
         output_loss: ``kd`` or ``taid`` for the teacher term.
         kd_weights: how the teacher term weighs the teachers' cached logits: ``gated`` (the top-k
-            weights ``w``) or ``soft`` (the ungated importance ``softmax``: cached logits cost nothing
-            to read, so only *answers* need skipping, and every teacher keeps teaching each sample).
+            weights ``w``), ``soft`` (the ungated importance ``softmax``: cached logits cost nothing
+            to read, so only *answers* need skipping, and every teacher keeps teaching each sample)
+            or ``uniform`` (``1/n``: the gate and committee path then shape the student's state, not
+            whom it imitates).
         taps: ``{teacher: tap}`` overrides of the hidden tap each teacher answers from.
         leaf_dim / leaf_trees: GBDT leaf-embedding width and trees sampled per step
             (:class:`~appdistill.methods.committee.TeacherPort`; ``None`` = every tree).
@@ -105,8 +107,8 @@ class DiverseDistill(Method):
         self.tau, self.T = tau, temperature
         self.lambda_kd, self.lambda_t, self.lambda_lb = lambda_kd, lambda_t, lambda_lb
         self.output_loss = output_loss
-        if kd_weights not in ("gated", "soft"):
-            raise ConfigError(f"diverse_distill: kd_weights must be 'gated' or 'soft', got '{kd_weights}'")
+        if kd_weights not in ("gated", "soft", "uniform"):
+            raise ConfigError(f"diverse_distill: kd_weights must be 'gated', 'soft' or 'uniform', got '{kd_weights}'")
         self.kd_weights = kd_weights
         self.schedule = TAIDSchedule(**(taid or {})) if output_loss == "taid" else None
 
@@ -186,7 +188,10 @@ class DiverseDistill(Method):
             terms["kd_committee"] = self.lambda_kd * self.T ** 2 * F.binary_cross_entropy_with_logits(
                 z_s / self.T, torch.sigmoid(z_qa.detach() / self.T))
         z_t = torch.stack([self.ports[n].logit(batch) for n in self.names], 1)  # [B, n]
-        wd = (w if self.kd_weights == "gated" or not self.gating else probs).detach()
+        if self.kd_weights == "uniform":
+            wd = torch.full_like(w, 1.0 / w.shape[1])
+        else:
+            wd = (w if self.kd_weights == "gated" or not self.gating else probs).detach()
         if self.output_loss == "kd":
             per = F.binary_cross_entropy_with_logits(
                 (z_s / self.T).unsqueeze(1).expand_as(z_t), torch.sigmoid(z_t / self.T), reduction="none")
