@@ -106,3 +106,13 @@ def test_teacher_saved_before_a_new_setting_gets_a_refit_message(fitted) -> None
             load_teacher(tmp / "old", "foundation", spec, ds)
     finally:
         del os.environ["APPDISTILL_CACHE"]
+
+
+def test_dropout_settings_out_of_range_are_refused(fitted) -> None:
+    from appdistill.errors import ConfigError
+
+    _, spec, _, _ = fitted
+    with pytest.raises(ConfigError, match=r"teacher 'f': feat_dropout must be in \[0, 1\), got 1.0"):
+        build_teacher("foundation", {"feat_dropout": 1.0}, spec, "f")
+    with pytest.raises(ConfigError, match="id_dropout"):
+        build_teacher("foundation", {"id_dropout": -0.1}, spec, "f")

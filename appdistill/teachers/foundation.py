@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from appdistill.errors import AppDistillError
+from appdistill.errors import AppDistillError, ConfigError
 from appdistill.eval.metrics import auc
 from appdistill.features.batch import TeacherOutput
 from appdistill.features.dataset import Dataset
@@ -109,6 +109,9 @@ class FoundationTeacher(Teacher):
                          weight_decay=weight_decay, patience=patience, id_dropout=id_dropout,
                          feat_dropout=feat_dropout, seed=seed)
         self.config = dict(self.kwargs)
+        for k in ("id_dropout", "feat_dropout"):
+            if not 0.0 <= self.kwargs[k] < 1.0:
+                raise ConfigError(f"teacher '{self.name}': {k} must be in [0, 1), got {self.kwargs[k]}")
         vis = spec.visible("foundation")
         # the small model trained from scratch reads every visible id, id-list and dense feature
         self.id_features = [f for f in vis if f.kind == "sparse_id"]
