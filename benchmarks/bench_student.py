@@ -23,11 +23,11 @@ from pathlib import Path
 import torch
 
 from appdistill.config import REPO_ROOT, load_config
-from appdistill.features.batch import BatchBuilder, BatchLoader
+from appdistill.features.batch import BatchBuilder
 from appdistill.features.dataset import Dataset
 from appdistill.methods.none import NoDistillation
 from appdistill.train.distributed import DistContext, shard_model
-from appdistill.train.loop import build_model_for_run, train
+from appdistill.train.loop import build_model_for_run, train, train_loader
 
 
 def reference(cfg, ds: Dataset, epochs: int) -> float:
@@ -40,9 +40,7 @@ def reference(cfg, ds: Dataset, epochs: int) -> float:
     """
     spec = cfg.load_spec()
     builder = BatchBuilder(ds, spec.visible("student"))
-    rows = ds.splits["train"]
-    loader = BatchLoader(builder, rows, cfg.train.batch_size, shuffle=True, seed=cfg.seed,
-                         drop_last=len(rows) >= cfg.train.batch_size, prefetch=0)
+    loader = train_loader(cfg, ds, builder, DistContext(), prefetch=0)
     batches = []
     for e in range(epochs):
         loader.set_epoch(e)

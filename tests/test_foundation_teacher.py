@@ -69,25 +69,20 @@ def test_text_knows_cold_items(fitted) -> None:
     assert auc(t.predict_all(ds, rows).logits.numpy(), ds.labels[rows]) > 0.6
 
 
-def test_save_load_round_trip(fitted) -> None:
+def test_save_load_round_trip(fitted, monkeypatch: pytest.MonkeyPatch) -> None:
     tmp, spec, ds, t = fitted
     from appdistill.teachers.foundation import FoundationTeacher
 
     t.save(tmp / "t")
-    import os
-
-    os.environ["APPDISTILL_CACHE"] = str(tmp)  # the loaded teacher opens the same store
-    try:
-        t2 = FoundationTeacher.load(tmp / "t", spec, ds)
-    finally:
-        del os.environ["APPDISTILL_CACHE"]
+    monkeypatch.setenv("APPDISTILL_CACHE", str(tmp))  # the loaded teacher opens the same store
+    t2 = FoundationTeacher.load(tmp / "t", spec, ds)
     rows = ds.splits["valid"][:50]
     np.testing.assert_allclose(t2.predict(ds, rows).logits.numpy(), t.predict(ds, rows).logits.numpy(), atol=1e-6)
     assert t2.identity_hash() == t.identity_hash()
     assert t2.net.feat_dropout.p == 0.3  # the feature dropout acts in training only (predictions agree)
 
 
-def test_teacher_saved_before_a_new_setting_gets_a_refit_message(fitted) -> None:
+def test_teacher_saved_before_a_new_setting_gets_a_refit_message(fitted, monkeypatch: pytest.MonkeyPatch) -> None:
     import json
 
     from appdistill.teachers.fit import TeacherError, load_teacher
@@ -98,14 +93,9 @@ def test_teacher_saved_before_a_new_setting_gets_a_refit_message(fitted) -> None
     meta = json.loads(meta_path.read_text())
     del meta["kwargs"]["feat_dropout"]  # as written by a version without that setting
     meta_path.write_text(json.dumps(meta))
-    import os
-
-    os.environ["APPDISTILL_CACHE"] = str(tmp)
-    try:
-        with pytest.raises(TeacherError, match=r"older appdistill.*feat_dropout.*teachers fit"):
-            load_teacher(tmp / "old", "foundation", spec, ds)
-    finally:
-        del os.environ["APPDISTILL_CACHE"]
+    monkeypatch.setenv("APPDISTILL_CACHE", str(tmp))
+    with pytest.raises(TeacherError, match=r"older appdistill.*feat_dropout.*teachers fit"):
+        load_teacher(tmp / "old", "foundation", spec, ds)
 
 
 def test_dropout_settings_out_of_range_are_refused(fitted) -> None:

@@ -33,7 +33,7 @@ from appdistill.errors import ConfigError
 from appdistill.features.batch import Batch
 from appdistill.methods.base import METHODS, Method
 from appdistill.methods.committee import build_ports
-from appdistill.methods.taid import TAIDSchedule, global_mean
+from appdistill.methods.taid import TAIDSchedule, global_mean, taid_loss
 from appdistill.student.model import RankingModel, StudentOutput
 
 COMPLEMENTARY_KEYS = ("lightgbm", "dlrm")
@@ -171,7 +171,7 @@ class DiverseDistill(Method):
     def forward(self, out: StudentOutput, batch: Batch, model: RankingModel) -> dict[str, torch.Tensor]:
         h, z_s, y = out.h, out.logits, batch.labels
         g = self.committee_grad if self.committee_path else 1.0
-        h_c = h if g == 1.0 else scale_grad(h, g)  # what the method's modules read of the student
+        h_c = scale_grad(h, g)  # what the method's modules read of the student
         w, keep, probs = self.importance(h_c)
         self._kept += int(keep.sum())
         self._total += keep.numel()
@@ -200,8 +200,7 @@ class DiverseDistill(Method):
             assert self.schedule is not None
             z_c = (wd * z_t).sum(1)
             t = self.schedule.t
-            terms["taid_teachers"] = self.lambda_t * F.binary_cross_entropy_with_logits(
-                z_s, torch.sigmoid((1 - t) * z_s.detach() + t * z_c))
+            terms["taid_teachers"] = self.lambda_t * taid_loss(z_s, z_c, t)
         if self.gating and self.lambda_lb and len(self.names) > 1:
             f = keep.float().mean(0)
             f = f / f.sum()
@@ -236,6 +235,8 @@ class DiverseDistill(Method):
 
 def scale_grad(x: torch.Tensor, g: float) -> torch.Tensor:
     """``x`` in the forward; its gradient times ``g`` in the backward (``g = 0``: ``x.detach()``)."""
+    if g == 1.0:
+        return x
     if g == 0.0:
         return x.detach()
     return x.detach() + g * (x - x.detach())

@@ -76,6 +76,16 @@ def predict(model: torch.nn.Module, builder: BatchBuilder, rows: np.ndarray, ctx
     return out
 
 
+def train_loader(cfg: ExperimentConfig, ds: Dataset, builder: BatchBuilder, ctx: DistContext,
+                 hooks: list[Any] | None = None, prefetch: int | None = None) -> BatchLoader:
+    """The training split's loader: the batches (and their per-epoch order) ``train()`` steps
+    through. ``prefetch`` overrides ``cfg.train.prefetch``."""
+    tr, rows = cfg.train, ds.splits["train"]
+    return BatchLoader(builder, rows, tr.batch_size, shuffle=True, seed=cfg.seed, drop_last=len(rows) >= tr.batch_size,
+                       rank=ctx.rank, world_size=ctx.world_size,
+                       prefetch=tr.prefetch if prefetch is None else prefetch, hooks=hooks)
+
+
 def evaluate_split(model: torch.nn.Module, ds: Dataset, builder: BatchBuilder, split: str, ctx: DistContext,
                    cfg: ExperimentConfig, full: bool = True) -> tuple[dict[str, Any], np.ndarray]:
     rows = ds.splits[split]
@@ -161,9 +171,7 @@ def _train(cfg: ExperimentConfig, run_dir: str | Path, trackers: list[Tracker], 
 
     builder = BatchBuilder(ds, spec.visible("student"))
     tr = cfg.train
-    loader = BatchLoader(builder, ds.splits["train"], tr.batch_size, shuffle=True, seed=cfg.seed,
-                         drop_last=len(ds.splits["train"]) >= tr.batch_size, rank=ctx.rank,
-                         world_size=ctx.world_size, prefetch=tr.prefetch, hooks=hooks)
+    loader = train_loader(cfg, ds, builder, ctx, hooks)
     total = tr.epochs * len(loader)
     fault = _fault_step(ctx)
 
