@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
 from appdistill.features.batch import Batch, BatchBuilder, BatchLoader, TeacherOutput
 from appdistill.features.dataset import Dataset
 from appdistill.features.processor import Jagged
@@ -170,6 +172,28 @@ def test_prefetch_on_and_off_yield_identical_batches(builder):
             assert torch.equal(a.teacher["t"].logits, b.teacher["t"].logits)
             assert torch.equal(b.teacher["t"].logits, b.labels * 2)
     assert _no_loader_thread()
+
+
+@pytest.mark.parametrize("block_rows", [1, 7, 10_000])
+def test_block_building_yields_the_same_batches(builder, block_rows):
+    # blocks of 1 batch, of batches that straddle a block edge, and one block for the whole split;
+    # the ragged last batch (20 rows, batch 6) is in every case
+    rows = np.arange(20)
+    one = list(BatchLoader(builder, rows, 6, shuffle=True, seed=1, prefetch=0, block_rows=1))
+    got = list(BatchLoader(builder, rows, 6, shuffle=True, seed=1, prefetch=0, block_rows=block_rows))
+    assert [b.size for b in got] == [6, 6, 6, 2]
+    for a, b in zip(one, got):
+        _assert_batches_equal(a, b)
+    for b in got:
+        # the per-key dict the loader fills must equal what torchrec computes from values/lengths
+        fresh = KeyedJaggedTensor(keys=b.sparse.keys(), values=b.sparse.values(), lengths=b.sparse.lengths())
+        ours, ref = b.sparse.to_dict(), fresh.to_dict()
+        assert b.sparse.stride() == b.size and b.sparse.length_per_key() == fresh.length_per_key()
+        assert b.sparse.offset_per_key() == fresh.offset_per_key()
+        for k in ref:
+            for x, y in ((ours[k].values(), ref[k].values()), (ours[k].lengths(), ref[k].lengths()),
+                         (ours[k].offsets(), ref[k].offsets())):
+                assert torch.equal(x, y), k
 
 
 class Boom(RuntimeError):
