@@ -9,7 +9,7 @@ back-to-back pairs; the headline is the **median of the per-pair ratios** over `
 mostly measure the noise). The best-of ratio is reported beside it.
 
 Usage:
-    python benchmarks/bench_student.py --out DIR [--epochs 2] [--repeats 7]
+    python benchmarks/bench_student.py --out DIR [--epochs 2] [--repeats 11]
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--config", default=str(REPO_ROOT / "configs/ml100k_plain.yaml"))
     ap.add_argument("--epochs", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--repeats", type=int, default=11)
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
     a = ap.parse_args()
     out = Path(a.out)
