@@ -47,8 +47,8 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "dd_no_questions": ("diverse_distill", {"questions": False}),
     "dd_no_committee_path": ("diverse_distill", {"committee_path": False}),
     "dd_taid": ("diverse_distill", {"output_loss": "taid"}),
-    "dd_detached_over_arch": ("diverse_distill", {"committee_trains_over_arch": False}),
-    "dd_committee_ta": ("diverse_distill", {"committee_grad": 0.0}),
+    # the committee config's earlier default: the committee path trains the student too and is distilled
+    "dd_committee_trains_student": ("diverse_distill", {"committee_grad": 1.0, "lambda_kd": 0.5, "kd_weights": "gated"}),
 }
 
 

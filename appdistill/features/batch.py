@@ -109,7 +109,9 @@ class BatchBuilder:
         """
         ds = self.ds
         sizes = [len(r) for r in row_groups]
-        rows = np.concatenate(row_groups) if len(row_groups) > 1 else np.asarray(row_groups[0], np.int64)
+        # a copy either way: ``row_ids`` must not share memory with the caller's array
+        rows = np.concatenate(row_groups).astype(np.int64, copy=False) if len(row_groups) > 1 \
+            else np.array(row_groups[0], np.int64)
         bounds = np.zeros(len(sizes) + 1, np.int64)
         np.cumsum(sizes, out=bounds[1:])
         cols: list[tuple[np.ndarray, np.ndarray | None]] = []  # (values, lengths or None = one per row)
