@@ -46,7 +46,8 @@ class TrainSection(_Strict):
     embedding_lr: float = 0.05
     weight_decay: float = 0.0
     eval_batch_size: int = 8192
-    prefetch: int = 4
+    # batches built ahead on a loader thread; None = auto (see train.loop.train_loader)
+    prefetch: int | None = Field(default=None, ge=0)
     num_threads: int | None = None
     checkpoint_every: int = 0
     select_best: bool = True

@@ -83,7 +83,7 @@ def main() -> None:
     pairs = [o / f for o, f in zip(ours, ref)]
     res = {
         "benchmark": "student_throughput", "config": a.config, "epochs": a.epochs, "repeats": a.repeats,
-        "overrides": a.set, "batch_size": cfg.train.batch_size, "prefetch": cfg.train.prefetch, "threads": torch.get_num_threads(),
+        "overrides": a.set, "batch_size": cfg.train.batch_size, "prefetch": train_loader(cfg, ds, BatchBuilder(ds, cfg.load_spec().visible("student")), DistContext()).prefetch, "threads": torch.get_num_threads(),
         "appdistill_samples_per_s": statistics.median(ours), "reference_samples_per_s": statistics.median(ref),
         "all_appdistill": ours, "all_reference": ref, "pair_ratios": [round(x, 3) for x in pairs],
         "ratio": statistics.median(pairs), "ratio_best_of": max(ours) / max(ref), "target_ratio": 0.9,

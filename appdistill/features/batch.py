@@ -1,7 +1,8 @@
 """``Batch`` and the loader that builds batches from a :class:`Dataset`.
 
-Batches are built with a handful of numpy gathers (no per-row Python) and, by default, on a
-background thread so that building batch ``k+1`` overlaps the training step on batch ``k``.
+Batches are built a block at a time (one numpy gather per feature for ~32k rows, no per-row
+Python; each batch is a zero-copy slice), optionally on a background thread so that building
+overlaps the training step (``train()`` turns the thread on only when a core is free for it).
 
 Under ``torchrun`` every rank walks the same global permutation and takes its own slice of each
 global batch, so the effective batch and the number of steps match a single-process run.

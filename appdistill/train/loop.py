@@ -79,11 +79,24 @@ def predict(model: torch.nn.Module, builder: BatchBuilder, rows: np.ndarray, ctx
 def train_loader(cfg: ExperimentConfig, ds: Dataset, builder: BatchBuilder, ctx: DistContext,
                  hooks: list[Any] | None = None, prefetch: int | None = None) -> BatchLoader:
     """The training split's loader: the batches (and their per-epoch order) ``train()`` steps
-    through. ``prefetch`` overrides ``cfg.train.prefetch``."""
+    through. ``prefetch`` overrides ``cfg.train.prefetch``.
+
+    ``train.prefetch: null`` (the default) builds batches on a loader thread only when a core is
+    left over by the training threads of every rank on this machine. On a 2-core machine the
+    thread competes with torch's two intra-op threads: ``bench_student`` measured 0.88 / 0.97 /
+    0.76 / 0.85 with ``prefetch: 4`` against 0.92 / 0.96 / 0.87 inline (a batch costs ~0.3 ms to
+    build, in blocks of 32).
+    """
     tr, rows = cfg.train, ds.splits["train"]
+    if prefetch is None:
+        busy = torch.get_num_threads() * int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+        prefetch = tr.prefetch if tr.prefetch is not None else (4 if _cores() > busy else 0)
     return BatchLoader(builder, rows, tr.batch_size, shuffle=True, seed=cfg.seed, drop_last=len(rows) >= tr.batch_size,
-                       rank=ctx.rank, world_size=ctx.world_size,
-                       prefetch=tr.prefetch if prefetch is None else prefetch, hooks=hooks)
+                       rank=ctx.rank, world_size=ctx.world_size, prefetch=prefetch, hooks=hooks)
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def evaluate_split(model: torch.nn.Module, ds: Dataset, builder: BatchBuilder, split: str, ctx: DistContext,
@@ -126,7 +139,7 @@ def _train(cfg: ExperimentConfig, run_dir: str | Path, trackers: list[Tracker], 
     """The body of :func:`train`; appends its tracker to ``trackers`` for the caller to close."""
     ctx = init_distributed()
     run_dir = Path(run_dir)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = _cores()
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     elif ctx.is_dist:
