@@ -27,7 +27,7 @@ from appdistill.features.batch import BatchBuilder
 from appdistill.features.dataset import Dataset
 from appdistill.methods.none import NoDistillation
 from appdistill.train.distributed import DistContext, shard_model
-from appdistill.train.loop import build_model_for_run, train, train_loader
+from appdistill.train.loop import build_model_for_run, train, train_loader, train_prefetch
 
 
 def reference(cfg, ds: Dataset, epochs: int) -> float:
@@ -83,7 +83,7 @@ def main() -> None:
     pairs = [o / f for o, f in zip(ours, ref)]
     res = {
         "benchmark": "student_throughput", "config": a.config, "epochs": a.epochs, "repeats": a.repeats,
-        "overrides": a.set, "batch_size": cfg.train.batch_size, "prefetch": train_loader(cfg, ds, BatchBuilder(ds, cfg.load_spec().visible("student")), DistContext()).prefetch, "threads": torch.get_num_threads(),
+        "overrides": a.set, "batch_size": cfg.train.batch_size, "prefetch": train_prefetch(cfg), "threads": torch.get_num_threads(),
         "appdistill_samples_per_s": statistics.median(ours), "reference_samples_per_s": statistics.median(ref),
         "all_appdistill": ours, "all_reference": ref, "pair_ratios": [round(x, 3) for x in pairs],
         "ratio": statistics.median(pairs), "ratio_best_of": max(ours) / max(ref), "target_ratio": 0.9,

@@ -115,15 +115,16 @@ class BatchBuilder:
             else np.array(row_groups[0], np.int64)
         bounds = np.zeros(len(sizes) + 1, np.int64)
         np.cumsum(sizes, out=bounds[1:])
-        cols: list[tuple[np.ndarray, np.ndarray | None]] = []  # (values, lengths or None = one per row)
+        # per feature: (values, lengths, offsets) of the block; lengths/offsets None = one id per row
+        cols: list[tuple[np.ndarray, np.ndarray | None, np.ndarray | None]] = []
         for f in self.sparse_features:
             if f.kind == "sparse_id":
-                cols.append((ds.sparse[f.name][rows], None))
+                cols.append((ds.sparse[f.name][rows], None, None))
             else:
                 ln, v = ds.lists[f.name].take(ds.table_rows[f.table][rows])
-                cols.append((v, ln))
-        # where each batch's values start, per list feature (fixed-length features: bounds)
-        vbounds = [bounds if ln is None else np.concatenate([[0], np.cumsum(ln)])[bounds] for _, ln in cols]
+                off = np.zeros(len(ln) + 1, np.int64)
+                np.cumsum(ln, out=off[1:])
+                cols.append((v, ln, off))
         if self.dense_features:
             dense = np.empty((len(rows), len(self.dense_features)), np.float32)
             for j, f in enumerate(self.dense_features):
@@ -132,10 +133,12 @@ class BatchBuilder:
             dense = np.zeros((len(rows), 0), np.float32)
         labels, users, items = ds.labels[rows], ds.user_ids[rows], ds.item_ids[rows]
         out = []
-        for b, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
+        for lo, hi in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
+            # a batch's slice of each feature; list offsets rebased to the batch's first value
+            per = [(v[lo:hi], None, None) if ln is None else (v[off[lo]:off[hi]], ln[lo:hi], off[lo:hi + 1] - off[lo])
+                   for v, ln, off in cols]
             out.append(Batch(
-                sparse=self._kjt([(v[vb[b]:vb[b + 1]], None if ln is None else ln[lo:hi])
-                                  for (v, ln), vb in zip(cols, vbounds)], int(hi - lo)),
+                sparse=self._kjt(per, hi - lo),
                 dense=torch.from_numpy(dense[lo:hi]),
                 labels=torch.from_numpy(labels[lo:hi]),
                 row_ids=torch.from_numpy(rows[lo:hi]),
@@ -144,22 +147,18 @@ class BatchBuilder:
             ))
         return out
 
-    def _kjt(self, cols: list[tuple[np.ndarray, np.ndarray | None]], batch: int) -> KeyedJaggedTensor:
-        """KJT (with its ``to_dict()`` cache filled) of one batch's per-feature (values, lengths)."""
+    def _kjt(self, cols: list[tuple[np.ndarray, np.ndarray | None, np.ndarray | None]],
+             batch: int) -> KeyedJaggedTensor:
+        """KJT (with its ``to_dict()`` cache filled) of one batch's per-feature (values, lengths, offsets)."""
         if not cols:
             return KeyedJaggedTensor(keys=[], values=torch.zeros(0, dtype=torch.int64),
                                      lengths=torch.zeros(0, dtype=torch.int64), stride=batch)
         ones, arange = self._unit(batch)
-        per_key = [int(v.shape[0]) for v, _ in cols]
-        values = torch.from_numpy(np.concatenate([v for v, _ in cols]))
+        per_key = [int(v.shape[0]) for v, _, _ in cols]
+        values = torch.from_numpy(np.concatenate([v for v, _, _ in cols]))
         jt, lengths, start = {}, [], 0
-        for key, (_, ln), n in zip(self.keys, cols, per_key):
-            if ln is None:
-                lt, ot = ones, arange
-            else:
-                off = np.zeros(batch + 1, np.int64)
-                np.cumsum(ln, out=off[1:])
-                lt, ot = torch.from_numpy(ln), torch.from_numpy(off)
+        for key, (_, ln, off), n in zip(self.keys, cols, per_key):
+            lt, ot = (ones, arange) if ln is None else (torch.from_numpy(ln), torch.from_numpy(off))
             jt[key] = JaggedTensor(values=values[start:start + n], lengths=lt, offsets=ot)
             lengths.append(lt)
             start += n

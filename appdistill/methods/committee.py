@@ -74,20 +74,20 @@ class TeacherPort(nn.Module):
     def state(self, batch: Batch, idx: torch.Tensor | None = None) -> torch.Tensor:
         """``H_i`` ``[B', d_i]`` for batch rows ``idx`` (all rows when None)."""
         h = batch.teacher[self.name].hidden[self.tap]
+        trees = None
         if self.is_leaves and self.leaf_trees is not None and self.training:
             # torch's global RNG: seeded by train() and restored on resume
             trees = torch.randperm(h.shape[1], device=h.device)[: self.leaf_trees]
-            # the sampled trees' columns first, then the kept rows: gathering the rows first
-            # copied every tree's leaf index (B x 466 here) to use 32 of them
+            # the sampled trees' columns before the kept rows: gathering the rows first copied
+            # every tree's leaf index (B x 466 here) to use 32 of them
             h = h.index_select(1, trees)
-            if idx is not None:
-                h = h[idx]
+        if idx is not None:
+            h = h[idx]
+        if trees is not None:
             rows = (h.long() + self.tree_offset[trees]).reshape(-1)
             # index_select + mean rather than the EmbeddingBag: its backward is one index_add,
             # where EmbeddingBag's sorts every index first (2x slower on CPU at B x 32 lookups)
             return self.leaf_emb.weight.index_select(0, rows).view(h.shape[0], len(trees), -1).mean(1)
-        if idx is not None:
-            h = h[idx]
         if self.is_leaves:
             return self.leaf_emb(h.long() + self.tree_offset)
         return h.float()

@@ -88,11 +88,18 @@ def train_loader(cfg: ExperimentConfig, ds: Dataset, builder: BatchBuilder, ctx:
     build, in blocks of 32).
     """
     tr, rows = cfg.train, ds.splits["train"]
-    if prefetch is None:
-        busy = torch.get_num_threads() * int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
-        prefetch = tr.prefetch if tr.prefetch is not None else (4 if _cores() > busy else 0)
     return BatchLoader(builder, rows, tr.batch_size, shuffle=True, seed=cfg.seed, drop_last=len(rows) >= tr.batch_size,
-                       rank=ctx.rank, world_size=ctx.world_size, prefetch=prefetch, hooks=hooks)
+                       rank=ctx.rank, world_size=ctx.world_size,
+                       prefetch=train_prefetch(cfg) if prefetch is None else prefetch, hooks=hooks)
+
+
+def train_prefetch(cfg: ExperimentConfig) -> int:
+    """``cfg.train.prefetch``, or when it is null: 4 if this machine has a core beyond the torch
+    threads of all its ranks, else 0 (build inline)."""
+    if cfg.train.prefetch is not None:
+        return cfg.train.prefetch
+    busy = torch.get_num_threads() * int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    return 4 if _cores() > busy else 0
 
 
 def _cores() -> int:
