@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torchrec import KeyedJaggedTensor
 
@@ -158,6 +159,39 @@ def test_diverse_distill_ablations() -> None:
     assert m.logs()["taid_t"] >= 0.4
 
 
+def test_committee_rows_and_every_bound_where_answers_are_computed() -> None:
+    torch.manual_seed(0)
+    model = nn.Module()
+    model.over_arch = OverArch(5, [4])
+    h = torch.randn(4, 5)
+    # committee_rows: 2 of the 4 rows take the committee path, each asking top_k = 2 teachers
+    m = _dd(top_k=2, committee_rows=2)
+    torch.manual_seed(3)
+    terms = m(StudentOutput(Z_S, h), make_batch(), model)
+    assert sum(m.answer_calls.values()) == 2 * 2 and m.skipped_fraction() == pytest.approx(1 / 3)
+    torch.manual_seed(3)
+    rows = torch.randperm(4)[:2].sort().values                               # the same draw
+    x = h[rows] + m.committee_message(h[rows], make_batch(), *m.importance(h[rows])[:2], rows)
+    want = F.binary_cross_entropy_with_logits(model.over_arch(x), Y[rows])
+    assert float(terms["bce_committee"]) == pytest.approx(float(want), abs=1e-6)
+    # the teacher KD still covers every row
+    full = _dd(top_k=2, committee_path=False)
+    full.load_state_dict(m.state_dict())
+    assert float(terms["kd_teachers"]) == pytest.approx(float(full(StudentOutput(Z_S, h), make_batch(), model)["kd_teachers"]))
+    # committee_every: the committee path (and the gate's training) runs on steps 0, 3, 6, ...
+    m = _dd(top_k=2, committee_every=3)
+    seen = [set(m(StudentOutput(Z_S, h), make_batch(), model)) for _ in range(4)]
+    assert [("bce_committee" in t, "balance" in t) for t in seen] == [(True, True), (False, False), (False, False), (True, True)]
+    assert all("kd_teachers" in t for t in seen) and sum(m.answer_calls.values()) == 2 * 4 * 2
+    resumed = _dd(top_k=2, committee_every=3)
+    resumed.load_state(m.state())                                             # the step count survives a resume
+    assert [("bce_committee" in resumed(StudentOutput(Z_S, h), make_batch(), model)) for _ in range(3)] == [False, False, True]
+    with pytest.raises(ConfigError, match="committee_every"):
+        _dd(committee_every=0)
+    with pytest.raises(ConfigError, match="committee_rows"):
+        _dd(committee_rows=0)
+
+
 def test_diverse_distill_kd_term_golden() -> None:
     """With gating off (w uniform) the teacher term is the mean of per-teacher KD."""
     m = _dd(gating=False, committee_path=False, lambda_t=1.0, teachers=["dlrm", "foundation"])
@@ -182,27 +216,30 @@ def test_talking_terms_and_frozen_teachers() -> None:
     assert all(p.grad is None for p in COMMITTEE["dlrm"].head("h").parameters())
 
 
-def test_leaf_trees_sampling_is_an_unbiased_subset_in_training_only() -> None:
+def test_leaf_state_is_the_mean_leaf_embedding_over_evenly_spaced_trees() -> None:
     from appdistill.methods.committee import TeacherPort
 
     torch.manual_seed(0)
-    port = TeacherPort("lightgbm", FakeTeacher("lightgbm", leaves=True), leaf_dim=3, leaf_trees=2)
     batch = make_batch()
-    leaves = batch.teacher["lightgbm"].hidden["leaves"]                      # [4, 8 trees]
-    table = port.leaf_emb.weight.detach()                                     # [8 trees * 4 leaves, 3]
-    per_tree = table[leaves.long() + torch.arange(8) * 4]                     # [4, 8, 3]
+    leaves = batch.teacher["lightgbm"].hidden["leaves"]                      # [4, 8 trees], 4 leaves each
+    port = TeacherPort("lightgbm", FakeTeacher("lightgbm", leaves=True), leaf_dim=3, leaf_trees=3)
+    assert port.trees.tolist() == [0, 4, 7]                                   # first, middle, last
+    assert port.leaf_emb.weight.shape == (3 * 4, 3)                           # rows for the used trees only
+    table = port.leaf_emb.weight.detach()
+    want = table[leaves[:, [0, 4, 7]].long() + torch.arange(3) * 4].mean(1)   # [4, 3]
+    assert torch.allclose(port.state(batch), want, atol=1e-6)
     port.eval()
-    assert torch.allclose(port.state(batch), per_tree.mean(1), atol=1e-6)     # every tree at evaluation
-    port.train()
-    torch.manual_seed(5)
-    got = port.state(batch)
-    torch.manual_seed(5)
-    trees = torch.randperm(8)[:2]                                             # the same draw
-    assert torch.allclose(got, per_tree[:, trees].mean(1), atol=1e-6)
-    # averaged over draws the sampled state is the all-tree mean (unbiased)
-    mean = torch.stack([port.state(batch) for _ in range(4000)]).mean(0)
-    assert torch.allclose(mean, per_tree.mean(1), atol=0.03)
-    assert TeacherPort("l", FakeTeacher("l", leaves=True), leaf_trees=100).leaf_trees is None  # >= trees: all
+    assert torch.allclose(port.state(batch), want, atol=1e-6)                 # the same trees at evaluation
+    idx = torch.tensor([3, 1])
+    assert torch.allclose(port.state(batch, idx), want[idx], atol=1e-6)       # kept rows only
+    # the gradient reaches exactly the used (tree, leaf) rows
+    port.state(batch).sum().backward()
+    used = (leaves[:, [0, 4, 7]].long() + torch.arange(3) * 4).unique()
+    assert set(port.leaf_emb.weight.grad.abs().sum(1).nonzero().flatten().tolist()) == set(used.tolist())
+    every = TeacherPort("lightgbm", FakeTeacher("l", leaves=True), leaf_dim=3, leaf_trees=100)  # >= trees: all
+    assert every.trees is None and every.leaf_emb.weight.shape == (8 * 4, 3)
+    table = every.leaf_emb.weight.detach()
+    assert torch.allclose(every.state(batch), table[leaves.long() + torch.arange(8) * 4].mean(1), atol=1e-6)
 
 
 def test_methods_declare_the_cache_taps_they_read() -> None:

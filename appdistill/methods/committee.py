@@ -30,13 +30,14 @@ class TeacherPort(nn.Module):
         teacher: the fitted teacher (``hidden_dims()``, ``head(tap)``, optional ``num_leaves``).
         tap: which hidden tap to use (default: the first one with a head, else the first).
         leaf_dim: embedding width for integer (leaf-index) taps.
-        leaf_trees: trees whose leaves make a training step's leaf state (``None`` = all). A
-            GBDT has hundreds of trees: embedding every tree's leaf costs ``B·T·leaf_dim`` gathers and
-            as many scattered gradients per step, several times the whole student step. Each step
-            draws ``leaf_trees`` trees at random (one draw for the batch) and averages their leaf
-            embeddings: an unbiased estimate of the all-tree mean, like dropout over trees, and every
-            leaf embedding is still learned. Evaluation (``model.eval()``) uses every tree.
-
+        leaf_trees: trees whose leaves make the leaf state (``None`` = all), evenly spaced over
+            the ensemble (boosting order: early trees carry the main effects, later ones refine
+            them, so an even spread sees both). A sample's state is the mean of its leaves'
+            embeddings in those trees. Why not every tree: a GBDT has hundreds, and the table of one
+            embedding per (tree, leaf) is then ~30k rows whose dense gradient and Adam update cost
+            more than the whole student step; sparse gradients are no cure on CPU (SparseAdam was
+            2x slower than the dense update here) and NCCL has no sparse all-reduce. A per-step
+            random draw of trees kept the full table and its cost, so the subset is fixed.
     Attributes:
         dim: width ``d_i`` of ``H_i``.
         has_head: whether :meth:`answer` runs the teacher's frozen upper layers.
@@ -60,10 +61,13 @@ class TeacherPort(nn.Module):
         if self.is_leaves:
             n_trees = dims[tap]
             n_leaves = int(getattr(teacher, "num_leaves", 64))
-            # one row per (tree, leaf); a sample's state is the mean of its trees' leaf embeddings
-            self.leaf_emb = nn.EmbeddingBag(n_trees * n_leaves, leaf_dim, mode="mean")
-            self.register_buffer("tree_offset", torch.arange(n_trees) * n_leaves, persistent=False)
-            self.leaf_trees = leaf_trees if leaf_trees and leaf_trees < n_trees else None
+            k = n_trees if leaf_trees is None else max(1, min(int(leaf_trees), n_trees))
+            trees = torch.linspace(0, n_trees - 1, k).round().long().unique()
+            # None when every tree is used: the state then reads the tap without a column gather
+            self.register_buffer("trees", trees if len(trees) < n_trees else None, persistent=False)
+            # one row per (used tree, leaf); a sample's state is the mean of its trees' leaf embeddings
+            self.leaf_emb = nn.Embedding(len(trees) * n_leaves, leaf_dim)
+            self.register_buffer("tree_offset", torch.arange(len(trees)) * n_leaves, persistent=False)
             self.dim = leaf_dim
         else:
             self.dim = dims[tap]
@@ -74,23 +78,16 @@ class TeacherPort(nn.Module):
     def state(self, batch: Batch, idx: torch.Tensor | None = None) -> torch.Tensor:
         """``H_i`` ``[B', d_i]`` for batch rows ``idx`` (all rows when None)."""
         h = batch.teacher[self.name].hidden[self.tap]
-        trees = None
-        if self.is_leaves and self.leaf_trees is not None and self.training:
-            # torch's global RNG: seeded by train() and restored on resume
-            trees = torch.randperm(h.shape[1], device=h.device)[: self.leaf_trees]
-            # the sampled trees' columns before the kept rows: gathering the rows first copied
-            # every tree's leaf index (B x 466 here) to use 32 of them
-            h = h.index_select(1, trees)
         if idx is not None:
-            h = h[idx]
-        if trees is not None:
-            rows = (h.long() + self.tree_offset[trees]).reshape(-1)
-            # index_select + mean rather than the EmbeddingBag: its backward is one index_add,
-            # where EmbeddingBag's sorts every index first (2x slower on CPU at B x 32 lookups)
-            return self.leaf_emb.weight.index_select(0, rows).view(h.shape[0], len(trees), -1).mean(1)
-        if self.is_leaves:
-            return self.leaf_emb(h.long() + self.tree_offset)
-        return h.float()
+            h = h.index_select(0, idx)
+        if not self.is_leaves:
+            return h.float()
+        if self.trees is not None:
+            h = h.index_select(1, self.trees)
+        rows = (h.long() + self.tree_offset).reshape(-1)
+        # index_select + mean rather than an EmbeddingBag: its backward is one index_add, where
+        # EmbeddingBag's sorts every index first (2x slower on CPU at B x 32 lookups)
+        return self.leaf_emb.weight.index_select(0, rows).view(h.shape[0], -1, self.dim).mean(1)
 
     def answer(self, x: torch.Tensor) -> torch.Tensor:
         """The frozen head on state ``x`` ``[B', d_i]``: ``[last hidden activation ; logit]``.

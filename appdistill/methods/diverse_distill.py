@@ -69,8 +69,17 @@ class DiverseDistill(Method):
             to read, so only *answers* need skipping, and every teacher keeps teaching each sample)
             or ``uniform`` (``1/n``: the gate and committee path then shape the student's state, not
             whom it imitates).
+        committee_rows: rows of each batch that take the committee path (questions, answers,
+            ``z_qa``), drawn at random per step; ``None`` = all. The gate's importance and the
+            teacher KD still cover every row. Answers run teachers' frozen heads and the answer
+            nets forward and backward, several times the student's own step at full batch; with
+            ``committee_grad: 0`` the path only trains the method's modules (the gate first), and a
+            random quarter of each batch trains them about as well (README, "Step cost").
+        committee_every: run the committee path on every k-th training step only (the gate, the
+            teacher KD and the balance term still run every step): its cost is mostly per-op
+            overhead that fewer rows do not shrink, so this is the lever that amortises it.
         taps: ``{teacher: tap}`` overrides of the hidden tap each teacher answers from.
-        leaf_dim / leaf_trees: GBDT leaf-embedding width and trees sampled per step
+        leaf_dim / leaf_trees: GBDT leaf-embedding width and trees (evenly spaced) in the leaf state
             (:class:`~appdistill.methods.committee.TeacherPort`; ``None`` = every tree).
     """
 
@@ -83,7 +92,8 @@ class DiverseDistill(Method):
                  lambda_t: float = 0.5, lambda_lb: float = 0.01, temperature: float = 1.0,
                  output_loss: str = "kd", taps: dict[str, str] | None = None, leaf_dim: int = 32,
                  leaf_trees: int | None = 32, taid: dict[str, float] | None = None,
-                 kd_weights: str = "gated") -> None:
+                 kd_weights: str = "gated", committee_rows: int | None = None,
+                 committee_every: int = 1) -> None:
         super().__init__(committee)
         committee = committee or {}
         names = self.pick(teachers)
@@ -110,6 +120,13 @@ class DiverseDistill(Method):
         if kd_weights not in ("gated", "soft", "uniform"):
             raise ConfigError(f"diverse_distill: kd_weights must be 'gated', 'soft' or 'uniform', got '{kd_weights}'")
         self.kd_weights = kd_weights
+        if committee_rows is not None and committee_rows < 1:
+            raise ConfigError(f"diverse_distill: committee_rows must be >= 1 or null, got {committee_rows}")
+        self.committee_rows = committee_rows
+        if committee_every < 1:
+            raise ConfigError(f"diverse_distill: committee_every must be >= 1, got {committee_every}")
+        self.committee_every = committee_every
+        self._calls = 0  # training forwards so far (committee_every counts them; checkpointed)
         self.schedule = TAIDSchedule(**(taid or {})) if output_loss == "taid" else None
 
         self.ports = build_ports(committee, names, taps, leaf_dim, leaf_trees)
@@ -133,8 +150,7 @@ class DiverseDistill(Method):
     def importance(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(w, keep, probs)``: gated weights ``[B, n]`` (0 where skipped, rows sum to 1), the keep
         mask ``[B, n]`` bool and the ungated softmax ``[B, n]``."""
-        # ⟨W h, e_i⟩ = h·(Wᵀ e_i): one [d_s, n] matrix instead of projecting every sample to d_e
-        probs = torch.softmax(h @ (self.W.weight.t() @ self.E.t()) / self.tau, dim=1)
+        probs = self.gate_probs(h)
         if not self.gating:
             keep = torch.ones_like(probs, dtype=torch.bool)
             return torch.full_like(probs, 1.0 / probs.shape[1]), keep, probs
@@ -147,9 +163,19 @@ class DiverseDistill(Method):
         w = probs * keep
         return w / w.sum(1, keepdim=True).clamp_min(1e-12), keep, probs
 
+    def gate_probs(self, h: torch.Tensor) -> torch.Tensor:
+        """The ungated importance ``softmax(⟨W h, E⟩ / τ)`` ``[B, n]``."""
+        # ⟨W h, e_i⟩ = h·(Wᵀ e_i): one [n, d_s] matrix instead of projecting every sample to d_e;
+        # F.linear with it, not h @ its transpose: MKL's skinny [B, d_s] x [d_s, n] was 2.5x slower
+        return torch.softmax(F.linear(h, self.E @ self.W.weight) / self.tau, dim=1)
+
     # ------------------------------------------------------------------ answers
-    def committee_message(self, h: torch.Tensor, batch: Batch, w: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-        """``Σ_i w_i ã_i`` ``[B, d_s]``, computing answers only for kept (sample, teacher) pairs."""
+    def committee_message(self, h: torch.Tensor, batch: Batch, w: torch.Tensor, keep: torch.Tensor,
+                          rows: torch.Tensor | None = None) -> torch.Tensor:
+        """``Σ_i w_i ã_i`` ``[B', d_s]``, computing answers only for kept (sample, teacher) pairs.
+
+        ``h``, ``w``, ``keep`` hold the committee rows; ``rows`` are their batch indices (None = all).
+        """
         msg = torch.zeros_like(h)
         qh = self.Q(h) if self.questions else None
         for j, name in enumerate(self.names):
@@ -157,7 +183,7 @@ class DiverseDistill(Method):
             if idx.numel() == 0:
                 continue
             port = self.ports[name]
-            H = port.state(batch, idx)
+            H = port.state(batch, idx if rows is None else rows.index_select(0, idx))
             q = self.P[name](qh[idx] * self.E[j]) if qh is not None else torch.zeros_like(H)
             if name in self.answer_net:
                 a = self.answer_net[name](torch.cat([H, q], 1))
@@ -167,31 +193,54 @@ class DiverseDistill(Method):
             msg = msg.index_add(0, idx, w[idx, j:j + 1] * self.A[name](a))
         return msg
 
+    def committee_subset(self, n: int, device: torch.device) -> torch.Tensor | None:
+        """Sorted batch rows that take the committee path this step (None = all ``n``)."""
+        if self.committee_rows is None or self.committee_rows >= n or not self.training:
+            return None
+        # torch's global RNG: seeded by train() and restored on resume, like the leaf-tree draw
+        return torch.randperm(n, device=device)[: self.committee_rows].sort().values
+
     # ------------------------------------------------------------------ loss
     def forward(self, out: StudentOutput, batch: Batch, model: RankingModel) -> dict[str, torch.Tensor]:
         h, z_s, y = out.h, out.logits, batch.labels
         g = self.committee_grad if self.committee_path else 1.0
         h_c = scale_grad(h, g)  # what the method's modules read of the student
-        w, keep, probs = self.importance(h_c)
-        self._kept += int(keep.sum())
-        self._total += keep.numel()
+        run_committee = self.committee_path and (not self.training or self._calls % self.committee_every == 0)
+        self._calls += int(self.training)
+        # between committee steps nothing trains the gate (its weights on the teacher KD are
+        # detached), so it runs without a graph and the balance term waits for the next one
+        train_gate = run_committee or not self.committee_path
+        if train_gate or (self.gating and self.kd_weights == "gated"):
+            with torch.set_grad_enabled(train_gate and torch.is_grad_enabled()):
+                w, keep, probs = self.importance(h_c)
+        else:  # the teacher KD reads only the ungated importance (or none): skip the top-k
+            with torch.no_grad():
+                probs = self.gate_probs(h_c)
         terms = {"bce": F.binary_cross_entropy_with_logits(z_s, y)}
-        if self.committee_path:
-            x = h_c + self.committee_message(h_c, batch, w, keep)
+        if run_committee:
+            rows = self.committee_subset(h.shape[0], h.device)
+            sub = (lambda t: t) if rows is None else (lambda t: t.index_select(0, rows))
+            kept = sub(keep)
+            self._kept += int(kept.sum())
+            self._total += kept.numel()
+            x = sub(h_c) + self.committee_message(sub(h_c), batch, sub(w), kept, rows)
             g_arch = g if self.committee_trains_over_arch else 0.0
             if g_arch == 1.0:
                 z_qa = model.over_arch(x)
             else:
                 weights = {k: scale_grad(v, g_arch) for k, v in model.over_arch.named_parameters()}
                 z_qa = torch.func.functional_call(model.over_arch, weights, (x,))
-            terms["bce_committee"] = F.binary_cross_entropy_with_logits(z_qa, y)
+            terms["bce_committee"] = F.binary_cross_entropy_with_logits(z_qa, sub(y))
             terms["kd_committee"] = self.lambda_kd * self.T ** 2 * F.binary_cross_entropy_with_logits(
-                z_s / self.T, torch.sigmoid(z_qa.detach() / self.T))
+                sub(z_s) / self.T, torch.sigmoid(z_qa.detach() / self.T))
+        elif not self.committee_path:
+            self._kept += int(keep.sum())
+            self._total += keep.numel()
         z_t = torch.stack([self.ports[n].logit(batch) for n in self.names], 1)  # [B, n]
-        if self.kd_weights == "uniform":
-            wd = torch.full_like(w, 1.0 / w.shape[1])
+        if self.kd_weights == "uniform" or not self.gating:
+            wd = torch.full_like(probs, 1.0 / probs.shape[1])
         else:
-            wd = (w if self.kd_weights == "gated" or not self.gating else probs).detach()
+            wd = (w if self.kd_weights == "gated" else probs).detach()
         if self.output_loss == "kd":
             per = F.binary_cross_entropy_with_logits(
                 (z_s / self.T).unsqueeze(1).expand_as(z_t), torch.sigmoid(z_t / self.T), reduction="none")
@@ -201,7 +250,7 @@ class DiverseDistill(Method):
             z_c = (wd * z_t).sum(1)
             t = self.schedule.t
             terms["taid_teachers"] = self.lambda_t * taid_loss(z_s, z_c, t)
-        if self.gating and self.lambda_lb and len(self.names) > 1:
+        if train_gate and self.gating and self.lambda_lb and len(self.names) > 1:
             f = keep.float().mean(0)
             f = f / f.sum()
             terms["balance"] = self.lambda_lb * len(self.names) * (f.detach() * probs.mean(0)).sum()
@@ -221,13 +270,15 @@ class DiverseDistill(Method):
         return out
 
     def state(self) -> dict[str, Any]:
-        s: dict[str, Any] = {"kept": self._kept, "total": self._total, "answer_calls": dict(self.answer_calls)}
+        s: dict[str, Any] = {"kept": self._kept, "total": self._total, "answer_calls": dict(self.answer_calls),
+                             "calls": self._calls}
         if self.schedule is not None:
             s["taid"] = self.schedule.state()
         return s
 
     def load_state(self, state: dict[str, Any]) -> None:
         self._kept, self._total = int(state["kept"]), int(state["total"])
+        self._calls = int(state.get("calls", 0))
         self.answer_calls.update(state.get("answer_calls", {}))
         if self.schedule is not None and "taid" in state:
             self.schedule.load_state(state["taid"])

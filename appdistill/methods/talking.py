@@ -43,7 +43,7 @@ class TalkingModels(Method):
             consistency, reconstruction and KD terms.
         temperature: KD temperature.
         taps / leaf_dim / leaf_trees: which hidden taps to talk through; GBDT leaf-embedding width and
-            trees sampled per step (:class:`~appdistill.methods.committee.TeacherPort`).
+            trees (evenly spaced) in the leaf state (:class:`~appdistill.methods.committee.TeacherPort`).
     """
 
     def __init__(self, committee: dict[str, Any] | None = None, student_dim: int = 0,

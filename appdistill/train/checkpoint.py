@@ -47,6 +47,7 @@ class Position:
     step_in_epoch: int = 0
     global_step: int = 0
     sums: dict[str, float] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)  # steps that logged each term (some skip steps)
     history: list[dict[str, Any]] = field(default_factory=list)
     step_log: list[dict[str, float]] = field(default_factory=list)
     best_auc: float = float("-inf")

@@ -201,7 +201,7 @@ def _train(cfg: ExperimentConfig, run_dir: str | Path, trackers: list[Tracker], 
 
     for epoch in range(pos.epoch, tr.epochs):
         if epoch != pos.epoch or pos.step_in_epoch == 0:
-            pos.epoch, pos.step_in_epoch, pos.sums = epoch, 0, {}
+            pos.epoch, pos.step_in_epoch, pos.sums, pos.counts = epoch, 0, {}, {}
         loader.set_epoch(epoch, pos.step_in_epoch)
         model.train()
         t0 = time.perf_counter()
@@ -225,6 +225,7 @@ def _train(cfg: ExperimentConfig, run_dir: str | Path, trackers: list[Tracker], 
             pos.samples += batch.size * ctx.world_size
             for k, v in terms.items():
                 pos.sums[k] = pos.sums.get(k, 0.0) + float(v.detach())
+                pos.counts[k] = pos.counts.get(k, 0) + 1
             if pos.global_step % tr.log_every == 0 or pos.global_step == 1:
                 rec = {"step": pos.global_step, "loss": float(loss.detach()), **method.logs()}
                 pos.step_log.append(rec)
@@ -239,7 +240,7 @@ def _train(cfg: ExperimentConfig, run_dir: str | Path, trackers: list[Tracker], 
         pos.train_seconds += time.perf_counter() - t0
         n_steps = max(1, len(loader))
         valid, _ = evaluate_split(model, ds, builder, "valid", ctx, cfg, full=False)
-        rec = {"epoch": epoch + 1, **{f"train_{k}": v / n_steps for k, v in pos.sums.items()},
+        rec = {"epoch": epoch + 1, **{f"train_{k}": v / pos.counts.get(k, n_steps) for k, v in pos.sums.items()},
                "valid_auc": valid["auc"], "valid_logloss": valid["logloss"]}
         pos.history.append(rec)
         tracker.log_step(epoch + 1, {k: v for k, v in rec.items() if k != "epoch"})
@@ -248,7 +249,7 @@ def _train(cfg: ExperimentConfig, run_dir: str | Path, trackers: list[Tracker], 
         if tr.select_best and valid["auc"] > pos.best_auc:
             pos.best_auc, pos.best_epoch = valid["auc"], epoch + 1
             best_state = full_state_dict(model, ctx) if tr.epochs > 1 else None
-        pos.epoch, pos.step_in_epoch, pos.sums = epoch + 1, 0, {}
+        pos.epoch, pos.step_in_epoch, pos.sums, pos.counts = epoch + 1, 0, {}, {}
         checkpoint()
     if tr.select_best and pos.best_epoch != tr.epochs and pos.best_epoch > 0:
         load_full_state_dict(model, _broadcast_state(best_state, model, ctx), ctx)
