@@ -331,3 +331,38 @@ def test_score_refuses_an_export_dir_with_a_missing_or_edited_file(trained, tmp_
     rc, err = score_cli(copy, inp, old, capsys)
     assert rc == 2 and name in err and str(copy) in err, err
     assert snapshot(old) == before
+
+
+@pytest.mark.slow
+def test_export_after_diverse_distill_is_the_plain_student(tmp_path: Path) -> None:
+    """A DiverseDistill run (teachers fitted and cached, question/answer nets, gate, leaf table) exports
+    only the student: the same parameter names as a plain run, and the scores of its plain path."""
+    from appdistill.pipeline import distill
+    from tests.test_teachers import SMALL_DLRM, SMALL_LGB
+
+    teachers = {"lightgbm": {"key": "lightgbm", "kwargs": SMALL_LGB}, "dlrm": {"key": "dlrm", "kwargs": SMALL_DLRM}}
+    cfg = load_config(tiny_config(tmp_path, teachers=teachers, method={
+        "key": "diverse_distill", "kwargs": {"top_k": 1, "committee_every": 2}}), ["train.epochs=1"])
+    m = distill(cfg, tmp_path / "dd", progress=False)
+    assert m["train"]["teacher_passes_skipped"] == pytest.approx(0.5)  # top-1 of 2 teachers
+    ds = Dataset.build(cfg.load_spec())
+    model, feats, _, _ = load_student(tmp_path / "dd")
+    rows = ds.splits["test"]
+    b = BatchBuilder(ds, feats).build(rows)
+    with torch.no_grad():
+        want = model(b.sparse, b.dense).logits.numpy()
+    t = ds.tables
+    df = (t["interactions"].iloc[rows].merge(t["items"], on="item_id", how="left")
+          .merge(t["users"], on="user_id", how="left"))
+    np.testing.assert_allclose(Ranker.load(tmp_path / "dd" / "export").logits(df), want, atol=1e-5)
+    assert auc(want, ds.labels[rows]) == pytest.approx(m["test"]["auc"], abs=1e-6)
+    # the method's modules (ports, questions, answers, gate) trained but never reach the export
+    sd = torch.load(tmp_path / "dd" / "export" / "weights.pt", weights_only=True)
+    assert set(sd) == set(model.state_dict())
+    assert not any(k.split(".")[0] in {"ports", "E", "W", "Q", "P", "A", "answer_net"} for k in sd)
+    # ... they live only in the resume checkpoint, for --resume
+    from appdistill.train.checkpoint import RESUME_FILE
+    from appdistill.train.io import load_checkpoint
+
+    method = load_checkpoint(tmp_path / "dd" / RESUME_FILE)["method"]["params"]
+    assert {"E", "W.weight", "ports.lightgbm.leaf_emb.weight", "Q.0.weight"} <= set(method)
