@@ -47,8 +47,9 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "dd_no_questions": ("diverse_distill", {"questions": False}),
     "dd_no_committee_path": ("diverse_distill", {"committee_path": False}),
     "dd_taid": ("diverse_distill", {"output_loss": "taid"}),
-    # the committee config's earlier default: the committee path trains the student too and is distilled
-    "dd_committee_trains_student": ("diverse_distill", {"committee_grad": 1.0, "lambda_kd": 0.5, "kd_weights": "gated"}),
+    # the committee config's earlier default: the committee path trains the student too (every step) and is distilled
+    "dd_committee_trains_student": ("diverse_distill", {"committee_grad": 1.0, "lambda_kd": 0.5, "kd_weights": "gated",
+                                                        "committee_every": 1}),
     # the committee path on every step and every row (the config runs it every 8th step)
     "dd_committee_every_step": ("diverse_distill", {"committee_every": 1, "committee_rows": None}),
 }

@@ -18,6 +18,9 @@ Our concrete reading of DiverseDistill (arXiv 2402.14035), DESIGN.md 7.2. For st
 7. loss ``BCE(z_s, y) + BCE(z_qa, y) + λ_kd·T²·BCE(z_s/T, σ(sg(z_qa)/T)) + λ_t·Σ_i w_i·KD(z_s, z_i)``
    (or TAID towards the gated committee logit with ``output_loss: taid``).
 
+Steps 2-4 and 6 (the committee path) cost several student steps; ``committee_every`` runs them on
+every k-th training step only and ``committee_rows`` on a random subset of each batch's rows.
+
 Everything here is training-only: export keeps the plain student.
 """
 
@@ -197,7 +200,7 @@ class DiverseDistill(Method):
         """Sorted batch rows that take the committee path this step (None = all ``n``)."""
         if self.committee_rows is None or self.committee_rows >= n or not self.training:
             return None
-        # torch's global RNG: seeded by train() and restored on resume, like the leaf-tree draw
+        # torch's global RNG: seeded by train() and restored on resume
         return torch.randperm(n, device=device)[: self.committee_rows].sort().values
 
     # ------------------------------------------------------------------ loss
