@@ -3,8 +3,9 @@
 Batches (with the teachers' cached outputs already joined) are prebuilt, so the timing is the step
 itself: student forward, method loss terms, backward, optimiser steps. All methods are timed in the
 same run, interleaved round by round (median round). Target: ``diverse_distill`` <= 1.5x plain. It also
-trains DiverseDistill with and without gating to report the fraction of teacher answers skipped
-and the validation-AUC difference (target: >= 30% skipped, |ΔAUC| <= 0.001).
+trains DiverseDistill with and without gating (``--gating-seeds``, 3 by default) to report the
+fraction of teacher answers skipped and the mean validation-AUC difference (target: >= 30% skipped,
+|ΔAUC| <= 0.001).
 
 Usage:
     python benchmarks/bench_step.py --out DIR [--teachers-dir DIR_WITH_FITTED_TEACHERS]
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import statistics
 import time
 from pathlib import Path
@@ -60,14 +62,17 @@ def make_step(cfg, ds, key: str, kwargs: dict, committee):
 
 def time_steps(steps: dict, batches: list, rounds: int, round_steps: int) -> dict[str, list[float]]:
     """Seconds per step of each variant: ``rounds`` rounds, each running every variant for
-    ``round_steps`` consecutive steps in turn. The median round is robust to the bursts of a shared
-    machine, and a round spans whole periods of ``committee_every`` when it divides ``round_steps``."""
+    ``round_steps`` consecutive steps, in a new random order each round (a fixed order favoured the
+    variant that ran first by ~5%). The median round is robust to the bursts of a shared machine, and
+    a round spans whole periods of ``committee_every`` when it divides ``round_steps``."""
     for step in steps.values():  # warm-up, whole rounds so committee_every stays in phase
         for b in batches[:round_steps]:
             step(b)
     times: dict[str, list[float]] = {k: [] for k in steps}
+    order = random.Random(0)
     for r in range(rounds):
-        for name, step in steps.items():
+        for name in order.sample(list(steps), len(steps)):
+            step = steps[name]
             t0 = time.perf_counter()
             for j in range(round_steps):
                 step(batches[(r * round_steps + j) % len(batches)])
@@ -84,6 +89,8 @@ def main() -> None:
     ap.add_argument("--round-steps", type=int, default=16,
                     help="consecutive steps of one variant per round (a multiple of committee_every)")
     ap.add_argument("--no-gating-check", action="store_true")
+    ap.add_argument("--gating-seeds", nargs="+", type=int, default=[0, 1, 2],
+                    help="seeds of the gated / ungated training runs (validation AUC averaged)")
     ap.add_argument("--dd-variant", action="append", default=[], metavar="JSON",
                     help='also time diverse_distill with these kwargs merged in, e.g. \'{"taps": {"dlrm": "over"}}\'')
     a = ap.parse_args()
@@ -105,8 +112,8 @@ def main() -> None:
     steps = {name: make_step(cfg, ds, k, kw, committee) for name, (k, kw) in variants.items()}
     times = time_steps(steps, batches, a.rounds, a.round_steps)
     med = {k: statistics.median(v) for k, v in times.items()}
-    # each round's ratio to the plain round just before it, then the median: slow drifts of the
-    # machine's speed cancel within a round
+    # each round's ratio to the plain student's round of the same round, then the median: slow
+    # drifts of the machine's speed cancel within a round
     ratio = {k: statistics.median(t / p for t, p in zip(v, times["none"])) for k, v in times.items()}
     res = {"benchmark": "step_cost", "teachers": list(committee), "batch_size": cfg.train.batch_size,
            "rounds": a.rounds, "round_steps": a.round_steps,
@@ -115,12 +122,22 @@ def main() -> None:
            "target_diverse_distill_ratio": 1.5}
     res["pass_step"] = res["ratio_to_plain"]["diverse_distill"] <= 1.5
     if not a.no_gating_check:
-        gated = train(cfg, out / "dd_gated", dataset=ds, progress=False)
-        ungated = train(cfg.model_copy(update={"method": cfg.method.model_copy(
-            update={"kwargs": {**cfg.method.kwargs, "gating": False}})}), out / "dd_ungated", dataset=ds, progress=False)
-        res["gating"] = {"skipped": gated["train"]["teacher_passes_skipped"],
-                         "valid_auc_gated": gated["valid"]["auc"], "valid_auc_ungated": ungated["valid"]["auc"],
-                         "valid_auc_diff": gated["valid"]["auc"] - ungated["valid"]["auc"]}
+        # one training run has ~0.001 of seed noise in validation AUC, the size of the target itself:
+        # compare the mean over seeds (each seed trains both variants)
+        diffs, gated_auc, ungated_auc, skipped = [], [], [], []
+        for seed in a.gating_seeds:
+            c = cfg.model_copy(update={"seed": seed})
+            gated = train(c, out / f"dd_gated_seed{seed}", dataset=ds, progress=False)
+            ungated = train(c.model_copy(update={"method": c.method.model_copy(
+                update={"kwargs": {**c.method.kwargs, "gating": False}})}), out / f"dd_ungated_seed{seed}",
+                dataset=ds, progress=False)
+            gated_auc.append(gated["valid"]["auc"])
+            ungated_auc.append(ungated["valid"]["auc"])
+            diffs.append(gated_auc[-1] - ungated_auc[-1])
+            skipped.append(gated["train"]["teacher_passes_skipped"])
+        res["gating"] = {"seeds": a.gating_seeds, "skipped": statistics.mean(skipped),
+                         "valid_auc_gated": statistics.mean(gated_auc), "valid_auc_ungated": statistics.mean(ungated_auc),
+                         "valid_auc_diff": statistics.mean(diffs), "valid_auc_diff_per_seed": diffs}
         res["pass_gating"] = res["gating"]["skipped"] >= 0.3 and abs(res["gating"]["valid_auc_diff"]) <= 0.001
     (out / "results.json").write_text(json.dumps(res, indent=2))
     md = "| method | step ms | ratio to plain |\n|---|---|---|\n" + "".join(
@@ -129,8 +146,9 @@ def main() -> None:
     if "gating" in res:
         g = res["gating"]
         md += (f"\nDiverseDistill gating: {g['skipped']:.1%} of teacher answers skipped; validation AUC "
-               f"{g['valid_auc_gated']:.4f} gated vs {g['valid_auc_ungated']:.4f} ungated "
-               f"(diff {g['valid_auc_diff']:+.4f})\n")
+               f"(mean of seeds {g['seeds']}) {g['valid_auc_gated']:.4f} gated vs {g['valid_auc_ungated']:.4f} "
+               f"ungated (diff {g['valid_auc_diff']:+.4f}; per seed "
+               + ", ".join(f"{d:+.4f}" for d in g["valid_auc_diff_per_seed"]) + ")\n")
     (out / "results.md").write_text(md)
     print(md)
 

@@ -78,12 +78,16 @@ class TeacherPort(nn.Module):
     def state(self, batch: Batch, idx: torch.Tensor | None = None) -> torch.Tensor:
         """``H_i`` ``[B', d_i]`` for batch rows ``idx`` (all rows when None)."""
         h = batch.teacher[self.name].hidden[self.tap]
-        if idx is not None:
-            h = h.index_select(0, idx)
         if not self.is_leaves:
-            return h.float()
+            return (h if idx is None else h.index_select(0, idx)).float()
+        # gather the smaller side first: the kept rows when they are few, else the used trees'
+        # columns (all 466 leaf indices of most rows, then 32 of them, cost 2x)
+        if idx is not None and (self.trees is None or 2 * idx.numel() < h.shape[0]):
+            h, idx = h.index_select(0, idx), None
         if self.trees is not None:
             h = h.index_select(1, self.trees)
+        if idx is not None:
+            h = h.index_select(0, idx)
         rows = (h.long() + self.tree_offset).reshape(-1)
         # index_select + mean rather than an EmbeddingBag: its backward is one index_add, where
         # EmbeddingBag's sorts every index first (2x slower on CPU at B x 32 lookups)
