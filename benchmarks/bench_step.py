@@ -14,6 +14,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import random
 import statistics
@@ -26,8 +27,9 @@ from appdistill.config import REPO_ROOT, load_config
 from appdistill.features.batch import BatchBuilder, BatchLoader
 from appdistill.features.dataset import Dataset
 from appdistill.pipeline import fit_committee
-from appdistill.train.distributed import DistContext, adam, shard_model
-from appdistill.train.loop import build_method, build_model_for_run, load_committee, train
+from appdistill.train.distributed import DistContext, shard_model
+from appdistill.train.loop import (build_method, build_model_for_run, load_committee, method_optimizer, train,
+                                   train_step)
 
 METHODS = {"none": {}, "kd": {"teacher": "dlrm"}, "avg_kd": {}, "taid": {"teacher": "dlrm"}, "talking": {},
            "diverse_distill": {}}
@@ -40,23 +42,13 @@ def make_step(cfg, ds, key: str, kwargs: dict, committee):
     c = cfg.model_copy(update={"method": cfg.method.model_copy(update={"key": key, "kwargs": kwargs})})
     method = build_method(c, committee, model.over_arch.in_dim)
     model, opt = shard_model(model, DistContext(), cfg.train.lr, cfg.train.embedding_lr)
-    mp = [p for p in method.parameters() if p.requires_grad]
-    mopt = adam(mp, cfg.train.lr) if mp else None
+    mopt = method_optimizer(method, cfg.train.lr)
+    counter = itertools.count()
 
     def step(b) -> None:
-        out = model(b.sparse, b.dense)
-        loss = sum(method(out, b, model).values())
-        opt.zero_grad(set_to_none=True)
-        if mopt:
-            mopt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if mopt:
-            mopt.step()
-        method.on_step_end(loss.detach(), n[0], 10**6)  # TAID's t update is part of its step
-        n[0] += 1
+        loss, _ = train_step(model, method, opt, mopt, b)
+        method.on_step_end(loss.detach(), next(counter), 10**6)  # TAID's t update is part of its step
 
-    n = [0]
     return step
 
 

@@ -106,6 +106,29 @@ def _cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+def method_optimizer(method: torch.nn.Module, lr: float) -> torch.optim.Optimizer | None:
+    """Adam over the method's trainable (training-only) parameters; None when it has none."""
+    params = [p for p in method.parameters() if p.requires_grad]
+    return adam(params, lr) if params else None
+
+
+def train_step(model: torch.nn.Module, method_fn: torch.nn.Module, opt: Any,
+               method_opt: torch.optim.Optimizer | None, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One optimisation step of student and method on ``batch``; returns ``(loss, terms)``.
+    ``benchmarks/bench_step.py`` times exactly this."""
+    out = model(batch.sparse, batch.dense)
+    terms = method_fn(out, batch, unwrap(model))
+    loss = sum(terms.values())
+    opt.zero_grad(set_to_none=True)
+    if method_opt is not None:
+        method_opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    if method_opt is not None:
+        method_opt.step()
+    return loss, terms
+
+
 def evaluate_split(model: torch.nn.Module, ds: Dataset, builder: BatchBuilder, split: str, ctx: DistContext,
                    cfg: ExperimentConfig, full: bool = True) -> tuple[dict[str, Any], np.ndarray]:
     rows = ds.splits[split]
@@ -173,8 +196,7 @@ def _train(cfg: ExperimentConfig, run_dir: str | Path, trackers: list[Tracker], 
     hooks = [h.select(method.cache_taps()) if hasattr(h, "select") else h for h in hooks]
     model, opt = shard_model(model, ctx, cfg.train.lr, cfg.train.embedding_lr, cfg.train.weight_decay,
                              cfg.train.sharding)
-    method_params = [p for p in method.parameters() if p.requires_grad]
-    method_opt = adam(method_params, cfg.train.lr) if method_params else None
+    method_opt = method_optimizer(method, cfg.train.lr)
     ident = ckpt.identity(cfg, spec.fingerprint(), ds.fingerprint, {n: t.identity() for n, t in committee.items()})
     pos, best_state = ckpt.Position(), None
     resume_path = run_dir / ckpt.RESUME_FILE
@@ -185,7 +207,7 @@ def _train(cfg: ExperimentConfig, run_dir: str | Path, trackers: list[Tracker], 
     elif ctx.is_dist:
         load_full_state_dict(model, init_state, ctx)  # same initial weights as a single-process run
     method_fn: torch.nn.Module = method
-    if ctx.is_dist and method_params:
+    if ctx.is_dist and method_opt is not None:
         # training-only parameters are replicated: average their gradients like the dense arch's
         method_fn = torch.nn.parallel.DistributedDataParallel(method, find_unused_parameters=True)
 
@@ -209,16 +231,7 @@ def _train(cfg: ExperimentConfig, run_dir: str | Path, trackers: list[Tracker], 
                    disable=not (progress and ctx.is_main), leave=False, dynamic_ncols=True)
         for batch in bar:
             batch = batch.to(ctx.device)
-            out = model(batch.sparse, batch.dense)
-            terms = method_fn(out, batch, unwrap(model))
-            loss = sum(terms.values())
-            opt.zero_grad(set_to_none=True)
-            if method_opt is not None:
-                method_opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if method_opt is not None:
-                method_opt.step()
+            loss, terms = train_step(model, method_fn, opt, method_opt, batch)
             method.on_step_end(loss.detach(), pos.global_step, total)
             pos.global_step += 1
             pos.step_in_epoch += 1
