@@ -124,9 +124,11 @@ def full_state_dict(model: nn.Module, ctx: DistContext) -> dict[str, torch.Tenso
             v.gather(dst=0, out=full)
             out[name] = full  # type: ignore[assignment]
         elif type(v).__name__ == "DTensor":
-            out[name] = v.full_tensor().cpu()
+            out[name] = v.full_tensor().cpu().clone()
         else:
-            out[name] = v.detach().cpu()
+            # a copy, never a view: on CPU ``.cpu()`` returns the live parameter itself, and a
+            # state kept for later (the best epoch) would keep training with the model
+            out[name] = v.detach().cpu().clone()
     return out if ctx.is_main else None
 
 
