@@ -35,7 +35,9 @@ def format_metrics(m: dict[str, Any]) -> str:
     t = m["test"]
     rows = [("test AUC", t["auc"]), ("test logloss", t["logloss"]), ("test GAUC", t.get("gauc")),
             ("test NDCG@10", t.get("ndcg@10")), ("test recall@10", t.get("recall@10")),
-            (f"cold-item AUC (n={t.get('cold', {}).get('n', 0)})", t.get("cold", {}).get("auc")),
+            *_cold_row(t.get("cold") or {}),
+            *((f"test AUC, {kind[:-1]} segment {b} (n={v['n']:,})", v["auc"])
+              for kind, segs in (t.get("segments") or {}).items() for b, v in segs.items()),
             ("valid AUC", m["valid"]["auc"]), ("student params", m["student"]["params"]),
             ("student bytes", m["student"]["bytes"]), ("train samples/s", m["train"]["samples_per_s"])]
     for name, tm in m.get("teachers", {}).items():
@@ -43,11 +45,22 @@ def format_metrics(m: dict[str, Any]) -> str:
     w = max(len(r[0]) for r in rows)
     out = [f"| {'metric'.ljust(w)} | value    |", f"|{'-' * (w + 2)}|----------|"]
     for k, v in rows:
-        if v is None:
+        if v is None or (isinstance(v, float) and v != v):  # absent or undefined: never print NaN
             continue
         s = (f"{v:,.0f}" if abs(v) >= 100 else f"{v:.4f}") if isinstance(v, float) else f"{v:,}" if isinstance(v, int) else str(v)
         out.append(f"| {k.ljust(w)} | {s:<8} |")
+    if str(t.get("per_user", "")).startswith("omitted"):
+        out.append(f"GAUC / NDCG / recall {t['per_user']}")
     return "\n".join(out)
+
+
+def _cold_row(cold: dict[str, Any]) -> list[tuple[str, Any]]:
+    """The cold-item line, saying what it covers (all of test on a one-row-per-entity table)."""
+    if not cold.get("n"):
+        return []
+    if cold.get("share") == 1.0:
+        return [("cold-item AUC (every test row is cold: = test AUC)", cold["auc"])]
+    return [(f"cold-item AUC (n={cold['n']:,}, {cold.get('share', 0):.1%} of test)", cold["auc"])]
 
 
 def cmd_validate(a: argparse.Namespace) -> int:
@@ -219,6 +232,17 @@ def cmd_score(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(a: argparse.Namespace) -> int:
+    from appdistill.bench.runner import BenchOptions, run_bench
+    from appdistill.bench.variants import DEFAULT, VARIANTS
+
+    methods = list(VARIANTS) if a.methods == ["all"] else (a.methods or list(DEFAULT))
+    run_bench(BenchOptions(configs=a.configs, out=a.out, methods=methods, splits=a.splits or None, seeds=a.seeds,
+                           vary_data=a.vary_data, budget=a.budget, tune=not a.no_tune, overrides=a.set,
+                           progress=not a.no_progress))
+    return 0
+
+
 def _is_main() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
@@ -275,6 +299,26 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--output", required=True)
     s.add_argument("--keep-columns", action="store_true", help="copy the input columns into the output")
     s.set_defaults(fn=cmd_score)
+    bn = sub.add_parser("bench", help="compare methods on your configs: methods x splits x seeds, equal tuning budgets",
+                        description="Fit each config's committee once per split, tune every method on the same budget "
+                                    "(its grid, on seed 0's validation split), run the chosen setting on every seed, and "
+                                    "write OUT/<config>/results.{md,csv,json} with plots.")
+    bn.add_argument("configs", nargs="+", metavar="CONFIG")
+    bn.add_argument("--out", required=True, help="output directory (resumable: finished runs are reused)")
+    bn.add_argument("--methods", nargs="+", default=None, metavar="NAME",
+                    help="methods and ablations to run ('all' for every one); default: none kd avg_kd taid "
+                         "talking diverse_distill")
+    bn.add_argument("--splits", nargs="+", default=None, metavar="BY",
+                    help="split.by values (random, time, cold_item); default: the spec's split")
+    bn.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="student seeds (default 0 1 2)")
+    bn.add_argument("--vary-data", action="store_true",
+                    help="seeds also vary the split and the teachers (teachers fitted per seed)")
+    bn.add_argument("--budget", type=int, default=None,
+                    help="settings per method taken from its grid (default: the whole grid, the same size for all)")
+    bn.add_argument("--no-tune", action="store_true", help="config / class defaults for every method, no grid")
+    bn.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override every config")
+    bn.add_argument("--no-progress", action="store_true")
+    bn.set_defaults(fn=cmd_bench)
     return p
 
 

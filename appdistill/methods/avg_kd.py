@@ -26,6 +26,8 @@ class AvgKD(Method):
         temperature: ``T``.
     """
 
+    grid = {"alpha": [0.5, 0.8], "temperature": [1.0, 2.0]}
+
     def __init__(self, committee: dict[str, Any] | None = None, teachers: list[str] | None = None,
                  weights: list[float] | None = None, alpha: float = 0.5, temperature: float = 1.0) -> None:
         super().__init__(committee)

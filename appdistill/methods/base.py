@@ -8,7 +8,7 @@ them.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -28,6 +28,10 @@ class Method(nn.Module):
     """
 
     requires: tuple[str, ...] = ()
+    #: the method's tuning grid for ``appdistill bench``: ``{kwarg or config.path: [values]}``, crossed.
+    #: Every method declares the same number of settings (the same tuning budget); keys with a dot
+    #: are config paths (``student.dropout``), the rest method kwargs.
+    grid: ClassVar[dict[str, list[Any]]] = {}
 
     def __init__(self, committee: dict[str, Any] | None = None) -> None:
         """Args:

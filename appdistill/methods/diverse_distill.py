@@ -86,6 +86,9 @@ class DiverseDistill(Method):
             (:class:`~appdistill.methods.committee.TeacherPort`; ``None`` = every tree).
     """
 
+    # lambda_t 1 / 4: the same teacher-KD-to-label ratios as kd's alpha 0.5 / 0.8
+    grid = {"lambda_t": [1.0, 4.0], "temperature": [1.0, 2.0]}
+
     def __init__(self, committee: dict[str, Any] | None = None, student_dim: int = 0,
                  teachers: list[str] | None = None, complementary: bool = True, gating: bool = True,
                  top_k: int | None = None, threshold: float | None = None, questions: bool = True,

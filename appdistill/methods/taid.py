@@ -76,6 +76,9 @@ class TAID(Method):
         label_weight: weight of an extra ``BCE(z_s, y)`` term (0 = pure TAID).
     """
 
+    # label_weight 1 / 0.25: the same target-to-label ratios (1, 4) as kd's alpha grid
+    grid = {"label_weight": [1.0, 0.25], "t_start": [0.2, 0.4]}
+
     def __init__(self, committee: dict[str, Any] | None = None, teacher: str | None = None,
                  teachers: list[str] | None = None, t_start: float = 0.4, t_end: float = 1.0,
                  alpha: float = 5e-4, beta: float = 0.99, label_weight: float = 0.5) -> None:

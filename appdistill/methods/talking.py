@@ -46,6 +46,8 @@ class TalkingModels(Method):
             trees (evenly spaced) in the leaf state (:class:`~appdistill.methods.committee.TeacherPort`).
     """
 
+    grid = {"lambda_kd": [0.5, 2.0], "lambda_int": [0.5, 1.0]}
+
     def __init__(self, committee: dict[str, Any] | None = None, student_dim: int = 0,
                  teachers: list[str] | None = None, d_m: int = 32, lambda_int: float = 1.0,
                  lambda_msg: float = 0.1, lambda_rec: float = 0.1, lambda_kd: float = 0.5,

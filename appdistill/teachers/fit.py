@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from appdistill.config import ExperimentConfig
 from appdistill.errors import AppDistillError, ConfigError
-from appdistill.eval.metrics import evaluate
+from appdistill.eval.metrics import evaluate_rows
 from appdistill.features.dataset import Dataset
 from appdistill.features.spec import FeatureSpec, FeatureSpecSet
 from appdistill.teachers.base import TEACHERS, Teacher
@@ -171,7 +171,7 @@ def evaluate_teacher(teacher: Teacher, ds: Dataset, k: int = 10) -> dict[str, An
     for split, full in (("test", True), ("valid", False)):
         rows = ds.splits[split]
         z = teacher.predict_all(ds, rows).logits.double().numpy()
-        out[split] = evaluate(z, ds.labels[rows], ds.user_ids[rows], ds.cold[rows], k, full)
+        out[split] = evaluate_rows(z, ds, rows, k, full)
     return out
 
 

@@ -27,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from appdistill.config import ExperimentConfig
-from appdistill.eval.metrics import evaluate
+from appdistill.eval.metrics import evaluate_rows
 from appdistill.features.batch import BatchBuilder, BatchLoader
 from appdistill.features.dataset import Dataset
 from appdistill.methods import METHODS
@@ -133,7 +133,7 @@ def evaluate_split(model: torch.nn.Module, ds: Dataset, builder: BatchBuilder, s
                    cfg: ExperimentConfig, full: bool = True) -> tuple[dict[str, Any], np.ndarray]:
     rows = ds.splits[split]
     z = predict(model, builder, rows, ctx, cfg.train.eval_batch_size)
-    return evaluate(z, ds.labels[rows], ds.user_ids[rows], ds.cold[rows], cfg.eval.k, full), z
+    return evaluate_rows(z, ds, rows, cfg.eval.k, full), z
 
 
 def train(cfg: ExperimentConfig, run_dir: str | Path, *, dataset: Dataset | None = None,

@@ -1,0 +1,1 @@
+"""``appdistill bench``: compare distillation methods on any config (runner, variants, report)."""

@@ -1,0 +1,82 @@
+"""What ``appdistill bench`` can run: every registered method, plus DiverseDistill's ablations.
+
+A variant is a method with some kwargs pinned. Methods are tuned on their own grid (``Method.grid``,
+the same number of settings each); an ablation is not tuned: it takes the setting chosen for its
+``follows`` method and flips one switch, so the ablation measures the switch and nothing else.
+
+Example:
+    >>> VARIANTS["dd_no_gating"].follows
+    'diverse_distill'
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Any
+
+from appdistill.methods import METHODS
+
+BEST = "{best}"  # replaced by the single teacher with the best validation AUC
+
+
+@dataclass(frozen=True)
+class Variant:
+    """Args:
+        key: method registry key.
+        kwargs: pinned method kwargs (``"{best}"`` = the best single teacher on validation).
+        follows: for ablations, the variant whose chosen setting this one reuses (not tuned itself).
+        teachers: ``"foundation"`` / ``"complementary"``: restrict the committee to that kind.
+        doc: one line for the report.
+    """
+
+    key: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    follows: str | None = None
+    teachers: str | None = None
+    doc: str = ""
+
+
+VARIANTS: dict[str, Variant] = {
+    "none": Variant("none", doc="plain student (labels only)"),
+    "kd": Variant("kd", {"teacher": BEST}, doc="Hinton KD from the best single teacher on validation"),
+    "avg_kd": Variant("avg_kd", doc="KD towards the mean committee probability"),
+    "taid": Variant("taid", {"teacher": BEST}, doc="TAID from the best single teacher on validation"),
+    "talking": Variant("talking", doc="Talking Models (message passing through teachers' heads)"),
+    "diverse_distill": Variant("diverse_distill", doc="the teaching committee"),
+    "dd_no_gating": Variant("diverse_distill", {"gating": False}, "diverse_distill",
+                            doc="DiverseDistill, every teacher answers every sample"),
+    "dd_no_questions": Variant("diverse_distill", {"questions": False}, "diverse_distill",
+                               doc="DiverseDistill, answers without questions"),
+    "dd_no_committee_path": Variant("diverse_distill", {"committee_path": False}, "diverse_distill",
+                                    doc="DiverseDistill without the committee path"),
+    "dd_taid": Variant("diverse_distill", {"output_loss": "taid"}, "diverse_distill",
+                       doc="DiverseDistill with TAID as the teacher term"),
+    "dd_foundation_only": Variant("diverse_distill", {}, "diverse_distill", teachers="foundation",
+                                  doc="DiverseDistill with the foundation teachers only"),
+    "dd_complementary_only": Variant("diverse_distill", {}, "diverse_distill", teachers="complementary",
+                                     doc="DiverseDistill with the complementary teachers only"),
+}
+
+#: what ``--methods`` runs by default: every method, no ablation
+DEFAULT = ["none", "kd", "avg_kd", "taid", "talking", "diverse_distill"]
+
+
+def grid_points(key: str, budget: int | None = None) -> list[dict[str, Any]]:
+    """The crossed grid of method ``key`` (``Method.grid``), the first ``budget`` settings of it."""
+    grid = getattr(METHODS.get(key, context="bench"), "grid", {}) or {}
+    names = list(grid)
+    points = [dict(zip(names, vals)) for vals in itertools.product(*(grid[n] for n in names))] or [{}]
+    return points[:budget] if budget else points
+
+
+def ordered(names: list[str]) -> list[str]:
+    """``names`` with every ablation after the variant it follows (which is added if missing)."""
+    out: list[str] = []
+    for n in names:
+        f = VARIANTS[n].follows
+        if f and f not in out:
+            out.append(f)
+        if n not in out:
+            out.append(n)
+    return out
