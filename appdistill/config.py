@@ -127,7 +127,10 @@ class ExperimentConfig(_Strict):
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``a.b=c`` overrides to a raw config dict (values parsed with ``yaml.safe_load``)."""
+    """Apply ``a.b=c`` overrides to a raw config dict (values parsed with ``yaml.safe_load``).
+
+    ``teachers.NAME=null`` removes that teacher from the committee (e.g. the foundation teacher on
+    text-free data)."""
     for ov in overrides:
         if "=" not in ov:
             raise ConfigError(f"--set '{ov}': expected key.path=value")
@@ -141,7 +144,11 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             if not isinstance(nxt, dict):
                 raise ConfigError(f"--set '{ov}': '{p}' is not a section")
             node = nxt
-        node[parts[-1]] = yaml.safe_load(val)
+        value = yaml.safe_load(val)
+        if value is None and len(parts) == 2 and parts[0] == "teachers":
+            node.pop(parts[-1], None)  # `--set teachers.foundation=null` drops that committee member
+        else:
+            node[parts[-1]] = value
     return raw
 
 

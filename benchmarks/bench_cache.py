@@ -11,8 +11,10 @@ Second measurement (``--train-epochs``, 0 to skip): the same loader with the def
 ``prefetch=4`` feeding a real student training step (``configs/ml100k_plain.yaml`` model, BCE,
 Adam), with and without the join: what a training run actually loses.
 
+``--config`` names another student config; its spec is the data set (default: ML-100K).
+
 Usage:
-    python benchmarks/bench_cache.py --out runs/bench_cache [--repeats 7] [--batch-size 1024]
+    python benchmarks/bench_cache.py --out runs/bench_cache [--repeats 7] [--batch-size 1024] [--config CFG]
 
 Writes ``OUT/results.json`` and ``OUT/results.md``.
 """
@@ -44,17 +46,15 @@ def _epoch(loader, cpu: list[float] | None = None) -> tuple[float, int]:  # noqa
     return time.perf_counter() - t0, n
 
 
-def _student_step(ds):  # noqa: ANN001, ANN202
-    """A real training step of the default student (None if the student code is unavailable)."""
+def _student_step(cfg, ds):  # noqa: ANN001, ANN202
+    """A real training step of ``cfg``'s student (None if the student code is unavailable)."""
     import torch
 
     try:
-        from appdistill.config import REPO_ROOT, load_config
         from appdistill.train.distributed import DistContext, shard_model
         from appdistill.train.loop import build_model_for_run
     except ImportError:
         return None
-    cfg = load_config(REPO_ROOT / "configs" / "ml100k_plain.yaml")
     torch.manual_seed(0)
     model, opt = shard_model(build_model_for_run(cfg, ds), DistContext(), cfg.train.lr, cfg.train.embedding_lr)
     loss_fn = torch.nn.BCEWithLogitsLoss()
@@ -83,6 +83,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--batch-size", type=int, default=1024)
     ap.add_argument("--train-epochs", type=int, default=3, help="timed training epochs of each variant (0 = skip)")
     ap.add_argument("--cache-dir", default=None, help="where to build the caches (default: a temp dir)")
+    ap.add_argument("--config", default=str(REPO / "configs" / "ml100k_plain.yaml"),
+                    help="the student config: its spec is the data set, its model the training step's")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -91,9 +93,11 @@ def main(argv: list[str] | None = None) -> dict:
 
     from appdistill.cache import CacheJoin, TeacherCache, get_or_build_cache
     from appdistill.cache.testing import FakeTeacher
-    from appdistill.features import BatchBuilder, BatchLoader, Dataset, FeatureSpecSet
+    from appdistill.config import load_config
+    from appdistill.features import BatchBuilder, BatchLoader, Dataset
 
-    spec = FeatureSpecSet.from_yaml(REPO / "feature_specs" / "ml100k.yaml")
+    cfg = load_config(args.config)
+    spec = cfg.load_spec()
     ds = Dataset.build(spec)
     teachers = [FakeTeacher(spec, "fake_h64", float_taps={"h": 64}),
                 FakeTeacher(spec, "fake_h128", float_taps={"h": 128}),
@@ -141,7 +145,7 @@ def main(argv: list[str] | None = None) -> dict:
     per_batch_ms = {k: 1e3 * statistics.median(v) / len(variants[k]) for k, v in secs.items()}
     cpu_ms = {k: 1e3 * min(v) / len(variants[k]) for k, v in cpus.items()}
     train_res: dict = {}
-    step = _student_step(ds) if args.train_epochs > 0 else None
+    step = _student_step(cfg, ds) if args.train_epochs > 0 else None
     if step is not None:
         tl = {"plain": BatchLoader(builder, rows, args.batch_size, shuffle=True, prefetch=4),
               "join_split": BatchLoader(builder, rows, args.batch_size, shuffle=True, prefetch=4,
@@ -159,7 +163,8 @@ def main(argv: list[str] | None = None) -> dict:
                      "epoch_seconds": {k: [round(x, 4) for x in v] for k, v in tsecs.items()}}
         train_res["slowdown"] = round(statistics.median(tsecs["join_split"]) / statistics.median(tsecs["plain"]) - 1, 4)
     res = {
-        "dataset": "ml100k", "split": "train", "rows": n_rows, "batch_size": args.batch_size, "prefetch": 0,
+        "dataset": spec.name, "config": args.config, "split": "train", "rows": n_rows, "batch_size": args.batch_size,
+        "prefetch": 0,
         "teachers": {t.name: caches[t.name].hidden_shapes() for t in teachers},
         "rows_per_s": {k: round(v) for k, v in rps.items()},
         "rows_per_s_best": {k: round(v) for k, v in best.items()},

@@ -1,7 +1,7 @@
 """Serving throughput of the exported student against the foundation teacher, on ML-100K test rows.
 
 Both score the same ML-100K test rows in the same process, on the same threads, measured in
-interleaved rounds (the machine may be shared), at batch 1 and batch 1024:
+interleaved rounds (the machine may be shared), at batch 1 and batch 1024 (``--batch``):
 
 * **student, ``Ranker.score``**: a ``pandas.DataFrame`` of raw feature values (interactions joined
   with the item and user columns, as a ranking service would send) -> probabilities; includes the
@@ -28,12 +28,15 @@ closest to an idle machine when other jobs share the cores).
 The run also checks the artefact: ``auc_from_export`` (scoring the raw test rows through the
 export) against the run's ``metrics.json`` test AUC.
 
-Defaults: trains the plain student (``configs/ml100k_plain.yaml``, its full 4 epochs: ~10 s on 2
-cores) into ``OUT/run`` and fits only the foundation teacher of ``configs/ml100k_committee.yaml``
-into ``OUT/teachers`` (~70 s), unless ``--run-dir`` / ``--teachers-dir`` point at existing ones.
+Defaults: trains the plain student (``configs/ml100k_plain.yaml``, its full epochs) into ``OUT/run``
+and fits only the foundation teacher of ``configs/ml100k_committee.yaml`` into ``OUT/teachers``,
+unless ``--run-dir`` / ``--teachers-dir`` point at existing ones. The teacher is loaded with the
+spec of ``--teacher-config`` (the one it was fitted with) and applied to the data set of
+``--config``; a data set encoded differently is refused.
 
 Usage:
     python benchmarks/bench_serving.py --out DIR [--run-dir RUN] [--teachers-dir TDIR] [--epochs N]
+    (``--rounds``, ``--batch``, ``--batch1-rows``, ``--encode-batches`` shrink it, e.g. for a smoke run)
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ from appdistill.export.artifact import Ranker, _version, export_run
 from appdistill.features.dataset import Dataset
 
 BATCH = 1024
+DATASET_LABELS = {"ml100k": "ML-100K"}
 
 
 def raw_rows(ds: Dataset, rows: np.ndarray) -> pd.DataFrame:
@@ -93,18 +97,10 @@ class FoundationServing:
         item_rows = ds.table_rows["items"][rows]
         uniq, inv = np.unique(item_rows, return_inverse=True)
         enc = self.encoder.encode([self.texts[i] for i in uniq], progress=False)
-        ids = torch.from_numpy(np.stack([c[rows] for c in t.id_cols], 1))
-        u = ds.user_ids[rows]
-        cnt = np.maximum(t.user_cnt[u], 1)[:, None]  # serving rows are not training rows: no leave-one-out
-        feats = []
-        for out, s in zip(self.outputs, t.user_sum):
-            m = enc[out].astype(np.float32)
-            m = m / np.maximum(np.linalg.norm(m, axis=1, keepdims=True), 1e-6)
-            x = m[inv]
-            uvec = s[u] / cnt
-            feats.append(torch.from_numpy(np.concatenate([x, uvec, x * uvec], 1)))
+        # only the item features come from the encoder; the teacher builds every other input (ids, id
+        # lists, dense, user vectors) itself: a copy of that code here fell behind the teacher once
         t.net.eval()
-        return t.net(ids, feats, t.dense_inputs(ds, rows))[0].numpy()
+        return t.net(*t._inputs(ds, rows, media=[enc[out][inv] for out in self.outputs]))[0].numpy()
 
 
 def timed(fn: Callable[[], Any]) -> float:
@@ -141,12 +137,12 @@ def get_teacher(a: argparse.Namespace, out: Path, ds: Dataset) -> tuple[Any, Pat
         tdir = out / "teachers"
         print(f"fitting the foundation teacher of {a.teacher_config} into {tdir}", flush=True)
         fit_teachers(load_config(a.teacher_config), tdir, names=["foundation"], ds=ds, progress=False)
-    teacher = load_teacher(tdir, "foundation", ds.spec, ds)
+    teacher = load_teacher(tdir, "foundation", load_config(a.teacher_config).load_spec(), ds)
     path = tdir / "teachers" / "foundation" if (tdir / "teachers" / "foundation").is_dir() else tdir
     return teacher, path
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True)
     ap.add_argument("--run-dir", help="a trained plain-student run (default: train one into OUT/run)")
@@ -157,11 +153,14 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=0, help="override train.epochs (default: the config's)")
     ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds over the timed batches")
     ap.add_argument("--batch1-rows", type=int, default=100, help="single-row calls per round")
-    ap.add_argument("--encode-batches", type=int, default=2, help="batch-1024 calls of the encoding teacher")
+    ap.add_argument("--batch", type=int, default=BATCH, help="rows per call of the large-batch timings")
+    ap.add_argument("--encode-batches", type=int, default=2, help="large-batch calls of the encoding teacher")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch intra-op threads for every scorer (default 1: one serving worker per core; on a "
                          "shared machine multi-threaded small ops wait on busy cores)")
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
+    if a.batch < 2:
+        ap.error("--batch must be >= 2 (batch 1 is timed separately)")
     torch.set_num_threads(a.threads)
     load0 = os.getloadavg()[0]
     out = Path(a.out)
@@ -181,12 +180,16 @@ def main() -> None:
     df = raw_rows(ds, test)
     # --- correctness: the export reproduces the run's test AUC from raw rows
     run_auc = json.loads((run / "metrics.json").read_text())["test"]["auc"]
-    export_auc = auc(ranker.logits(df, "ML-100K test rows"), ds.labels[test])
+    label = DATASET_LABELS.get(ds.spec.name, ds.spec.name)
+    export_auc = auc(ranker.logits(df, f"{label} test rows"), ds.labels[test])
     teacher_auc = auc(fs.precomputed(test), ds.labels[test])
 
     # --- timing inputs: the same rows for everybody
-    n_big = len(test) // BATCH
-    big = [np.arange(i * BATCH, (i + 1) * BATCH) for i in range(n_big)]
+    B = a.batch
+    n_big = len(test) // B
+    if n_big == 0:
+        raise SystemExit(f"bench_serving: the test split has {len(test)} rows, fewer than --batch {B}")
+    big = [np.arange(i * B, (i + 1) * B) for i in range(n_big)]
     big_df = [df.iloc[ix] for ix in big]
     big_x = [ranker.inputs(d) for d in big_df]
     one = np.arange(a.batch1_rows)
@@ -205,34 +208,37 @@ def main() -> None:
     enc_diff = enc_check()
     fs.with_encoding(test[:1])
 
-    T: dict[str, list[float]] = {k: [] for k in ("student_score_1024", "student_program_1024", "student_eager_1024",
-                                                 "teacher_precomputed_1024", "student_score_1", "student_program_1",
-                                                 "teacher_precomputed_1", "teacher_encoding_1024",
+    # large-batch keys carry the batch size ("student_score_1024" at the default)
+    k_score, k_prog, k_eager, k_pre, k_enc = (f"{n}_{B}" for n in (
+        "student_score", "student_program", "student_eager", "teacher_precomputed", "teacher_encoding"))
+    T: dict[str, list[float]] = {k: [] for k in (k_score, k_prog, k_eager, k_pre, "student_score_1",
+                                                 "student_program_1", "teacher_precomputed_1", k_enc,
                                                  "teacher_encoding_1")}
     one_x = [ranker.inputs(d) for d in one_df]
     with torch.inference_mode():
         for _ in range(a.rounds):
             for ix, d, x in zip(big, big_df, big_x):
-                T["student_score_1024"].append(timed(lambda: ranker.score(d)))
-                T["student_program_1024"].append(timed(lambda: ranker.forward(x)))
-                T["student_eager_1024"].append(timed(lambda: eager(*x)))
-                T["teacher_precomputed_1024"].append(timed(lambda: fs.precomputed(test[ix])))
+                T[k_score].append(timed(lambda: ranker.score(d)))
+                T[k_prog].append(timed(lambda: ranker.forward(x)))
+                T[k_eager].append(timed(lambda: eager(*x)))
+                T[k_pre].append(timed(lambda: fs.precomputed(test[ix])))
             for i in one:
                 T["student_score_1"].append(timed(lambda: ranker.score(one_df[i])))
                 T["student_program_1"].append(timed(lambda: ranker.forward(one_x[i])))
                 T["teacher_precomputed_1"].append(timed(lambda: fs.precomputed(test[i:i + 1])))
         for ix in big[:a.encode_batches]:
-            T["teacher_encoding_1024"].append(timed(lambda: fs.with_encoding(test[ix])))
+            T[k_enc].append(timed(lambda: fs.with_encoding(test[ix])))
         for i in one[:30]:
             T["teacher_encoding_1"].append(timed(lambda: fs.with_encoding(test[i:i + 1])))
 
-    S = {k: summary(v, BATCH if k.endswith("_1024") else 1) for k, v in T.items()}
-    s1024, t1024 = S["student_score_1024"]["rows_per_s"], S["teacher_precomputed_1024"]["rows_per_s"]
-    e1024 = S["teacher_encoding_1024"]["rows_per_s"]
+    S = {k: summary(v, 1 if k.endswith("_1") else B) for k, v in T.items()}
+    s_big, t_big = S[k_score]["rows_per_s"], S[k_pre]["rows_per_s"]
+    e_big = S[k_enc]["rows_per_s"]
     man = json.loads((export / "manifest.json").read_text())
     tmeta = json.loads((tpath / "teacher.json").read_text())
     res = {
-        "benchmark": "serving_throughput", "dataset": "ml100k", "rows": "test split", "config": a.config,
+        "benchmark": "serving_throughput", "dataset": ds.spec.name, "rows": "test split", "config": a.config,
+        "teacher_config": a.teacher_config, "batch": B,
         "run_dir": str(run), "teachers_dir": str(tpath), "export_dir": str(export),
         "epochs": a.epochs or cfg.train.epochs, "trained_here": not a.run_dir,
         "teacher_fitted_here": not a.teachers_dir,
@@ -246,13 +252,12 @@ def main() -> None:
                            "encoder": int(tmeta.get("encoder_params", 0))},
         "teacher_layers": teacher.layer_names, "rounds": a.rounds,
         "timings": S,
-        "ratio": s1024 / e1024,
+        "ratio": s_big / e_big,
         "ratio_uses": "student Ranker.score on raw DataFrame rows vs the foundation teacher including the MiniLM "
-                      "encoding of the batch's item texts (user history vectors precomputed), batch 1024, median",
-        "ratio_vs_teacher_precomputed": s1024 / t1024,
-        "ratio_vs_teacher_precomputed_best": S["student_score_1024"]["rows_per_s_best"]
-        / S["teacher_precomputed_1024"]["rows_per_s_best"],
-        "ratio_program_vs_teacher_precomputed": S["student_program_1024"]["rows_per_s"] / t1024,
+                      f"encoding of the batch's item texts (user history vectors precomputed), batch {B}, median",
+        "ratio_vs_teacher_precomputed": s_big / t_big,
+        "ratio_vs_teacher_precomputed_best": S[k_score]["rows_per_s_best"] / S[k_pre]["rows_per_s_best"],
+        "ratio_program_vs_teacher_precomputed": S[k_prog]["rows_per_s"] / t_big,
         "target_ratio": 100.0,
         "student_batch1_p50_ms": S["student_score_1"]["p50_ms"],
         "student_batch1_p99_ms": S["student_score_1"]["p99_ms"],
@@ -270,28 +275,28 @@ def main() -> None:
                 f"| {s['p99_ms']:.3f} |")
 
     md = "\n".join([
-        f"ML-100K test rows, {res['threads']} threads, median over {a.rounds} interleaved rounds "
+        f"{label} test rows, {res['threads']} threads, median over {a.rounds} interleaved rounds "
         f"(load average {load0:.2f} at the start, {res['machine']['load_avg_1m']:.2f} at the end; "
         f"{os.cpu_count()} cores).\n",
         "| scorer | batch | rows/s (median call) | rows/s (best call) | p50 ms/call | p99 ms/call |",
         "|---|---:|---:|---:|---:|---:|",
-        row("student `Ranker.score` (raw DataFrame)", "student_score_1024"),
-        row("student compiled program (encoded tensors)", "student_program_1024"),
-        row("student eager module (encoded tensors)", "student_eager_1024"),
-        row("foundation teacher, precomputed item embeddings", "teacher_precomputed_1024"),
-        row("foundation teacher incl. MiniLM encoding of the items", "teacher_encoding_1024"),
+        row("student `Ranker.score` (raw DataFrame)", k_score),
+        row("student compiled program (encoded tensors)", k_prog),
+        row("student eager module (encoded tensors)", k_eager),
+        row("foundation teacher, precomputed item embeddings", k_pre),
+        row("foundation teacher incl. MiniLM encoding of the items", k_enc),
         row("student `Ranker.score` (raw DataFrame)", "student_score_1"),
         row("student compiled program (encoded tensors)", "student_program_1"),
         row("foundation teacher, precomputed item embeddings", "teacher_precomputed_1"),
         row("foundation teacher incl. MiniLM encoding of the items", "teacher_encoding_1"),
         "",
         f"| figure | value |", "|---|---|",
-        f"| **ratio at batch 1024**: student `Ranker.score` / teacher including MiniLM encoding (target >= 100) "
+        f"| **ratio at batch {B}**: student `Ranker.score` / teacher including MiniLM encoding (target >= 100) "
         f"| **{res['ratio']:.0f}x** ({'pass' if res['pass'] else 'FAIL'}) |",
-        f"| ratio at batch 1024: student `Ranker.score` / teacher with precomputed embeddings | "
+        f"| ratio at batch {B}: student `Ranker.score` / teacher with precomputed embeddings | "
         f"{res['ratio_vs_teacher_precomputed']:.2f}x (best calls: {res['ratio_vs_teacher_precomputed_best']:.2f}x; "
         f"{'pass' if res['pass_vs_teacher_precomputed'] else 'below 100x'}) |",
-        f"| ratio at batch 1024: student program on encoded tensors / teacher with precomputed embeddings | "
+        f"| ratio at batch {B}: student program on encoded tensors / teacher with precomputed embeddings | "
         f"{res['ratio_program_vs_teacher_precomputed']:.2f}x |",
         f"| student batch-1 latency p50 / p99 (`Ranker.score`) | {res['student_batch1_p50_ms']:.2f} / "
         f"{res['student_batch1_p99_ms']:.2f} ms |",
@@ -302,6 +307,7 @@ def main() -> None:
     ]) + "\n"
     (out / "results.md").write_text(md)
     print(md)
+    return res
 
 
 if __name__ == "__main__":

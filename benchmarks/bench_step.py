@@ -72,7 +72,7 @@ def time_steps(steps: dict, batches: list, rounds: int, round_steps: int) -> dic
     return times
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True)
     ap.add_argument("--config", default=str(REPO_ROOT / "configs/ml100k_committee.yaml"))
@@ -85,7 +85,7 @@ def main() -> None:
                     help="seeds of the gated / ungated training runs (validation AUC averaged)")
     ap.add_argument("--dd-variant", action="append", default=[], metavar="JSON",
                     help='also time diverse_distill with these kwargs merged in, e.g. \'{"taps": {"dlrm": "over"}}\'')
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     tdir = Path(a.teachers_dir or out)
@@ -143,6 +143,7 @@ def main() -> None:
                + ", ".join(f"{d:+.4f}" for d in g["valid_auc_diff_per_seed"]) + ")\n")
     (out / "results.md").write_text(md)
     print(md)
+    return res
 
 
 if __name__ == "__main__":

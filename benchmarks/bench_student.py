@@ -9,7 +9,7 @@ back-to-back pairs; the headline is the **median of the per-pair ratios** over `
 mostly measure the noise). The best-of ratio is reported beside it.
 
 Usage:
-    python benchmarks/bench_student.py --out DIR [--epochs 2] [--repeats 11]
+    python benchmarks/bench_student.py --out DIR [--epochs 2] [--repeats 11] [--config CFG] [--set KEY=VALUE]
 """
 
 from __future__ import annotations
@@ -58,14 +58,14 @@ def reference(cfg, ds: Dataset, epochs: int) -> float:
     return n / (time.perf_counter() - t0)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True)
     ap.add_argument("--config", default=str(REPO_ROOT / "configs/ml100k_plain.yaml"))
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=11)
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     cfg = load_config(a.config, [f"train.epochs={a.epochs}", "train.select_best=false", *a.set])
@@ -98,6 +98,7 @@ def main() -> None:
           f"\nper-pair ratios: {res['pair_ratios']}\n")
     (out / "results.md").write_text(md)
     print(md)
+    return res
 
 
 if __name__ == "__main__":

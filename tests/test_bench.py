@@ -109,3 +109,10 @@ def test_bad_options_exit_2_before_any_data(tmp_path: Path, capsys: pytest.Captu
     assert main(["bench", str(tmp_path / "nope.yaml"), "--out", str(tmp_path / "o")]) == 2
     assert "nope.yaml" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_set_teacher_null_drops_a_committee_member() -> None:
+    from appdistill.config import REPO_ROOT, load_config
+
+    cfg = load_config(REPO_ROOT / "configs/ml100k_committee.yaml", ["teachers.foundation=null"])
+    assert sorted(cfg.teachers) == ["dlrm", "lightgbm"]

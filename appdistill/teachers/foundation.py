@@ -52,6 +52,12 @@ def default_store_root() -> Path:
     return Path(os.environ.get("APPDISTILL_CACHE", Path.home() / ".cache" / "appdistill")) / "store"
 
 
+def unit_rows(m: Any) -> np.ndarray:
+    """``m`` as float32 with unit-norm rows (all-zero rows stay zero): the teacher's frozen features."""
+    m = np.asarray(m, dtype=np.float32)
+    return m / np.maximum(np.linalg.norm(m, axis=1, keepdims=True), 1e-6)
+
+
 class LayerwiseNet(nn.Module):
     """Per-layer adapters + id model + per-layer heads, mixed by learned weights."""
 
@@ -139,8 +145,7 @@ class FoundationTeacher(Teacher):
         self.layer_names, self.mats, self.tables = [], [], []
         for f in self.media:
             for out, entry in stores[f.name].items():
-                m = np.asarray(entry.matrix, dtype=np.float32)
-                m = m / np.maximum(np.linalg.norm(m, axis=1, keepdims=True), 1e-6)
+                m = unit_rows(entry.matrix)
                 self.layer_names.append(f"{f.name}:{out}")
                 self.mats.append(np.vstack([m, np.zeros((1, m.shape[1]), np.float32)]))  # + missing row
                 self.tables.append(f.table)
@@ -165,8 +170,15 @@ class FoundationTeacher(Teacher):
         self._ready_for = ds.fingerprint
 
     def _inputs(self, ds: Dataset, rows: np.ndarray, train_mode: bool = False,
-                rng: np.random.Generator | None = None) -> tuple[Any, ...]:
-        """The network's inputs for ``rows``: ``(ids, feats, dense, lists)`` (see :meth:`LayerwiseNet.forward`)."""
+                rng: np.random.Generator | None = None,
+                media: list[np.ndarray] | None = None) -> tuple[Any, ...]:
+        """The network's inputs for ``rows``: ``(ids, feats, dense, lists)`` (see :meth:`LayerwiseNet.forward`).
+
+        ``media``: per entry of ``layer_names``, the rows' own encoder outputs ``[B, d_l]`` to use in
+        place of the store's rows (a serving path that encodes the request's items itself); they are
+        normalised as the store's are. Everything else (ids, id lists, dense, user vectors) is built
+        as for ``predict``, so such a path cannot drift from the inputs the net was fitted on.
+        """
         ids = np.stack([c[rows] for c in self.id_cols], 1) if self.id_cols else np.zeros((len(rows), 0), np.int64)
         if train_mode and rng is not None and self.kwargs["id_dropout"] > 0:
             for j, f in enumerate(self.id_features):
@@ -177,8 +189,8 @@ class FoundationTeacher(Teacher):
         own = (tr & (yv > 0)).astype(np.float32)
         cnt = np.maximum(self.user_cnt[u] - own, 0)
         feats = []
-        for m, table, s in zip(self.mats, self.tables, self.user_sum):
-            x = m[ds.table_rows[table][rows]]
+        for j, (m, table, s) in enumerate(zip(self.mats, self.tables, self.user_sum)):
+            x = m[ds.table_rows[table][rows]] if media is None else unit_rows(media[j])
             if table == "users":
                 uvec = x
             else:
