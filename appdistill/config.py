@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -56,6 +56,23 @@ class TrainSection(_Strict):
     log_every: int = 50
 
 
+class TransferSection(_Strict):
+    """A transfer set (:mod:`appdistill.features.transfer`): unlabelled rows the teachers label, mixed
+    into training with the method's teacher terms only. Off by default; ignored by ``method: none``.
+
+    Example::
+
+        transfer: {enabled: true, ratio: 1.0}
+    """
+
+    enabled: bool = False
+    #: transfer rows per training row (the epoch grows by this factor)
+    ratio: float = Field(default=1.0, gt=0, le=20)
+    #: auto = pairs for interaction data, perturb for a one-row-per-entity table
+    strategy: Literal["auto", "pairs", "perturb"] = "auto"
+    seed: int = 0
+
+
 class EvalSection(_Strict):
     k: int = 10
 
@@ -98,6 +115,7 @@ class ExperimentConfig(_Strict):
     #: where fitted teachers and their caches live (default: the run directory)
     teachers_dir: str | None = None
     train: TrainSection = Field(default_factory=TrainSection)
+    transfer: TransferSection = Field(default_factory=TransferSection)
     eval: EvalSection = Field(default_factory=EvalSection)
     tracking: TrackingSection = Field(default_factory=TrackingSection)
     #: directory of the config file (relative paths resolve against it, then the cwd, then the repo)

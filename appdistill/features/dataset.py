@@ -10,6 +10,7 @@ training mean) for interactions whose key is absent from it.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -17,7 +18,7 @@ import pandas as pd
 
 from appdistill.features.processor import FeatureProcessor, Jagged
 from appdistill.features.spec import FeatureSpecSet
-from appdistill.features.tables import load_tables, make_labels, split_rows, table_location
+from appdistill.features.tables import check_joins, load_tables, make_labels, split_rows, table_location
 
 
 @dataclass
@@ -48,18 +49,37 @@ class Dataset:
     lists: dict[str, Jagged] = field(default_factory=dict)
     dense: dict[str, np.ndarray] = field(default_factory=dict)
     fingerprint: str = ""
+    #: per side table: interactions whose key it holds (``tables.check_joins``)
+    join_coverage: dict[str, dict[str, object]] = field(default_factory=dict)
 
     @property
     def n(self) -> int:
         return len(self.labels)
 
     @classmethod
-    def build(cls, spec: FeatureSpecSet, tables: dict[str, pd.DataFrame] | None = None) -> Dataset:
-        """Load (unless given), split, fit on train, encode every servable feature."""
+    def build(cls, spec: FeatureSpecSet, tables: dict[str, pd.DataFrame] | None = None,
+              transfer: Callable[[FeatureSpecSet, dict[str, pd.DataFrame], dict[str, np.ndarray]], pd.DataFrame]
+              | None = None) -> Dataset:
+        """Load (unless given), split, fit on train, encode every servable feature.
+
+        Args:
+            transfer: makes unlabelled rows from ``(spec, tables, splits)``
+                (:mod:`appdistill.features.transfer`); they are appended to the interactions table,
+                encoded like every row, labelled NaN and listed as ``splits["transfer"]``. Labels,
+                splits and the fitted processor of the real rows are unchanged.
+        """
         tables = tables if tables is not None else load_tables(spec)
+        coverage = check_joins(spec, tables)  # refuses key-dtype mismatches and joins that match nothing
         inter = tables["interactions"]
         labels = make_labels(spec, inter)
         splits = split_rows(spec, inter)
+        if transfer is not None:
+            extra = transfer(spec, tables, splits)
+            n0 = len(inter)
+            inter = pd.concat([inter, extra[list(inter.columns)]], ignore_index=True)
+            tables = {**tables, "interactions": inter}
+            labels = np.concatenate([labels, np.full(len(extra), np.nan, np.float32)])
+            splits = {**splits, "transfer": np.arange(n0, n0 + len(extra), dtype=np.int64)}
         train = splits["train"]
 
         table_rows: dict[str, np.ndarray] = {"interactions": np.arange(len(inter), dtype=np.int64)}
@@ -100,6 +120,7 @@ class Dataset:
                 missing = proc.dense[f.name].apply(np.array([np.nan]))[0]  # the imputed value
                 ds.dense[f.name] = np.append(v, missing) if f.table != "interactions" else v
         ds.fingerprint = ds._fingerprint()
+        ds.join_coverage = coverage
         return ds
 
     def rows_of(self, table: str, rows: np.ndarray) -> np.ndarray:
@@ -119,12 +140,13 @@ class Dataset:
     def summary(self) -> dict[str, object]:
         return {
             "interactions": self.n,
-            "positive_rate": round(float(self.labels.mean()), 4),
+            "positive_rate": round(float(np.nanmean(self.labels)), 4),
             "splits": {k: int(len(v)) for k, v in self.splits.items()},
             "cold_test_rows": int(self.cold[self.splits["test"]].sum()),
             "vocab_sizes": {k: len(v) for k, v in self.processor.vocabs.items()},
             "nan_imputed": dict(self.processor.nan_imputed),
             "fingerprint": self.fingerprint,
+            "join_coverage": self.join_coverage,
         }
 
 

@@ -9,11 +9,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from appdistill.errors import ConfigError
 from appdistill.features.batch import Batch
-from appdistill.methods.base import METHODS, Method, soft_bce
+from appdistill.methods.base import METHODS, Method, label_bce, soft_bce
 from appdistill.student.model import RankingModel, StudentOutput
 
 
@@ -42,5 +41,5 @@ class AvgKD(Method):
     def forward(self, out: StudentOutput, batch: Batch, model: RankingModel) -> dict[str, torch.Tensor]:
         z = torch.stack([batch.teacher[n].logits for n in self.teachers], 1).detach()  # [B, n]
         p = (torch.sigmoid(z / self.T) * self.w).sum(1)
-        return {"bce": (1 - self.alpha) * F.binary_cross_entropy_with_logits(out.logits, batch.labels),
+        return {"bce": (1 - self.alpha) * label_bce(out.logits, batch.labels),
                 "kd": self.alpha * self.T ** 2 * soft_bce(out.logits / self.T, p)}

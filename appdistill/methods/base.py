@@ -81,6 +81,17 @@ class Method(nn.Module):
         return {}
 
 
+def label_bce(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """BCE of logits ``z`` ``[B]`` against labels ``y`` ``[B]``, averaged over the labelled rows only.
+
+    Transfer-set rows (:mod:`appdistill.features.transfer`) carry NaN labels: they train the
+    teacher terms, never this one. Masked arithmetic, not boolean indexing: no host sync on GPU.
+    """
+    m = ~torch.isnan(y)
+    per = torch.nn.functional.binary_cross_entropy_with_logits(z, torch.where(m, y, 0.0), reduction="none")
+    return (per * m).sum() / m.sum().clamp_min(1)
+
+
 def soft_bce(z: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     """Binary cross-entropy of logits ``z`` ``[B]`` against soft targets ``p`` ``[B]`` in [0, 1] (mean)."""
     return torch.nn.functional.binary_cross_entropy_with_logits(z, p)

@@ -34,7 +34,7 @@ from torch import nn
 
 from appdistill.errors import ConfigError
 from appdistill.features.batch import Batch
-from appdistill.methods.base import METHODS, Method
+from appdistill.methods.base import METHODS, Method, label_bce
 from appdistill.methods.committee import build_ports
 from appdistill.methods.taid import TAIDSchedule, global_mean, taid_loss
 from appdistill.student.model import RankingModel, StudentOutput
@@ -222,7 +222,7 @@ class DiverseDistill(Method):
         else:  # the teacher KD reads only the ungated importance (or none): skip the top-k
             with torch.no_grad():
                 probs = self.gate_probs(h_c)
-        terms = {"bce": F.binary_cross_entropy_with_logits(z_s, y)}
+        terms = {"bce": label_bce(z_s, y)}
         if run_committee:
             rows = self.committee_subset(h.shape[0], h.device)
             sub = (lambda t: t) if rows is None else (lambda t: t.index_select(0, rows))
@@ -236,7 +236,7 @@ class DiverseDistill(Method):
             else:
                 weights = {k: scale_grad(v, g_arch) for k, v in model.over_arch.named_parameters()}
                 z_qa = torch.func.functional_call(model.over_arch, weights, (x,))
-            terms["bce_committee"] = F.binary_cross_entropy_with_logits(z_qa, sub(y))
+            terms["bce_committee"] = label_bce(z_qa, sub(y))
             terms["kd_committee"] = self.lambda_kd * self.T ** 2 * F.binary_cross_entropy_with_logits(
                 sub(z_s) / self.T, torch.sigmoid(z_qa.detach() / self.T))
         elif not self.committee_path:

@@ -8,10 +8,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from appdistill.features.batch import Batch
-from appdistill.methods.base import METHODS, Method, kd_loss
+from appdistill.methods.base import METHODS, Method, kd_loss, label_bce
 from appdistill.student.model import RankingModel, StudentOutput
 
 
@@ -34,5 +33,5 @@ class KD(Method):
 
     def forward(self, out: StudentOutput, batch: Batch, model: RankingModel) -> dict[str, torch.Tensor]:
         z_t = batch.teacher[self.teacher].logits
-        return {"bce": (1 - self.alpha) * F.binary_cross_entropy_with_logits(out.logits, batch.labels),
+        return {"bce": (1 - self.alpha) * label_bce(out.logits, batch.labels),
                 "kd": self.alpha * kd_loss(out.logits, z_t, self.T)}

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from appdistill.features.batch import Batch
-from appdistill.methods.base import METHODS, Method
+from appdistill.methods.base import METHODS, Method, label_bce
 from appdistill.student.model import RankingModel, StudentOutput
 
 
@@ -17,4 +16,4 @@ class NoDistillation(Method):
     grid = {"student.dropout": [0.0, 0.1, 0.2, 0.3]}
 
     def forward(self, out: StudentOutput, batch: Batch, model: RankingModel) -> dict[str, torch.Tensor]:
-        return {"bce": F.binary_cross_entropy_with_logits(out.logits, batch.labels)}
+        return {"bce": label_bce(out.logits, batch.labels)}

@@ -18,10 +18,9 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from appdistill.features.batch import Batch
-from appdistill.methods.base import METHODS, Method, soft_bce
+from appdistill.methods.base import METHODS, Method, label_bce, soft_bce
 from appdistill.student.model import RankingModel, StudentOutput
 
 
@@ -92,7 +91,7 @@ class TAID(Method):
         z_t = torch.stack([batch.teacher[n].logits for n in self.teachers], 1).mean(1)
         terms = {"taid": taid_loss(out.logits, z_t, self.schedule.t)}
         if self.label_weight:
-            terms["bce"] = self.label_weight * F.binary_cross_entropy_with_logits(out.logits, batch.labels)
+            terms["bce"] = self.label_weight * label_bce(out.logits, batch.labels)
         return terms
 
     def on_step_end(self, loss: torch.Tensor, step: int, total_steps: int) -> None:

@@ -24,7 +24,7 @@ from torch import nn
 
 from appdistill.errors import ConfigError
 from appdistill.features.batch import Batch
-from appdistill.methods.base import METHODS, Method
+from appdistill.methods.base import METHODS, Method, label_bce
 from appdistill.methods.committee import build_ports
 from appdistill.student.model import RankingModel, StudentOutput
 
@@ -78,8 +78,8 @@ class TalkingModels(Method):
         m_bar = torch.stack(msgs).mean(0)
         z_int = model.over_arch(h + self.dec_s(m_bar))
         return {
-            "bce": F.binary_cross_entropy_with_logits(z_s, y),
-            "bce_interaction": self.l_int * F.binary_cross_entropy_with_logits(z_int, y),
+            "bce": label_bce(z_s, y),
+            "bce_interaction": self.l_int * label_bce(z_int, y),
             "message": self.l_msg * F.mse_loss(m_s, m_bar.detach()),
             "reconstruction": rec,
             "kd_interaction": self.l_kd * self.T ** 2 * F.binary_cross_entropy_with_logits(

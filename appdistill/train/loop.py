@@ -13,8 +13,8 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import json
-import math
 import os
 import random
 import signal
@@ -35,7 +35,7 @@ from appdistill.student.model import RankingModel, StudentConfig, build_student
 from appdistill.train import checkpoint as ckpt
 from appdistill.train.distributed import (DistContext, adam, all_gather_varlen, full_state_dict, init_distributed,
                                           load_full_state_dict, shard_model, unwrap)
-from appdistill.train.io import atomic_write_text, save_checkpoint
+from appdistill.train.io import atomic_write_text, run_lock, save_checkpoint
 from appdistill.train.plots import plot_curves
 from appdistill.train.tracking import Tracker, config_params, make_tracker, step_values
 
@@ -87,7 +87,9 @@ def train_loader(cfg: ExperimentConfig, ds: Dataset, builder: BatchBuilder, ctx:
     0.76 / 0.85 with ``prefetch: 4`` against 0.92 / 0.96 / 0.87 inline (a batch costs ~0.3 ms to
     build, in blocks of 32).
     """
-    tr, rows = cfg.train, ds.splits["train"]
+    tr = cfg.train
+    # transfer-set rows (NaN labels) are shuffled in with the labelled ones
+    rows = np.concatenate([ds.splits["train"], ds.splits["transfer"]]) if "transfer" in ds.splits else ds.splits["train"]
     return BatchLoader(builder, rows, tr.batch_size, shuffle=True, seed=cfg.seed, drop_last=len(rows) >= tr.batch_size,
                        rank=ctx.rank, world_size=ctx.world_size,
                        prefetch=train_prefetch(cfg) if prefetch is None else prefetch, hooks=hooks)
@@ -104,6 +106,18 @@ def train_prefetch(cfg: ExperimentConfig) -> int:
 
 def _cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def with_transfer(cfg: ExperimentConfig, spec: Any, ds: Dataset) -> Dataset:
+    """``ds`` with ``cfg.transfer``'s unlabelled rows appended (``splits["transfer"]``), when a
+    method distils from teachers; ``ds`` itself otherwise."""
+    t = cfg.transfer
+    if not t.enabled or cfg.method.key == "none" or not cfg.teachers or "transfer" in ds.splits:
+        return ds
+    from appdistill.features.transfer import make_transfer_rows
+
+    return Dataset.build(spec, tables=ds.tables,
+                         transfer=lambda sp, tb, sl: make_transfer_rows(sp, tb, sl, t.ratio, t.strategy, t.seed))
 
 
 def method_optimizer(method: torch.nn.Module, lr: float) -> torch.optim.Optimizer | None:
@@ -151,8 +165,11 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, dataset: Dataset | None
     """
     trackers: list[Tracker] = []  # _train puts its tracker here once the run directory exists
     threads = torch.get_num_threads()  # _train may change it for the run; the caller gets it back
+    # one writer per run directory: a second train/distill/export on it fails at once (rank 0 writes)
+    lock = run_lock(run_dir, "train") if int(os.environ.get("RANK", "0") or 0) == 0 else contextlib.nullcontext()
     try:
-        metrics = _train(cfg, run_dir, trackers, dataset=dataset, progress=progress, resume=resume)
+        with lock:
+            metrics = _train(cfg, run_dir, trackers, dataset=dataset, progress=progress, resume=resume)
     except BaseException as e:
         for t in trackers:
             t.close("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
@@ -176,7 +193,12 @@ def _train(cfg: ExperimentConfig, run_dir: str | Path, trackers: list[Tracker], 
         torch.set_num_threads(max(1, cores // ctx.world_size))
     seed_everything(cfg.seed)
     spec = cfg.load_spec()
-    ds = dataset if dataset is not None else Dataset.build(spec)
+    ds = with_transfer(cfg, spec, dataset if dataset is not None else Dataset.build(spec))
+    if (resume or _restarted()) and (run_dir / ckpt.RESUME_FILE).is_file():
+        # a changed spec/data/student/method/teacher set is refused before anything below is written,
+        # so a refused --resume leaves the finished run exactly as it was
+        ckpt.precheck_resume(run_dir / ckpt.RESUME_FILE, cfg, spec.fingerprint(), ds.fingerprint,
+                             teachers_dir(cfg, run_dir))
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "config.yaml", cfg.dump())
@@ -349,14 +371,15 @@ def load_committee(cfg: ExperimentConfig, ds: Dataset, run_dir: Path, ctx: DistC
     from appdistill.teachers.fit import load_teacher
 
     tdir = teachers_dir(cfg, run_dir)
+    splits = tuple(ds.splits)  # train, valid, test (+ transfer)
     quiet = lambda *_: None  # noqa: E731
     if ctx.is_dist:
         import torch.distributed as dist
 
         if ctx.is_main:
-            build_caches(cfg, tdir, ds, progress=progress)
+            build_caches(cfg, tdir, ds, splits=splits, progress=progress)
         dist.barrier()
-    caches = build_caches(cfg, tdir, ds, progress=progress and ctx.is_main,
+    caches = build_caches(cfg, tdir, ds, splits=splits, progress=progress and ctx.is_main,
                           echo=print if ctx.is_main and not ctx.is_dist else quiet)
     committee = {n: load_teacher(tdir, n, ds.spec, ds) for n in cfg.teachers}
     return committee, [CacheJoin(caches)]
