@@ -135,7 +135,7 @@ class ConfigBench:
             if len(keep) == len(kinds):
                 raise ConfigError(f"every teacher of the committee is {v.teachers}: same as {v.follows}")
             kwargs["teachers"] = keep
-        for k, val in setting.items():
+        for k, val in {**v.config, **setting}.items():
             if "." in k:
                 _set(raw, k, val)
             else:

@@ -27,6 +27,7 @@ class Variant:
         kwargs: pinned method kwargs (``"{best}"`` = the best single teacher on validation).
         follows: for ablations, the variant whose chosen setting this one reuses (not tuned itself).
         teachers: ``"foundation"`` / ``"complementary"``: restrict the committee to that kind.
+        config: config overrides (``{"transfer.enabled": True}``).
         doc: one line for the report.
     """
 
@@ -34,6 +35,7 @@ class Variant:
     kwargs: dict[str, Any] = field(default_factory=dict)
     follows: str | None = None
     teachers: str | None = None
+    config: dict[str, Any] = field(default_factory=dict)
     doc: str = ""
 
 
@@ -57,6 +59,11 @@ VARIANTS: dict[str, Variant] = {
     "dd_complementary_only": Variant("diverse_distill", {}, "diverse_distill", teachers="complementary",
                                      doc="DiverseDistill with the complementary teachers only"),
 }
+# the transfer-set ablation of each distillation method: its chosen setting plus a transfer set
+for _m in ("kd", "avg_kd", "taid", "diverse_distill"):
+    VARIANTS[f"{_m}+transfer"] = Variant(VARIANTS[_m].key, VARIANTS[_m].kwargs, _m,
+                                         config={"transfer.enabled": True},
+                                         doc=f"{_m} with a transfer set (config `transfer:`; ratio as configured)")
 
 #: what ``--methods`` runs by default: every method, no ablation
 DEFAULT = ["none", "kd", "avg_kd", "taid", "talking", "diverse_distill"]
