@@ -137,6 +137,7 @@ def markdown(b: Any, df: pd.DataFrame, seconds: float) -> str:
                          f"| {_fmt(cm, cs)} | {g.skipped.mean():.0%} | {g.train_seconds.mean():.1f} | "
                          f"`{g.setting.iloc[0]}` |")
         lines += segment_table(sub, t)
+        lines += routing_table(sub, t)
         choices = b.choices.get(tag, {})
         tuned = {n: c for n, c in choices.items() if c["tuned"]}
         if tuned:
@@ -183,6 +184,29 @@ def segment_table(sub: pd.DataFrame, t: dict[str, Any]) -> list[str]:
         n_row = {c: (teach and next(iter(teach.values()))["segments"].get(kind, {}).get(c, {}).get("n")) for c in cols}
         if any(n_row.values()):
             out.append("| rows | " + " | ".join(f"{n_row[c]:,}" if n_row[c] else "" for c in cols) + " |")
+    return out
+
+
+def routing_table(sub: pd.DataFrame, t: dict[str, Any]) -> list[str]:
+    """Mean gate importance per item segment (over seeds) beside the segment oracle's choice."""
+    if "routing" not in sub.columns:
+        return []
+    choice = ((t or {}).get("segment_oracle") or {}).get("choice", {})
+    out: list[str] = []
+    for name, g in sub.groupby("method", sort=False):
+        reps = [json.loads(x) for x in g.routing.dropna()]
+        if not reps or not all(r.get("segments") for r in reps):
+            continue
+        names = reps[0]["teachers"]
+        if not out:
+            out += ["", "Routing: mean gate importance per teacher on the test rows of each item segment "
+                        "(mean over seeds), and the teacher the segment oracle picks there:", "",
+                    "| method | segment | " + " | ".join(f"`{n}`" for n in names) + " | oracle's pick |",
+                    "|---|---|" + "---:|" * len(names) + "---|"]
+        for seg in [s for s in BUCKETS if s in reps[0]["segments"]]:
+            vals = [np.mean([r["segments"].get(seg, {}).get(n, np.nan) for r in reps]) for n in names]
+            out.append(f"| `{name}` | {seg} | " + " | ".join(f"{v:.2f}" for v in vals)
+                       + f" | `{choice.get(seg, '?')}` |")
     return out
 
 

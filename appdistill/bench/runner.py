@@ -257,6 +257,8 @@ class ConfigBench:
             "student_params": m["student"]["params"], "setting": json.dumps(setting, sort_keys=True),
             "ref_teacher": best, "ref_teacher_auc": tmetrics[best]["test"]["auc"] if best else None,
         }
+        if m.get("routing"):
+            r["routing"] = json.dumps(m["routing"], sort_keys=True)
         for kind, segs in (t.get("segments") or {}).items():
             for b, s in segs.items():
                 r[f"{kind}_{b}_auc"] = s["auc"]

@@ -52,6 +52,8 @@ VARIANTS: dict[str, Variant] = {
                                doc="DiverseDistill, answers without questions"),
     "dd_no_committee_path": Variant("diverse_distill", {"committee_path": False}, "diverse_distill",
                                     doc="DiverseDistill without the committee path"),
+    "dd_routing": Variant("diverse_distill", {"routing": True}, "diverse_distill",
+                          doc="DiverseDistill whose gate also reads teachers' confidences, disagreement, item frequency"),
     "dd_taid": Variant("diverse_distill", {"output_loss": "taid"}, "diverse_distill",
                        doc="DiverseDistill with TAID as the teacher term"),
     "dd_foundation_only": Variant("diverse_distill", {}, "diverse_distill", teachers="foundation",

@@ -84,6 +84,11 @@ class DiverseDistill(Method):
         taps: ``{teacher: tap}`` overrides of the hidden tap each teacher answers from.
         leaf_dim / leaf_trees: GBDT leaf-embedding width and trees (evenly spaced) in the leaf state
             (:class:`~appdistill.methods.committee.TeacherPort`; ``None`` = every tree).
+        routing: the gate also reads what routing needs, not only ``h``: each teacher's cached
+            logit (its confidence), its distance from the committee mean (disagreement), and the
+            row's item training frequency (log-scaled, plus a cold flag). ``w = softmax(⟨W h + V r,
+            E⟩ / τ)`` with ``r`` ``[B, 2n + 2]``, no gradient into ``r``.
+        item_frequency: ``[n_item_codes]`` training rows per item code (supplied by the loop).
     """
 
     # lambda_t 1 / 4: the same teacher-KD-to-label ratios as kd's alpha 0.5 / 0.8
@@ -99,7 +104,8 @@ class DiverseDistill(Method):
                  output_loss: str = "kd", taps: dict[str, str] | None = None, leaf_dim: int = 32,
                  leaf_trees: int | None = 32, taid: dict[str, float] | None = None,
                  kd_weights: str = "gated", committee_rows: int | None = None,
-                 committee_every: int = 1) -> None:
+                 committee_every: int = 1, routing: bool = False,
+                 item_frequency: Any = None) -> None:
         super().__init__(committee)
         committee = committee or {}
         names = self.pick(teachers)
@@ -149,14 +155,22 @@ class DiverseDistill(Method):
             k: nn.Sequential(nn.Linear(64 if k in self.answer_net else p.answer_dim, student_dim),
                              nn.LayerNorm(student_dim))
             for k, p in self.ports.items()})
+        self.routing = routing
+        if routing:
+            freq = torch.as_tensor(item_frequency if item_frequency is not None else [], dtype=torch.float32)
+            self.register_buffer("item_freq", torch.log1p(freq) / max(float(torch.log1p(freq).max()), 1.0)
+                                 if freq.numel() else freq, persistent=False)
+            self.V = nn.Linear(2 * n + 2, d_e, bias=False)               # routing features -> gate query
+            nn.init.zeros_(self.V.weight)  # starts as the plain gate; learns to route from there
         self.answer_calls = {k: 0 for k in names}  # rows answered per teacher (tests count these)
         self._kept = self._total = 0
 
     # ------------------------------------------------------------------ gate
-    def importance(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def importance(self, h: torch.Tensor, r: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(w, keep, probs)``: gated weights ``[B, n]`` (0 where skipped, rows sum to 1), the keep
-        mask ``[B, n]`` bool and the ungated softmax ``[B, n]``."""
-        probs = self.gate_probs(h)
+        mask ``[B, n]`` bool and the ungated softmax ``[B, n]``; ``r``: routing features or None."""
+        probs = self.gate_probs(h, r)
         if not self.gating:
             keep = torch.ones_like(probs, dtype=torch.bool)
             return torch.full_like(probs, 1.0 / probs.shape[1]), keep, probs
@@ -169,11 +183,33 @@ class DiverseDistill(Method):
         w = probs * keep
         return w / w.sum(1, keepdim=True).clamp_min(1e-12), keep, probs
 
-    def gate_probs(self, h: torch.Tensor) -> torch.Tensor:
-        """The ungated importance ``softmax(⟨W h, E⟩ / τ)`` ``[B, n]``."""
+    def gate_probs(self, h: torch.Tensor, r: torch.Tensor | None = None) -> torch.Tensor:
+        """The ungated importance ``softmax(⟨W h (+ V r), E⟩ / τ)`` ``[B, n]``."""
         # ⟨W h, e_i⟩ = h·(Wᵀ e_i): one [n, d_s] matrix instead of projecting every sample to d_e;
         # F.linear with it, not h @ its transpose: MKL's skinny [B, d_s] x [d_s, n] was 2.5x slower
-        return torch.softmax(F.linear(h, self.E @ self.W.weight) / self.tau, dim=1)
+        logits = F.linear(h, self.E @ self.W.weight)
+        if r is not None:
+            logits = logits + F.linear(r, self.E @ self.V.weight)
+        return torch.softmax(logits / self.tau, dim=1)
+
+    def route_features(self, batch: Batch, z_t: torch.Tensor) -> torch.Tensor | None:
+        """``r`` ``[B, 2n + 2]`` (see ``routing``), or None without routing."""
+        if not self.routing:
+            return None
+        z = z_t.detach()
+        feats = [torch.tanh(z / 4), torch.tanh((z - z.mean(1, keepdim=True)).abs() / 4)]
+        if self.item_freq.numel():
+            codes = batch.item_ids.clamp(0, self.item_freq.numel() - 1)
+            f = torch.where(batch.item_ids < self.item_freq.numel(), self.item_freq[codes], 0.0)
+        else:
+            f = torch.zeros_like(z[:, 0])
+        return torch.cat([*feats, f.unsqueeze(1), (f == 0).float().unsqueeze(1)], 1)
+
+    @torch.no_grad()
+    def route_weights(self, h: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """The importance ``[B, n]`` the gate gives each teacher on ``batch`` (routing reports)."""
+        z_t = torch.stack([self.ports[n].logit(batch) for n in self.names], 1)
+        return self.gate_probs(h, self.route_features(batch, z_t))
 
     # ------------------------------------------------------------------ answers
     def committee_message(self, h: torch.Tensor, batch: Batch, w: torch.Tensor, keep: torch.Tensor,
@@ -216,12 +252,14 @@ class DiverseDistill(Method):
         # between committee steps nothing trains the gate (its weights on the teacher KD are
         # detached), so it runs without a graph and the balance term waits for the next one
         train_gate = run_committee or not self.committee_path
+        z_t = torch.stack([self.ports[n].logit(batch) for n in self.names], 1)  # [B, n]
+        r = self.route_features(batch, z_t)
         if train_gate or (self.gating and self.kd_weights == "gated"):
             with torch.set_grad_enabled(train_gate and torch.is_grad_enabled()):
-                w, keep, probs = self.importance(h_c)
+                w, keep, probs = self.importance(h_c, r)
         else:  # the teacher KD reads only the ungated importance (or none): skip the top-k
             with torch.no_grad():
-                probs = self.gate_probs(h_c)
+                probs = self.gate_probs(h_c, r)
         terms = {"bce": label_bce(z_s, y)}
         if run_committee:
             rows = self.committee_subset(h.shape[0], h.device)
@@ -242,7 +280,6 @@ class DiverseDistill(Method):
         elif not self.committee_path:
             self._kept += int(keep.sum())
             self._total += keep.numel()
-        z_t = torch.stack([self.ports[n].logit(batch) for n in self.names], 1)  # [B, n]
         if self.kd_weights == "uniform" or not self.gating:
             wd = torch.full_like(probs, 1.0 / probs.shape[1])
         else:

@@ -214,7 +214,7 @@ def _train(cfg: ExperimentConfig, run_dir: str | Path, trackers: list[Tracker], 
     size = unwrap(model).size()  # type: ignore[operator]
     init_state = {k: v.clone() for k, v in model.state_dict().items()}
     committee, hooks = load_committee(cfg, ds, run_dir, ctx, progress)
-    method = build_method(cfg, committee, unwrap(model).over_arch.in_dim).to(ctx.device)
+    method = build_method(cfg, committee, unwrap(model).over_arch.in_dim, ds).to(ctx.device)
     hooks = [h.select(method.cache_taps()) if hasattr(h, "select") else h for h in hooks]
     model, opt = shard_model(model, ctx, cfg.train.lr, cfg.train.embedding_lr, cfg.train.weight_decay,
                              cfg.train.sharding)
@@ -301,6 +301,9 @@ def _train(cfg: ExperimentConfig, run_dir: str | Path, trackers: list[Tracker], 
                   "world_size": ctx.world_size, "teacher_passes_skipped": float(method.logs().get("skipped", 0.0))},
         "data": {"fingerprint": ds.fingerprint, "nan_imputed": ds.processor.nan_imputed},
     }
+    routing = routing_report(model, method, ds, builder, hooks, ctx, cfg.train.eval_batch_size)
+    if routing is not None:
+        metrics["routing"] = routing
     state = full_state_dict(model, ctx)
     if ctx.is_main:
         save_checkpoint(run_dir / "checkpoint.pt", {
@@ -354,6 +357,38 @@ def _restore(path: Path, ident: dict[str, Any], model: torch.nn.Module, opt: Any
     return pos, ck["best_state"]
 
 
+@torch.no_grad()
+def routing_report(model: torch.nn.Module, method: Any, ds: Dataset, builder: BatchBuilder, hooks: list[Any],
+                   ctx: DistContext, batch_size: int) -> dict[str, Any] | None:
+    """Mean importance the method's gate gives each teacher on the test rows, overall and per item
+    segment (the bench sets it beside the segment oracle's choices). Methods without a gate, and
+    torchrun runs, report none."""
+    if ctx.is_dist or not hasattr(method, "route_weights") or not hooks:
+        return None
+    from appdistill.eval.segments import split_buckets
+
+    rows = ds.splits["test"]
+    was = model.training
+    model.eval()
+    w, ids = [], []
+    for b in BatchLoader(builder, rows, batch_size, hooks=hooks, prefetch=0):
+        b = b.to(ctx.device)
+        w.append(method.route_weights(model(b.sparse, b.dense).h, b).float().cpu())
+        ids.append(b.row_ids.cpu())
+    model.train(was)
+    W = torch.cat(w).numpy()
+    pos = np.searchsorted(rows, torch.cat(ids).numpy())  # rows are sorted; loader order may differ
+    names = list(method.names)
+    out: dict[str, Any] = {"teachers": names, "overall": {n: round(float(W[:, j].mean()), 4)
+                                                         for j, n in enumerate(names)}}
+    buckets = split_buckets(ds, rows).get("items")
+    if buckets is not None:
+        b = buckets[pos]
+        out["segments"] = {s: {n: round(float(W[b == s, j].mean()), 4) for j, n in enumerate(names)}
+                           for s in ("cold", "tail", "torso", "head") if (b == s).any()}
+    return out
+
+
 def teachers_dir(cfg: ExperimentConfig, run_dir: Path) -> Path:
     return cfg.resolve_path(cfg.teachers_dir) if cfg.teachers_dir else Path(run_dir)
 
@@ -385,8 +420,9 @@ def load_committee(cfg: ExperimentConfig, ds: Dataset, run_dir: Path, ctx: DistC
     return committee, [CacheJoin(caches)]
 
 
-def build_method(cfg: ExperimentConfig, committee: dict[str, Any], student_dim: int) -> Any:
-    """Build ``cfg.method``; the loop supplies ``committee`` and ``student_dim`` where accepted."""
+def build_method(cfg: ExperimentConfig, committee: dict[str, Any], student_dim: int, ds: Dataset | None = None) -> Any:
+    """Build ``cfg.method``; the loop supplies ``committee``, ``student_dim`` and (from ``ds``)
+    ``item_frequency`` (training rows per item code) where accepted."""
     import inspect
 
     factory = METHODS.get(cfg.method.key, context="method")
@@ -396,6 +432,8 @@ def build_method(cfg: ExperimentConfig, committee: dict[str, Any], student_dim: 
         extra["committee"] = committee
     if "student_dim" in params:
         extra["student_dim"] = student_dim
+    if "item_frequency" in params and ds is not None:
+        extra["item_frequency"] = np.bincount(ds.item_ids[ds.splits["train"]], minlength=int(ds.item_ids.max()) + 1)
     return METHODS.build(cfg.method.key, cfg.method.kwargs, "method", **extra)
 
 
