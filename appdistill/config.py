@@ -1,4 +1,4 @@
-"""Experiment configs: one YAML file = one experiment (DESIGN.md section 12).
+"""Experiment configs: one YAML file = one experiment.
 
 Configs are data: ``yaml.safe_load`` + pydantic with ``extra="forbid"`` (a typo is an error).
 Code is named only through ``{key, kwargs}`` blocks resolved by registries; plugin modules are

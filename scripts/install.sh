@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install the pinned stack of DESIGN.md section 11 into a virtual environment.
+# Install the pinned stack into a virtual environment.
 # Usage: scripts/install.sh [VENV_DIR] [PYTHON]
 # Order matters: torchrec goes in with --no-deps because its own `fbgemm-gpu` requirement would
 # pull the CUDA build, which cannot load without a GPU driver.

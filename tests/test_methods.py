@@ -98,7 +98,7 @@ def test_taid_loss_golden_and_t_sequence() -> None:
     t = 0.4
     target = sig((1 - t) * Z_S.numpy() + t * Z_A.numpy())
     assert float(out["taid"]) == pytest.approx(np_bce(Z_S.numpy(), target), abs=1e-6)
-    # t sequence against a hand computation of DESIGN.md 7.3
+    # t sequence against a hand computation of the TAID schedule
     losses, total = [1.0, 0.8, 0.9, 0.5, 0.5, 0.2], 1000
     s = TAIDSchedule(0.4, 1.0, 5e-4, 0.99)
     got = [s.update(j, k, total) for k, j in enumerate(losses)]

@@ -1,4 +1,4 @@
-"""Frozen foundation encoders and the per-item embedding store (DESIGN.md section 4).
+"""Frozen foundation encoders and the per-item embedding store.
 
 - :mod:`~appdistill.foundation.text`: sentence-transformers (default: the bundled all-MiniLM-L6-v2),
   optional mean-pooled hidden layers.
@@ -12,15 +12,14 @@ Encoders are registered in :data:`ENCODERS` (``minilm``, ``sentence_transformer`
 spec's ``encoder: minilm`` resolves. Nothing here downloads weights: the Hugging Face libraries are
 forced offline before any model loads (``APPDISTILL_ALLOW_NETWORK=1`` opts out).
 
-MovieLens-100K posters (optional): where ``/work/shared/data/ml100k-posters/<item_id>.jpg`` exists,
-a spec variant can give the foundation teacher an image feature. The built-in ``ml100k`` source
+Images (optional): given a folder of posters named ``<item_id>.jpg``, a spec variant can give the foundation teacher an image feature. The built-in ``ml100k`` source
 has no path column, so the items table needs one (``poster = item_id.astype(str) + ".jpg"``, e.g.
 in an items parquet file next to the spec), then::
 
     tables:
       items: {path: ml100k_items_with_posters.parquet, key: item_id}
     features:
-      - {name: poster, kind: image, table: items, encoder: clip, root: /work/shared/data/ml100k-posters}
+      - {name: poster, kind: image, table: items, encoder: clip, root: posters/}
     visibility:
       foundation: [user_id, item_id, title, genres, poster]
 

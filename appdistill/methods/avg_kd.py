@@ -1,4 +1,4 @@
-"""``avg_kd``: multi-teacher KD against the (weighted) mean committee probability (DESIGN.md 7.1).
+"""``avg_kd``: multi-teacher KD against the (weighted) mean committee probability.
 
 ``(1 - a)·BCE(z_s, y) + a·T²·BCE(z_s / T, Σ_i w_i σ(z_i / T))`` with fixed weights ``w`` (uniform by
 default). The naive multi-teacher baseline: it can fall below single-teacher KD when teachers disagree.

@@ -1,4 +1,4 @@
-"""The distillation-method interface (DESIGN.md section 7).
+"""The distillation-method interface.
 
 A method turns the student's output and a batch (with teacher outputs) into *named* loss terms;
 the training loop sums and logs them. Its own parameters (question/answer nets, gates, message

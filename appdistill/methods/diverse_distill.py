@@ -1,6 +1,6 @@
 """``diverse_distill``: the teaching committee with questions, answers and per-sample importance.
 
-Our concrete reading of DiverseDistill (arXiv 2402.14035), DESIGN.md 7.2. For student state ``h``
+Our concrete reading of DiverseDistill (arXiv 2402.14035). For student state ``h``
 ``[B, d_s]`` (the over-arch input) and teachers ``i = 1..n``:
 
 1. teacher embeddings ``E`` ``[n, d_e]``;

@@ -1,4 +1,4 @@
-"""``kd``: Hinton knowledge distillation from one teacher, binary form (DESIGN.md 7.1).
+"""``kd``: Hinton knowledge distillation from one teacher, binary form.
 
 ``(1 - a)·BCE(z_s, y) + a·T²·BCE(z_s / T, σ(z_t / T))``.
 """

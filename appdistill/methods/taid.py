@@ -1,4 +1,4 @@
-"""``taid``: Temporally Adaptive Interpolated Distillation (arXiv 2501.16937), binary form (DESIGN.md 7.3).
+"""``taid``: Temporally Adaptive Interpolated Distillation (arXiv 2501.16937), binary form.
 
 Target ``p_t = σ((1 - t)·sg(z_s) + t·z_T)``; loss ``BCE(z_s, p_t)`` (+ ``label_weight·BCE(z_s, y)``).
 After every optimiser step, with ``J`` the step's loss **all-reduced over ranks** (so every rank holds

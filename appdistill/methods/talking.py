@@ -1,4 +1,4 @@
-"""``talking``: Talking Models (arXiv 2310.03188), interactive communication (DESIGN.md 7.4).
+"""``talking``: Talking Models (arXiv 2310.03188), interactive communication.
 
 Student and teachers exchange messages in a shared message space ``R^{d_m}``:
 

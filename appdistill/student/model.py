@@ -1,4 +1,4 @@
-"""The student: a TorchRec ranking model built from the feature spec (DESIGN.md section 8).
+"""The student: a TorchRec ranking model built from the feature spec.
 
 ``EmbeddingBagCollection`` (one table per sparse feature) -> dense arch (MLP over dense features)
 -> interaction (``dot`` or ``dcn``) -> ``h`` -> over-arch (MLP -> 1 logit). ``h`` is exposed for

@@ -1,4 +1,4 @@
-"""Teachers of the committee (DESIGN.md section 5), registered by name in :data:`TEACHERS`.
+"""Teachers of the committee, registered by name in :data:`TEACHERS`.
 
 Importing this package registers ``lightgbm`` and ``dlrm``. Other built-in teachers
 (``appdistill/teachers/<key>.py``, e.g. ``foundation`` with its encoder dependencies) are imported

@@ -1,4 +1,4 @@
-"""The teacher interface (DESIGN.md section 5).
+"""The teacher interface.
 
 A teacher is fitted on the training split only (early stopping on validation), predicts
 :class:`~appdistill.features.batch.TeacherOutput` for rows of the interactions table, and has an

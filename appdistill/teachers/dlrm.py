@@ -1,4 +1,4 @@
-"""The DLRM teacher (DESIGN.md section 5): a bigger TorchRec ranking model over the student's ids.
+"""The DLRM teacher: a bigger TorchRec ranking model over the student's ids.
 
 Same class as the student (:class:`~appdistill.student.model.RankingModel`: EBC -> dense arch ->
 DCN-v2/dot interaction -> over-arch) with a bigger default config, trained from scratch on the

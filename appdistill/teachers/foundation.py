@@ -1,4 +1,4 @@
-"""The ``foundation`` teacher: LEVI-style layer-wise ensemble (DESIGN.md 5 and 7.5, arXiv 2402.04644).
+"""The ``foundation`` teacher: LEVI-style layer-wise ensemble (arXiv 2402.04644).
 
 Frozen foundation features — several hidden layers of the text encoder (and the CLIP embedding for
 image features), read from the per-item embedding store — for the candidate item and for the

@@ -1,4 +1,4 @@
-"""``train()``: one loop for a single process and for ``torchrun`` (DESIGN.md section 9).
+"""``train()``: one loop for a single process and for ``torchrun``.
 
 Every rank builds the same data set (deterministic), walks the same global batch order and takes
 its slice; embedding tables are sharded by TorchRec under torchrun. Evaluation runs on every rank

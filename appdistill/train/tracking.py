@@ -275,8 +275,8 @@ def resolve_tracking_uri(uri: str | None) -> str:
             returned unchanged.
 
     Example:
-        >>> resolve_tracking_uri(None)          # in /work
-        'file:///work/mlruns'
+        >>> resolve_tracking_uri(None)          # in /srv/app
+        'file:///srv/app/mlruns'
     """
     if uri is None or not uri.strip():
         return (Path.cwd() / DEFAULT_STORE).resolve().as_uri()
