@@ -24,6 +24,7 @@ from appdistill.eval.metrics import auc
 from appdistill.export.artifact import Ranker, export_run, load_student
 from appdistill.features.batch import BatchBuilder
 from appdistill.features.dataset import Dataset
+from appdistill.train.io import save_checkpoint
 from appdistill.train.loop import train
 from tests.test_train import tiny_config
 
@@ -113,12 +114,14 @@ def test_serving_dtype_and_nan_rules(trained) -> None:
     # a string that is not an integer can never be a known integer id: OOV like any unseen id
     unseen = r.logits(base.assign(user_id=10**9))
     np.testing.assert_allclose(r.logits(base.assign(user_id="abc")), unseen, atol=1e-6)
-    # dense: numeric strings are numbers; NaN and inf -> the training mean (standardize: raw mean)
+    # dense: numeric strings are numbers; NaN -> the training mean (standardize: raw mean); inf is refused
+    # (issue 15: it is not a missing value, and imputing it hid NaN scores of values beyond float32)
     np.testing.assert_allclose(r.logits(base.assign(age=base["age"].astype(str))), ref, atol=1e-5)
     mean = r.processor.dense["age"].mean
     nan = r.logits(base.assign(age=np.nan))
     np.testing.assert_allclose(nan, r.logits(base.assign(age=mean)), atol=1e-5)
-    np.testing.assert_allclose(r.logits(base.assign(age=np.inf)), nan, atol=1e-6)
+    with pytest.raises(AppDistillError, match="column 'age', row 0: value inf"):
+        r.logits(base.assign(age=np.inf))
     np.testing.assert_allclose(r.logits(base.assign(age=pd.Series([None] * 6, dtype=object))), nan, atol=1e-6)
     # side-table id NaN -> OOV (training's "missing row"); id_list NaN -> empty list
     cnan = base.copy()
@@ -276,7 +279,7 @@ def test_export_of_checkpoint_from_another_spec_exits_2(trained, run_copy: Path,
     ck.pop("spec_fingerprint")
     key = next(k for k in ck["model"] if k.startswith("ebc.") and "user_id" in k)
     ck["model"][key] = torch.zeros(ck["model"][key].shape[0] + 7, ck["model"][key].shape[1])
-    torch.save(ck, run_copy / "checkpoint.pt")
+    save_checkpoint(run_copy / "checkpoint.pt", ck)  # a well-formed (checksummed) checkpoint of another model
     assert main(["export", str(run_copy), "--out", str(target)]) == 2
     err = capsys.readouterr().err
     assert str(run_copy / "checkpoint.pt") in err and "processor.json" in err and "do not fit" in err

@@ -1,4 +1,4 @@
-"""The teacher-output cache (DESIGN.md section 6): teacher outputs computed once per example.
+"""The teacher-output cache: teacher outputs computed once per example.
 
 Teachers are frozen during distillation, so each one predicts every row of every split exactly once
 and the results are memory-mapped from then on. Layout, one directory per (teacher identity, data
@@ -20,8 +20,12 @@ Safety:
   leftovers (``.tmp-*``) are removed by the next build of that teacher.
 - :meth:`TeacherCache.open` refuses a cache whose identity or fingerprint differs from the expected
   ones (:class:`CacheMismatchError`, naming the teacher and each differing field) and a shard whose
-  size (``verify="size"``), sha256 (``verify="checksum"``) or ``.npy`` header is wrong
-  (:class:`CacheCorruptError`, naming the file).
+  size, sha256 or ``.npy`` header is wrong (:class:`CacheCorruptError`, naming the file).
+- Content is verified before use by default (``verify="checksum"``): a shard whose size is unchanged
+  but whose bytes changed (a flipped bit, an edit) is never reused, since it would silently change
+  the student. Each shard is hashed once per process (:func:`appdistill.train.io.sha256_verified`:
+  reopening it while its inode, size and mtime are unchanged costs nothing). ``verify="size"`` (sizes
+  and headers only) remains as an explicit opt-out for caches too large to read at every start.
 - :func:`get_or_build_cache` reuses an intact cache (no teacher call at all), builds a missing split,
   and rebuilds a corrupt one with a :class:`CacheRebuildWarning`.
 
@@ -63,7 +67,7 @@ import torch
 
 from appdistill.errors import AppDistillError
 from appdistill.features.batch import Batch, TeacherOutput
-from appdistill.train.io import locked, sha256_file
+from appdistill.train.io import locked, sha256_file, sha256_verified
 
 if TYPE_CHECKING:  # heavy / cyclic imports only for annotations
     from appdistill.config import ExperimentConfig
@@ -297,7 +301,7 @@ def _open_split(d: Path, teacher: str, identity: dict[str, Any], fingerprint: st
         if size != info.bytes:
             raise CacheCorruptError(f"teacher '{teacher}': cache shard '{p}' has {size} bytes, its manifest says "
                                     f"{info.bytes} (truncated or overwritten)")
-        if verify == "checksum" and sha256_file(p) != info.sha256:
+        if verify == "checksum" and sha256_verified(p) != info.sha256:
             raise CacheCorruptError(f"teacher '{teacher}': cache shard '{p}' fails its sha256 check (edited or "
                                     "corrupted on disk)")
         try:
@@ -411,7 +415,7 @@ class TeacherCache:
     # ------------------------------------------------------------------ opening
     @classmethod
     def open(cls, root_dir: str | Path, teacher_name: str, identity: Mapping[str, Any], fingerprint: str,
-             verify: Verify = "size", splits: Sequence[str] | None = None,
+             verify: Verify = "checksum", splits: Sequence[str] | None = None,
              identity_hash: str | None = None) -> TeacherCache:
         """Open an existing cache, refusing anything that does not match.
 
@@ -420,8 +424,8 @@ class TeacherCache:
             teacher_name: teacher name (``teacher.name``).
             identity: expected ``teacher.identity()``.
             fingerprint: expected ``ds.fingerprint``.
-            verify: ``"size"`` (file sizes + ``.npy`` headers; fast) or ``"checksum"`` (also sha256 of
-                every shard: reads every byte).
+            verify: ``"checksum"`` (default: also the sha256 of every shard, once per file per process)
+                or ``"size"`` (file sizes + ``.npy`` headers only; an opt-out that misses a flipped byte).
             splits: splits to open; ``None`` = every split present.
             identity_hash: directory key; defaults to :func:`identity_key` of ``identity`` (pass
                 ``teacher.identity_hash()`` if a teacher overrides it).
@@ -853,11 +857,12 @@ def build_teacher_cache(teacher: Teacher, ds: Dataset, root_dir: str | Path,
 def get_or_build_cache(teacher: Teacher, ds: Dataset, root_dir: str | Path,
                        splits: Sequence[str] = DEFAULT_SPLITS, batch_size: int = 8192, progress: bool = True,
                        float_dtype: FloatDtype = "float32", int_dtype: IntDtype = "int32",
-                       verify: Verify = "size") -> TeacherCache:
+                       verify: Verify = "checksum") -> TeacherCache:
     """The cache of ``teacher`` on ``ds``: reused when intact, built when missing, rebuilt when corrupt.
 
-    A reused cache costs no teacher call. A corrupt split (size, header, rows or -- with
-    ``verify="checksum"`` -- sha256 mismatch) is rebuilt with a :class:`CacheRebuildWarning`. A split
+    A reused cache costs no teacher call (its shards are hashed once per process). A corrupt split
+    (size, header, rows or -- with the default ``verify="checksum"`` -- sha256 mismatch) is rebuilt with
+    a :class:`CacheRebuildWarning`. A split
     stored with other dtypes than asked is rebuilt too. Caches of other identities / fingerprints are
     never touched (they live in other directories).
 
@@ -920,7 +925,7 @@ def _dtype_change(sh: SplitShards, float_dtype: str, int_dtype: str) -> str | No
 # ====================================================================================== pipeline
 def build_caches(cfg: ExperimentConfig, run_dir: str | Path, ds: Dataset | None = None, *,
                  splits: Sequence[str] = DEFAULT_SPLITS, batch_size: int = 8192, float_dtype: FloatDtype = "float32",
-                 int_dtype: IntDtype = "int32", verify: Verify = "size", progress: bool = True,
+                 int_dtype: IntDtype = "int32", verify: Verify = "checksum", progress: bool = True,
                  echo: Callable[[str], Any] = print) -> dict[str, TeacherCache]:
     """Get or build the cache of every teacher in ``cfg.teachers`` under ``run_dir/cache``.
 

@@ -3,8 +3,9 @@
 The artefact holds the plain student only — never a teacher, an encoder, or a method module
 (asserted on export) — with everything needed to turn raw request rows into scores:
 
-* ``model.pt2``: the student compiled with ``torch.export`` (dynamic batch and id-list sizes);
-* ``weights.pt``: the same weights as a state dict (``weights_only`` loading), for the eager path;
+* ``model.pt2``: the student compiled with ``torch.export`` (dynamic batch and id-list sizes), for
+  other runtimes; :class:`Ranker` never loads it (see "Loading runs no code" below);
+* ``weights.pt``: the same weights as a state dict (``weights_only`` loading);
 * ``student.json``: architecture; ``features.json``: the spec subset the student needs;
 * ``processor.json``: fitted vocabularies (unseen ids -> OOV) and dense transforms;
 * ``manifest.json``: versions, training config, teacher identities, metrics and a sha256 per file.
@@ -12,7 +13,21 @@ The artefact holds the plain student only — never a teacher, an encoder, or a 
 Export is all-or-nothing: the files are written into a temporary sibling directory, checked, and
 only then moved into place, so a failed export (truncated checkpoint, checkpoint of another spec)
 leaves ``--out`` exactly as it was. An existing ``--out`` is replaced only when it is an earlier
-export (it holds nothing but export files); any other non-empty directory is refused.
+export (it holds nothing but export files); any other non-empty directory is refused. Staging
+directories left by a killed export are removed by the next export to the same place (each live one
+is ``flock``-ed by its export, so a running export's staging directory is never touched). Export holds
+the run directory's lock (:func:`appdistill.train.io.run_lock`): it is refused while a ``train`` or
+another export writes there.
+
+Loading runs no code: ``torch.export.load`` unpickles parts of a ``.pt2`` archive with
+``torch.load(weights_only=False)`` (weights or constants marked ``use_pickle``, sample inputs that fail
+the weights-only load) and evaluates expression strings from it, so a tampered archive would execute
+code before any check could fail -- and the sha256 in ``manifest.json`` sits in the same folder, so
+it proves nothing against an attacker. :class:`Ranker` therefore never hands ``model.pt2`` to torch:
+it rebuilds the program with ``torch.export.export`` from ``weights.pt`` (``weights_only=True``) and
+``student.json`` (bit-identical scores; it costs about what ``torch.export.load`` did, ~1 s), and it
+refuses an archive that carries a pickled payload (:func:`check_pt2_archive`, pure-Python
+inspection before anything is deserialised), so a tampered export is reported, not served.
 
 Input rows (one per candidate, raw values as in the training tables, joined like the training
 data: interactions columns + the item's and the user's side-table columns) follow the training
@@ -22,19 +37,25 @@ transforms exactly:
 column kind             serving rule (same as training unless noted)
 =====================  ==================================================================================
 missing column          error naming the file and the columns
+duplicate column        a needed column that appears twice: error naming it
 extra columns           ignored
 ``sparse_id``           unseen id -> OOV row; ids are categorical and cast to the vocabulary's key type
                         (``50``, ``50.0`` and ``"50"`` are the same integer id; a string that is not an
-                        integer is an unseen id -> OOV); a number with a fractional part (``50.5``) is
-                        an error naming file, column and first bad row
-NaN ``sparse_id``       side-table feature (``users``/``items``: gender, occupation...): OOV, exactly what
-                        training gives a row whose key is missing from that table (a failed left join);
-                        an ``interactions`` feature (the request keys ``user_id``/``item_id``): error
-                        naming file, column and row (training refuses NaN there too)
+                        integer is an unseen id -> OOV); a number with a fractional part (``50.5``),
+                        ``inf``, a boolean, a date/time, bytes, a complex number or a container
+                        (list, dict, set) is an error naming file, column and first bad row
+NaN ``sparse_id``       side-table feature (``users``/``items``: gender, occupation...) or a feature with
+                        ``missing: oov``: OOV, exactly what training gives a row whose key is missing
+                        from that table (a failed left join); otherwise (the request keys
+                        ``user_id``/``item_id``): error naming file, column and row (training refuses
+                        NaN there too)
 ``id_list``             separator strings or list cells; NaN/empty cell -> empty list (training's missing
-                        row); unseen ids -> OOV
-``dense``               NaN/inf -> the training mean (the fitted transform's imputation, as in training);
-                        a value that is not a number (``"abc"``) -> error naming file, column, row, value
+                        row); unseen ids -> OOV; elements follow the ``sparse_id`` rules
+``dense``               ints, floats, booleans (0/1) and numeric strings; NaN/None -> the training mean
+                        (the fitted transform's imputation, as in training); ``inf``, a value beyond
+                        float32 (``|x| > 3.4e38``) or one the transform takes beyond it, a value that is
+                        not a number (``"abc"``, a date, a list, a complex number) -> error naming file,
+                        column, row, value
 =====================  ==================================================================================
 
 Rows are numbered from 0 in file order (row 0 = the first data row of a CSV).
@@ -46,12 +67,16 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
+import pickletools
 import platform
+import re
 import shutil
 import tempfile
+import zipfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -64,9 +89,10 @@ from appdistill.errors import AppDistillError
 from appdistill.export.serving import ServingModel
 from appdistill.features.processor import FeatureProcessor
 from appdistill.features.spec import FeatureSpec
-from appdistill.features.vocab import Vocabulary, normalize_ids
+from appdistill.features.vocab import (Vocabulary, first_out_of_float32, normalize_ids, odd_id, odd_id_message,
+                                       odd_id_value, out_of_float32_message)
 from appdistill.student.model import RankingModel, StudentConfig
-from appdistill.train.io import atomic_write_bytes, atomic_write_text, load_checkpoint, sha256_file
+from appdistill.train.io import atomic_write_bytes, atomic_write_text, load_checkpoint, run_lock, sha256_file
 
 FILES = ("model.pt2", "weights.pt", "student.json", "features.json", "processor.json")
 REQUIRED = ("weights.pt", "student.json", "features.json", "processor.json")
@@ -101,7 +127,7 @@ def load_student(run_dir: str | Path) -> tuple[RankingModel, list[FeatureSpec], 
         if not (run / f).is_file():
             raise AppDistillError(f"run directory '{run}': missing '{f}' (is this a finished `appdistill train` run?)")
     ck_path = run / "checkpoint.pt"
-    ck = load_checkpoint(ck_path)
+    ck = load_checkpoint(ck_path, warn_unverified=True)
     if not isinstance(ck, dict) or not isinstance(ck.get("model"), dict) or not isinstance(ck.get("config"), dict):
         raise AppDistillError(f"file '{ck_path}': not a student checkpoint of `appdistill train` "
                               "(no 'model'/'config' entries)")
@@ -156,6 +182,45 @@ def _check_out_dir(out: Path) -> None:
                               f"(it may hold only {[*FILES, MANIFEST]}); choose a new or empty directory")
 
 
+def _claim(d: Path) -> int:
+    """Open and ``flock`` a staging directory this export created: while the descriptor is open the
+    directory is in use; once the export ends or dies the lock is gone and :func:`_clean_stale` may
+    remove it."""
+    fd = os.open(d, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    with contextlib.suppress(ImportError, OSError):
+        import fcntl
+
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return fd
+
+
+def _clean_stale(out: Path) -> None:
+    """Remove staging (``.tmp``) and replaced-export (``.old``) directories of ``out`` that a killed export
+    left behind; one whose lock is held belongs to a running export and is left alone."""
+    if not out.parent.is_dir():
+        return
+    try:
+        import fcntl
+    except ImportError:
+        return
+    for p in out.parent.iterdir():
+        if not (p.name.startswith(f".{out.name}.") and p.name.endswith((".tmp", ".old")) and p.is_dir()):
+            continue
+        try:
+            fd = os.open(p, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # a live export holds it
+            os.close(fd)
+            continue
+        try:
+            shutil.rmtree(p, ignore_errors=True)
+        finally:
+            os.close(fd)
+
+
 def _swap_in(stage: Path, out: Path) -> None:
     """Move the finished ``stage`` directory to ``out`` (replacing an earlier export there)."""
     if not out.exists():
@@ -165,54 +230,208 @@ def _swap_in(stage: Path, out: Path) -> None:
         os.replace(stage, out)  # an empty directory is replaced atomically
         return
     old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-    os.rename(out, old / "x")  # two renames: at no point is a half-written export at `out`
-    os.rename(stage, out)
-    shutil.rmtree(old, ignore_errors=True)
+    fd = _claim(old)
+    try:
+        os.rename(out, old / "x")  # two renames: at no point is a half-written export at `out`
+        os.rename(stage, out)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        os.close(fd)
 
 
 def export_run(run_dir: str | Path, out_dir: str | Path, compile: bool = True) -> Path:
     """Write the serving artefact of ``run_dir`` into ``out_dir`` (all files or none; see module doc)."""
-    out = Path(out_dir)
-    _check_out_dir(out)
-    model, feats, proc, ck = load_student(run_dir)
-    serving = ServingModel(model).eval()
-    names = {n for n, _ in serving.named_parameters()}
-    assert all(n.startswith(("tables.", "dense_arch.", "interaction.", "over_arch.")) for n in names), names
-    out.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
-        _write_artifact(stage, Path(run_dir), model, serving, feats, proc, ck, compile)
-        check = Ranker(stage, compiled=compile)  # checksums, loading, compiled == eager
-        x = check.encoder.example()
-        if check.program is not None:
-            with torch.no_grad():
-                a, b = check.program(*x), check.eager(*x)
-            if not torch.allclose(a, b, atol=1e-5):
-                raise AppDistillError(f"export of '{run_dir}': the torch.export program disagrees with the eager "
-                                      f"student (max diff {float((a - b).abs().max()):.2e}); use --no-compile")
-        _swap_in(stage, out)
-    finally:
-        if stage.exists():
-            shutil.rmtree(stage, ignore_errors=True)
+    out, run = Path(out_dir), Path(run_dir)
+    if not run.is_dir():
+        raise AppDistillError(f"run directory '{run}' not found")
+    with run_lock(run, "export"):  # not while a train (or another export) writes the run
+        _check_out_dir(out)
+        model, feats, proc, ck = load_student(run)
+        serving = ServingModel(model).eval()
+        names = {n for n, _ in serving.named_parameters()}
+        assert all(n.startswith(("tables.", "dense_arch.", "interaction.", "over_arch.")) for n in names), names
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _clean_stale(out)
+        stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+        fd = _claim(stage)
+        try:
+            program = _write_artifact(stage, run, model, serving, feats, proc, ck, compile)
+            check = Ranker(stage, compiled=False)  # checksums, loading of every file, model.pt2 holds no pickle
+            if program is not None:
+                x = check.encoder.example()
+                with torch.no_grad():
+                    a, b = program(*x), check.eager(*x)
+                if not torch.allclose(a, b, atol=1e-5):
+                    raise AppDistillError(f"export of '{run}': the torch.export program disagrees with the eager "
+                                          f"student (max diff {float((a - b).abs().max()):.2e}); use --no-compile")
+            _swap_in(stage, out)
+        finally:
+            os.close(fd)
+            if stage.exists():
+                shutil.rmtree(stage, ignore_errors=True)
     return out
 
 
-def _write_artifact(out: Path, run_dir: Path, model: RankingModel, serving: ServingModel, feats: list[FeatureSpec],
-                    proc: FeatureProcessor, ck: dict[str, Any], compile: bool) -> None:
+def export_program(serving: ServingModel, feats: list[FeatureSpec], example: tuple[torch.Tensor, ...]) -> Any:
+    """``torch.export`` of the serving model with dynamic batch and id-list sizes (an ``ExportedProgram``).
+
+    The same call builds the program that ``model.pt2`` holds (at export) and the one :class:`Ranker`
+    runs (at load, from ``weights.pt``): equal weights and graph give bit-identical scores.
+    """
     from torch.export import Dim
 
-    sub = proc_subset(proc, feats)
-    x = RowEncoder(feats, sub).example()
     batch = Dim("batch", min=1, max=1 << 24)
     dyn: list[dict[int, Any]] = []
     for f in (f for f in feats if f.kind in ("sparse_id", "id_list")):
         dyn += [{0: batch} if f.kind == "sparse_id" else {0: Dim(f"nnz_{f.name}", min=1, max=1 << 30)}, {0: batch}]
     dyn.append({0: batch})
+    return torch.export.export(serving, example, dynamic_shapes=(tuple(dyn),), strict=False)
+
+
+# ---------------------------------------------------------------------------------------- archive check
+_PT2_FIXED = {"archive_format", "archive_version", "byteorder", ".data/version", ".data/serialization_id"}
+_PT2_MEMBERS = re.compile(r"(models/\w+\.json|data/weights/\w+_weights_config\.json|"
+                          r"data/constants/\w+_constants_config\.json|data/weights/weight_\d+|"
+                          r"data/constants/tensor_\d+|data/sample_inputs/\w+\.pt)")
+#: what the (weights-only) pickle of the sample inputs may name: tensors, their storages, dicts
+_SAFE_GLOBALS = {("torch._utils", "_rebuild_tensor_v2"), ("torch._utils", "_rebuild_parameter"),
+                 ("collections", "OrderedDict"), ("torch", "device")}
+_UNSAFE_OPS = {"INST", "OBJ", "EXT1", "EXT2", "EXT4", "STACK_GLOBAL"}
+#: guards and symbolic expressions are Python/sympy expressions that torch evaluates on load
+_SAFE_EXPR = re.compile(r"[A-Za-z0-9_\[\]'\"().,:=<>!+\-*/%& |]*")
+
+
+class UnsafeArchiveError(AppDistillError):
+    """A ``model.pt2`` holds a pickled payload or something else that loading it would execute."""
+
+
+def check_pt2_archive(path: str | Path) -> None:
+    """Refuse a ``torch.export`` archive that would run code when loaded, without deserialising it.
+
+    Only the members ``torch.export.save`` writes for a plain module are allowed; every weight and
+    constant must be stored raw (``use_pickle: false``) as a tensor; the sample-input pickle may name
+    only tensor-rebuilding globals (no ``INST``/``OBJ``/``STACK_GLOBAL``/extension opcodes); guard and
+    expression strings may not use dunders or characters beyond arithmetic and indexing. A
+    :class:`Ranker` never loads the archive anyway; this keeps a tampered one from being served or
+    passed on.
+
+    Raises:
+        UnsafeArchiveError: naming the file and the member.
+    """
+    path = Path(path)
+
+    def refuse(why: str) -> UnsafeArchiveError:
+        return UnsafeArchiveError(f"file '{path}': refused: {why}; the export was tampered with or is not from "
+                                  "`appdistill export` (re-export the run)")
+
+    try:
+        z = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError) as e:
+        raise refuse(f"not a torch.export archive ({e})") from None
+    with z:
+        names = z.namelist()
+        roots = {n.split("/", 1)[0] for n in names}
+        if len(roots) != 1 or any("/" not in n for n in names):
+            raise refuse(f"unexpected archive layout {sorted(roots)[:5]}")
+        root = roots.pop() + "/"
+        rel = {n[len(root):]: n for n in names}
+        odd = sorted(r for r in rel if r not in _PT2_FIXED and not _PT2_MEMBERS.fullmatch(r))
+        if odd:
+            raise refuse(f"unexpected member(s) {odd[:5]} (custom objects, pickled weights or code)")
+        for r, n in rel.items():
+            if r.endswith("_config.json"):
+                _check_payload_config(z, n, r, refuse)
+            elif r.startswith("models/"):
+                _check_program_json(z, n, refuse)
+            elif r.startswith("data/sample_inputs/"):
+                _check_weights_pickle(z.read(n), n, refuse)
+
+
+def check_weights_file(path: str | Path) -> None:
+    """Refuse a ``torch.save`` file (``weights.pt``) whose pickle names anything but tensors, storages and
+    dicts -- checked without unpickling, before ``torch.load(weights_only=True)`` reads it."""
+    path = Path(path)
+
+    def refuse(why: str) -> UnsafeArchiveError:
+        return UnsafeArchiveError(f"file '{path}': refused: {why}; the export was tampered with (re-export the run)")
+
+    _check_weights_pickle(path.read_bytes(), path.name, refuse)
+
+
+def _json_member(z: zipfile.ZipFile, name: str, refuse: Any) -> Any:
+    try:
+        return json.loads(z.read(name))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise refuse(f"member '{name}' is not valid JSON ({e})") from None
+
+
+def _check_payload_config(z: zipfile.ZipFile, name: str, rel: str, refuse: Any) -> None:
+    cfg = _json_member(z, name, refuse)
+    entries = cfg.get("config") if isinstance(cfg, dict) else None
+    if not isinstance(entries, dict):
+        raise refuse(f"member '{name}' is not a payload config")
+    prefix = "weight_" if rel.startswith("data/weights/") else "tensor_"
+    for fqn, meta in entries.items():
+        if not isinstance(meta, dict) or meta.get("use_pickle") is not False:
+            raise refuse(f"member '{name}' marks '{fqn}' as a pickled payload (use_pickle)")
+        if not str(meta.get("path_name", "")).startswith(prefix) or not isinstance(meta.get("tensor_meta"), dict):
+            raise refuse(f"member '{name}': '{fqn}' is not a raw tensor ({meta.get('path_name')!r})")
+
+
+def _check_program_json(z: zipfile.ZipFile, name: str, refuse: Any) -> None:
+    prog = _json_member(z, name, refuse)
+    exprs: list[str] = list(prog.get("guards_code") or []) if isinstance(prog, dict) else []
+    stack = [prog]
+    while stack:
+        o = stack.pop()
+        if isinstance(o, dict):
+            if isinstance(o.get("expr_str"), str):
+                exprs.append(o["expr_str"])
+            stack.extend(o.values())
+        elif isinstance(o, list):
+            stack.extend(o)
+    for e in exprs:
+        if not isinstance(e, str) or "__" in e or not _SAFE_EXPR.fullmatch(e):
+            raise refuse(f"member '{name}' holds an expression torch would evaluate that is not plain arithmetic: "
+                         f"{str(e)[:80]!r}")
+
+
+def _check_weights_pickle(data: bytes, name: str, refuse: Any) -> None:
+    """A ``torch.save`` zip whose pickles name only tensor-rebuilding globals (what ``weights_only`` loads)."""
+    try:
+        inner = zipfile.ZipFile(io.BytesIO(data))
+    except zipfile.BadZipFile:
+        raise refuse(f"member '{name}' is not a torch.save archive (a bare pickle?)") from None
+    with inner:
+        for n in inner.namelist():
+            if not n.endswith(".pkl"):
+                continue
+            try:
+                for op, arg, _ in pickletools.genops(inner.read(n)):
+                    if op.name in _UNSAFE_OPS:
+                        raise refuse(f"member '{name}/{n}' uses the pickle opcode {op.name}")
+                    if op.name == "GLOBAL":
+                        mod, _, attr = str(arg).partition(" ")
+                        if (mod, attr) not in _SAFE_GLOBALS and not (mod == "torch" and attr.endswith("Storage")):
+                            raise refuse(f"member '{name}/{n}' pickles a reference to {mod}.{attr}")
+            except UnsafeArchiveError:
+                raise
+            except Exception as e:  # noqa: BLE001 - a malformed pickle is refused, never loaded
+                raise refuse(f"member '{name}/{n}' is not a readable pickle ({type(e).__name__}: {e})") from None
+
+
+def _write_artifact(out: Path, run_dir: Path, model: RankingModel, serving: ServingModel, feats: list[FeatureSpec],
+                    proc: FeatureProcessor, ck: dict[str, Any], compile: bool) -> Any:
+    """Write the export files into ``out``; returns the compiled program (``None`` without ``compile``)."""
+    sub = proc_subset(proc, feats)
+    x = RowEncoder(feats, sub).example()
+    program = None
     if compile:
-        ep = torch.export.export(serving, x, dynamic_shapes=(tuple(dyn),), strict=False)
+        ep = export_program(serving, feats, x)
         buf = io.BytesIO()
         torch.export.save(ep, buf)
         atomic_write_bytes(out / "model.pt2", buf.getvalue())
+        program = ep.module()
     buf = io.BytesIO()
     torch.save(model.state_dict(), buf)
     atomic_write_bytes(out / "weights.pt", buf.getvalue())
@@ -230,6 +449,7 @@ def _write_artifact(out: Path, run_dir: Path, model: RankingModel, serving: Serv
         "files": {f: sha256_file(out / f) for f in FILES if (out / f).is_file()},
     }
     atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1, default=str))
+    return program
 
 
 def proc_subset(proc: FeatureProcessor, feats: list[FeatureSpec]) -> FeatureProcessor:
@@ -324,7 +544,13 @@ class RowEncoder:
         """Cast non-missing raw ids to the vocabulary's key type (int64 or str objects).
 
         ``all_str``: the caller knows every element is a ``str`` already (string dtype, split lists).
+        Booleans, inf, dates, complex numbers, bytes and containers are refused (naming the row):
+        ``True`` would otherwise become id 1 (or ``"True"``), a list its ``str()``.
         """
+        if not all_str:
+            found = odd_id(arr)
+            if found is not None:
+                raise AppDistillError(odd_id_message(where, found, rows))
         if not self.lookups[f.name].is_int:  # string vocabulary: integral numbers print as "8", not "8.0"
             if all_str:
                 return arr
@@ -351,12 +577,22 @@ class RowEncoder:
         if f.separator is not None:
             sep = f.separator
             miss = _missing(arr)
+            found = odd_id(arr[~miss])
+            if found is not None:
+                r = int(np.flatnonzero(~miss)[found[0]])
+                raise AppDistillError(f"{where}, row {r}: {found[1]!r} is {found[2]}; cells are strings of ids "
+                                      f"separated by {sep!r}")
             cells = ["" if m else (v if type(v) is str else _id_str(v)) for v, m in zip(arr, miss)]
             lists = [[x for x in c.split(sep) if x != ""] for c in cells]
         else:
             lists = []
             for r, v in enumerate(arr):
                 if isinstance(v, (list, tuple, np.ndarray)):
+                    for x in v:  # elements are ids: no nested lists, booleans, dates...
+                        what = odd_id_value(x)
+                        if what is not None:
+                            raise AppDistillError(f"{where}, row {r}: list element {x!r} is {what}, not an id; ids "
+                                                  "are integers or strings")
                     lists.append([x for x in v if not pd.isna(x)])
                 elif v is None or (isinstance(v, float) and np.isnan(v)):
                     lists.append([])
@@ -372,6 +608,12 @@ class RowEncoder:
     # ------------------------------------------------------------------ encoding
     def encode(self, df: pd.DataFrame, source: str = "input") -> tuple[torch.Tensor, ...]:
         """``(values_0, offsets_0, ..., dense)`` for the rows of ``df`` (see the module doc for the rules)."""
+        if not isinstance(df, pd.DataFrame):
+            raise AppDistillError(f"file '{source}': expected a pandas DataFrame of raw rows, got {type(df).__name__}")
+        dup = sorted({str(c) for c in df.columns[df.columns.duplicated()] if c in set(self.columns)})
+        if dup:
+            raise AppDistillError(f"file '{source}': columns {dup} appear more than once; each input column must be "
+                                  "given once")
         missing = [c for c in dict.fromkeys(self.columns) if c not in df.columns]
         if missing:
             raise AppDistillError(f"file '{source}': missing columns {missing} (the student needs {self.columns}; "
@@ -389,9 +631,10 @@ class RowEncoder:
                     miss = _missing(arr)
                     rows = np.zeros(n, np.int64)
                     if miss.any():
-                        if f.table == "interactions":
+                        if f.table == "interactions" and f.missing != "oov":
                             raise AppDistillError(f"{where}, row {_first(miss)}: missing id (NaN/null); the "
-                                                  "request keys must be present (unknown ids are fine: OOV)")
+                                                  "request keys must be present (unknown ids are fine: OOV; a "
+                                                  "feature with `missing: oov` maps missing ids to OOV)")
                         ok = np.flatnonzero(~miss)  # side-table NaN: training's "missing row" -> OOV
                         rows[ok] = self.lookups[f.name](self._keys(f, arr[ok], where, ok, strs))
                     else:
@@ -405,7 +648,14 @@ class RowEncoder:
                     np.cumsum(lengths[:-1], out=offsets[1:])
                     out += [torch.from_numpy(np.ascontiguousarray(vals, np.int64)), torch.from_numpy(offsets)]
                 elif f.kind == "dense":
-                    dense.append(self.dense[f.name].apply(self._numbers(col, where))[0])
+                    x = self._numbers(col, where)
+                    t = self.dense[f.name]
+                    v = t.apply(x)[0]
+                    if not np.isfinite(v).all():  # within float32 raw, beyond it once standardised
+                        r = _first(~np.isfinite(v))
+                        raise AppDistillError(f"{where}, row {r}: value {x[r].item()!r} overflows float32 after the "
+                                              f"feature's '{t.kind}' transform (mean {t.mean:.4g}, std {t.std:.4g})")
+                    dense.append(v)
             except AppDistillError:
                 raise
             except Exception as e:  # noqa: BLE001 - name the column
@@ -416,14 +666,35 @@ class RowEncoder:
 
     @staticmethod
     def _numbers(col: pd.Series, where: str) -> np.ndarray:
+        """Raw dense values as float64 (NaN = missing): numbers, booleans and numeric strings; anything
+        else (dates, complex numbers, lists, "abc"), inf and values beyond float32 are refused."""
+        kind = col.dtype.kind
+        if kind == "c":
+            raise AppDistillError(f"{where}: complex numbers (dtype {col.dtype}) are not dense values")
+        if kind in "Mm" or isinstance(col.dtype, (pd.PeriodDtype, pd.IntervalDtype)):
+            raise AppDistillError(f"{where}: dense values must be numbers, got dates/times (dtype {col.dtype}); "
+                                  "convert them as the training table did")
         if pd.api.types.is_bool_dtype(col.dtype) or pd.api.types.is_numeric_dtype(col.dtype):
-            return col.to_numpy(dtype=np.float64, na_value=np.nan)
-        conv = pd.to_numeric(col, errors="coerce")
-        bad = (conv.isna() & col.notna()).to_numpy()
-        if bad.any():
-            r = _first(bad)
-            raise AppDistillError(f"{where}, row {r}: expected a number, got {col.iloc[r]!r}")
-        return conv.to_numpy(dtype=np.float64, na_value=np.nan)
+            x = col.to_numpy(dtype=np.float64, na_value=np.nan)
+        else:
+            arr = col.to_numpy()
+            if pd.api.types.infer_dtype(arr, skipna=True) not in ("string", "integer", "floating", "boolean",
+                                                                   "mixed-integer-float", "empty"):
+                for r, v in enumerate(arr):
+                    if not (v is None or v is pd.NA or isinstance(v, (str, int, float, bool, np.integer, np.floating,
+                                                                      np.bool_))):
+                        raise AppDistillError(f"{where}, row {r}: expected a number, got {v!r} (a "
+                                              f"{type(v).__name__})")
+            conv = pd.to_numeric(col, errors="coerce")
+            bad = (conv.isna() & col.notna()).to_numpy()
+            if bad.any():
+                r = _first(bad)
+                raise AppDistillError(f"{where}, row {r}: expected a number, got {col.iloc[r]!r}")
+            x = conv.to_numpy(dtype=np.float64, na_value=np.nan)
+        r = first_out_of_float32(x)
+        if r is not None:
+            raise AppDistillError(out_of_float32_message(where, r, x[r].item()))
+        return x
 
     def example(self) -> tuple[torch.Tensor, ...]:
         """Two rows of OOV ids (one id per list): the example inputs the program is traced with."""
@@ -450,10 +721,12 @@ class Ranker:
 
     Args:
         path: export directory (every file's sha256 is checked against ``manifest.json`` on load).
-        compiled: use the ``torch.export`` program (default) or the eager model.
+        compiled: run the student compiled with ``torch.export`` (default; rebuilt from ``weights.pt``,
+            ``model.pt2`` is inspected but never loaded: module doc) or the eager model.
 
     Raises:
-        AppDistillError: a missing, edited or corrupt file in the export directory (named).
+        AppDistillError: a missing, edited or corrupt file in the export directory (named);
+            :class:`UnsafeArchiveError` for a ``model.pt2`` that would run code if loaded.
     """
 
     def __init__(self, path: str | Path, compiled: bool = True) -> None:
@@ -483,6 +756,7 @@ class Ranker:
             self.processor = FeatureProcessor.from_json((self.path / "processor.json").read_text())
             cfg = StudentConfig(**_read_json(self.path / "student.json", "the student config"))
             model = RankingModel.from_spec(self.features, self.processor, cfg)
+            check_weights_file(self.path / "weights.pt")  # only tensors, before even the weights-only unpickler
             model.load_state_dict(torch.load(self.path / "weights.pt", map_location="cpu", weights_only=True))
         except AppDistillError:
             raise
@@ -492,12 +766,18 @@ class Ranker:
         self.encoder = RowEncoder(self.features, self.processor)
         self.eager = ServingModel(model.eval()).eval()
         self.program = None
+        if files.get("model.pt2"):  # a tampered archive is refused, not served (nor passed on), compiled or not
+            check_pt2_archive(self.path / "model.pt2")
         if compiled and files.get("model.pt2"):
+            # never torch.export.load: it can unpickle and evaluate what the archive holds (module doc).
+            # The program is rebuilt from the weights-only state dict instead: the graph and weights of
+            # model.pt2, so the same scores.
             try:
-                self.program = torch.export.load(self.path / "model.pt2").module()
+                with torch.no_grad():
+                    self.program = export_program(self.eager, self.features, self.encoder.example()).module()
             except Exception as e:  # noqa: BLE001
-                raise AppDistillError(f"file '{self.path / 'model.pt2'}': cannot load the torch.export program "
-                                      f"({type(e).__name__}: {e})") from e
+                raise AppDistillError(f"export directory '{self.path}': cannot compile the student with torch.export "
+                                      f"({type(e).__name__}: {e}); load it with compiled=False") from e
 
     @classmethod
     def load(cls, path: str | Path, compiled: bool = True) -> Ranker:
@@ -528,7 +808,23 @@ class Ranker:
 
     def score(self, df: pd.DataFrame, source: str = "input") -> np.ndarray:
         """Probabilities ``[N]`` float64 (sigmoid of the logits, in float64 so no two scores tie that
-        the logits order)."""
+        the logits order).
+
+        ``df`` is a pandas DataFrame, one row per candidate, holding :attr:`columns` once each (other
+        columns are ignored). Accepted values:
+
+        - ``sparse_id``: integers, integral floats (``50.0``) and strings (``"50"``); unseen -> OOV;
+          NaN/None -> OOV for side-table features and ``missing: oov`` features, else an error.
+        - ``id_list``: with a separator, strings such as ``"a|b"`` (a single number is one id); without,
+          lists/tuples/arrays of ids; NaN/None/empty -> an empty list.
+        - ``dense``: ints, floats, booleans (0/1) and numeric strings; NaN/None -> the training mean.
+
+        Refused, with an :class:`~appdistill.errors.AppDistillError` naming ``source``, the feature,
+        the column and the first bad row: booleans, ``inf``, fractional floats, dates/times, complex
+        numbers, bytes, lists/dicts/sets as ids; dates/times, complex numbers, containers, non-numeric
+        strings, ``inf`` and values beyond float32 (``|x| > 3.4e38``) as dense values; a needed column
+        that is missing or appears twice.
+        """
         from scipy.special import expit
 
         return expit(self.logits(df, source).astype(np.float64))

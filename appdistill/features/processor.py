@@ -69,6 +69,9 @@ class FeatureProcessor:
     vocabs: dict[str, Vocabulary] = field(default_factory=dict)
     dense: dict[str, DenseTransform] = field(default_factory=dict)
     nan_imputed: dict[str, int] = field(default_factory=dict)
+    #: ``sparse_id`` features with ``missing: oov``: a NaN id encodes to the OOV row (0). Training only:
+    #: serving reads the policy from ``features.json``, so it is not serialised.
+    oov_missing: set[str] = field(default_factory=set)
 
     @classmethod
     def fit(cls, features: list[FeatureSpec], train_tables: dict[str, pd.DataFrame],
@@ -79,7 +82,11 @@ class FeatureProcessor:
             df = train_tables[f.table]
             loc = (locations or {}).get(f.table, f.table)
             if f.kind == "sparse_id":
-                ids = normalize_ids(df[f.col], what=f"file '{loc}', feature '{f.name}', column '{f.col}'")
+                col = df[f.col]
+                if f.missing == "oov":  # missing ids are OOV rows: they are not part of the vocabulary
+                    p.oov_missing.add(f.name)
+                    col = col.dropna()
+                ids = normalize_ids(col, what=f"file '{loc}', feature '{f.name}', column '{f.col}'")
                 p.vocabs[f.name] = Vocabulary.fit(f, ids, file=loc)
             elif f.kind == "id_list":
                 _, flat = split_lists(df[f.col], f.separator)
@@ -90,6 +97,15 @@ class FeatureProcessor:
         return p
 
     def encode_sparse(self, name: str, values: Any) -> np.ndarray:
+        if name in self.oov_missing:
+            s = values if isinstance(values, pd.Series) else pd.Series(values)
+            miss = s.isna().to_numpy()
+            if miss.any():
+                out = np.zeros(len(s), np.int64)
+                ok = np.flatnonzero(~miss)
+                if len(ok):
+                    out[ok] = self.vocabs[name].encode(s.iloc[ok].reset_index(drop=True))
+                return out
         return self.vocabs[name].encode(values)
 
     def encode_list(self, f: FeatureSpec, col: pd.Series) -> Jagged:
@@ -104,6 +120,10 @@ class FeatureProcessor:
             v, n_nan = self.dense[name].apply(values)
         except (TypeError, ValueError) as e:
             raise SpecError(f"feature '{name}': dense values must be numeric ({e})") from e
+        if not np.isfinite(v).all():  # load_tables keeps raw values within float32; say so if a transform does not
+            r = int(np.flatnonzero(~np.isfinite(v))[0])
+            raise SpecError(f"feature '{name}', row {r}: value {np.asarray(values)[r]!r} overflows float32 after the "
+                            f"'{self.dense[name].kind}' transform")
         self.nan_imputed[name] = self.nan_imputed.get(name, 0) + n_nan
         return v
 

@@ -1,4 +1,4 @@
-"""Feature specs: the YAML file that declares a data set (DESIGN.md section 3).
+"""Feature specs: the YAML file that declares a data set.
 
 A spec is data only (``yaml.safe_load`` + pydantic, ``extra="forbid"`` everywhere so a typo is an
 error, not a silently ignored key). It says where the tables are, which column is which kind of
@@ -20,7 +20,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from appdistill.errors import SpecError
+from appdistill.errors import AppDistillError, SpecError
 
 FeatureKind = Literal["sparse_id", "id_list", "dense", "text", "image"]
 #: kinds the student may see: it must be servable without any text or image encoder.
@@ -28,19 +28,102 @@ SERVABLE_KINDS = ("sparse_id", "id_list", "dense")
 SPARSE_KINDS = ("sparse_id", "id_list")
 
 
+#: the most values a YAML document may expand to through its aliases (a spec or config has a few
+#: thousand); a "billion laughs" document is refused instead of exhausting memory in validation
+MAX_YAML_VALUES = 1_000_000
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses documents whose aliases expand past :data:`MAX_YAML_VALUES`
+    values or refer to themselves (``&a [*a]``)."""
+
+    def compose_document(self):  # noqa: ANN201 - PyYAML's signature
+        node = super().compose_document()
+        _expanded_size(node)
+        return node
+
+
+class _YamlRefused(Exception):
+    pass
+
+
+def _children(node: Any) -> list[Any]:
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    if isinstance(node, yaml.MappingNode):
+        return [x for kv in node.value for x in kv]
+    return []
+
+
+def _expanded_size(root: Any) -> int:
+    """Values of the document once every alias is expanded (memoised per node: linear in its size)."""
+    size: dict[int, int] = {}
+    open_: set[int] = set()
+    stack: list[tuple[Any, bool]] = [(root, False)]
+    while stack:
+        node, done = stack.pop()
+        nid = id(node)
+        if done:
+            open_.discard(nid)
+            size[nid] = 1 + sum(size[id(c)] for c in _children(node))
+            if size[nid] > MAX_YAML_VALUES:
+                raise _YamlRefused(f"its aliases expand to more than {MAX_YAML_VALUES:,} values (an alias bomb?)")
+            continue
+        if nid in size:
+            continue
+        open_.add(nid)
+        stack.append((node, True))
+        for c in _children(node):
+            if id(c) in open_:
+                raise _YamlRefused(f"an alias refers to a node that contains it (line {c.start_mark.line + 1}): "
+                                   "recursive documents are not accepted")
+            if id(c) not in size:
+                stack.append((c, False))
+    return size[id(root)]
+
+
+def load_yaml(text: str, source: str, error: type[AppDistillError] = SpecError) -> Any:
+    """``yaml.safe_load`` that refuses alias bombs, recursive aliases and absurd nesting with a reason.
+
+    Args:
+        text: the YAML document.
+        source: the file name for messages.
+        error: the exception class to raise (``SpecError`` for specs, ``ConfigError`` for configs).
+    """
+    try:
+        return yaml.load(text, Loader=_BoundedLoader)  # noqa: S506 - a SafeLoader subclass
+    except _YamlRefused as e:
+        raise error(f"file '{source}': refused: {e}") from None
+    except RecursionError:
+        raise error(f"file '{source}': refused: the YAML is nested too deeply") from None
+    except yaml.YAMLError as e:
+        raise error(f"file '{source}': not valid YAML: {e}") from None
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+LabelValue = str | int | float | bool
+
+
 class LabelSpec(_Strict):
-    """How the binary label is made from a column: ``op(column, threshold)`` or the column as is."""
+    """How the binary label is made from a column: ``op(column, threshold)``, ``column == positive``
+    (string labels such as ``>50K``: ``label: {column: income, positive: ">50K"}``; a list means any
+    of these values), or the column as is (0/1)."""
 
     column: str
     op: Literal["ge", "gt", "le", "lt", "eq", "identity"] = "ge"
     threshold: float | None = None
+    positive: LabelValue | list[LabelValue] | None = None
 
     @model_validator(mode="after")
     def _check(self) -> LabelSpec:
+        if self.positive is not None and self.threshold is not None:
+            raise ValueError("give either `positive` (the value(s) that make a label 1) or `op`/`threshold`, "
+                             "not both")
+        if isinstance(self.positive, list) and not self.positive:
+            raise ValueError("`positive` is an empty list")
         if self.op != "identity" and self.threshold is None:
             object.__setattr__(self, "op", "identity")
         return self
@@ -76,6 +159,9 @@ class FeatureSpec(_Strict):
         pooling: ``sum`` or ``mean`` pooling of ``id_list`` embeddings.
         min_count: ids seen fewer times in training go to OOV.
         transform: dense transform: ``none``, ``log1p``, ``standardize``, ``log1p_standardize``.
+        missing: ``sparse_id``/``id_list``: what a missing (NaN/empty) id means: ``error`` (default:
+            refused, naming the row) or ``oov`` (the OOV row, like an unseen id). ``id_list`` cells
+            that are missing are empty lists either way.
         encoder: foundation encoder name for ``text``/``image`` features.
         root: directory that relative image paths are resolved against.
     """
@@ -91,6 +177,7 @@ class FeatureSpec(_Strict):
     pooling: Literal["sum", "mean"] = "mean"
     min_count: int = 1
     transform: Literal["none", "log1p", "standardize", "log1p_standardize"] = "standardize"
+    missing: Literal["error", "oov"] = "error"
     encoder: str | None = None
     root: str | None = None
 
@@ -106,6 +193,9 @@ class FeatureSpec(_Strict):
             raise ValueError(f"feature '{self.name}': num_embeddings must be >= 2")
         if self.dim < 1:
             raise ValueError(f"feature '{self.name}': dim must be >= 1")
+        if self.missing != "error" and self.kind not in SPARSE_KINDS:
+            raise ValueError(f"feature '{self.name}': `missing` applies to sparse_id/id_list features (a dense "
+                             "NaN is imputed with the training mean)")
         return self
 
 
@@ -135,7 +225,7 @@ class SourceSpec(_Strict):
 
 
 class FeatureSpecSet(_Strict):
-    """The parsed feature spec (DESIGN.md section 3)."""
+    """The parsed feature spec."""
 
     name: str
     source: SourceSpec | None = None
@@ -212,19 +302,31 @@ class FeatureSpecSet(_Strict):
 
     def fingerprint(self) -> str:
         """Stable hash of the spec content (not of the data)."""
-        payload = json.dumps(self.model_dump(exclude={"base_dir"}), sort_keys=True, default=str)
+        raw = self.model_dump(exclude={"base_dir"})
+        # settings added later are left out at their defaults, so the fingerprint of a spec that does not
+        # use them (and the runs, teachers and caches keyed by it) stays what it was
+        for f in raw["features"]:
+            if f.get("missing") == "error":
+                del f["missing"]
+        for t in raw["tables"].values():
+            if t.get("label") is not None and t["label"].get("positive") is None:
+                del t["label"]["positive"]
+        payload = json.dumps(raw, sort_keys=True, default=str)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
     # ------------------------------------------------------------------ loading
     @classmethod
     def from_yaml(cls, path: str | Path) -> FeatureSpecSet:
         path = Path(path)
+        if path.is_dir():
+            raise SpecError(f"file '{path}': is a directory; give the feature spec's YAML file")
         if not path.is_file():
             raise SpecError(f"file '{path}': feature spec not found")
         try:
-            raw = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as e:
-            raise SpecError(f"file '{path}': not valid YAML: {e}") from e
+            text = path.read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise SpecError(f"file '{path}': cannot be read as text ({type(e).__name__}: {e})") from None
+        raw = load_yaml(text, str(path))
         return cls.from_dict(raw, source=str(path), base_dir=str(path.parent.resolve()))
 
     @classmethod

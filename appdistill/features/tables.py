@@ -6,13 +6,26 @@ the spec or the data without reading code.
 
 from __future__ import annotations
 
+import logging
+import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from appdistill.errors import SpecError
 from appdistill.features.spec import FeatureSpecSet
+from appdistill.features.vocab import first_out_of_float32, odd_id, odd_id_message, out_of_float32_message
+
+log = logging.getLogger("appdistill.data")
+
+#: a side table whose key matches fewer than this share of the interactions gets a JoinCoverageWarning
+JOIN_WARN_BELOW = 0.5
+
+
+class JoinCoverageWarning(RuntimeWarning):
+    """A side table matches few interactions (its features are missing -- OOV/mean -- for the rest)."""
 
 
 def table_location(spec: FeatureSpecSet, name: str) -> str:
@@ -24,6 +37,9 @@ def table_location(spec: FeatureSpecSet, name: str) -> str:
 
 
 def _read_file(path: Path, csv_options: dict) -> pd.DataFrame:
+    if path.is_dir():
+        raise SpecError(f"file '{path}': is a directory, not a table file; give the path of one .parquet, .csv "
+                        "or .tsv file")
     if not path.is_file():
         raise SpecError(f"file '{path}': table file not found")
     suffix = "".join(path.suffixes[-2:]).lower()
@@ -65,7 +81,9 @@ def load_tables(spec: FeatureSpecSet) -> dict[str, pd.DataFrame]:
                                 f"(columns: {list(df.columns)})")
             if df[k].isna().any():
                 row = int(np.flatnonzero(df[k].isna().to_numpy())[0])
-                raise SpecError(f"file '{loc}', column '{k}', row {row}: NaN in an id column")
+                raise SpecError(f"file '{loc}', column '{k}', row {row}: NaN in an id column (a key column: "
+                                "keys join the tables, every row needs one)")
+            _check_ids(df[k], f"file '{loc}', column '{k}'")
         if name != "interactions" and df[t.keys[0]].duplicated().any():
             row = int(np.flatnonzero(df[t.keys[0]].duplicated().to_numpy())[0])
             raise SpecError(f"file '{loc}', column '{t.keys[0]}', row {row}: duplicate key in table '{name}'")
@@ -76,16 +94,22 @@ def load_tables(spec: FeatureSpecSet) -> dict[str, pd.DataFrame]:
             raise SpecError(f"file '{loc}', feature '{f.name}': column '{f.col}' is missing "
                             f"(columns: {list(df.columns)})")
         col = df[f.col]
-        if f.kind == "dense" and not pd.api.types.is_numeric_dtype(col.dtype):
-            raise SpecError(f"file '{loc}', feature '{f.name}', column '{f.col}': kind 'dense' needs a "
-                            f"numeric column, got dtype {col.dtype}")
+        where = f"file '{loc}', feature '{f.name}', column '{f.col}'"
+        if f.kind == "dense":
+            if not pd.api.types.is_numeric_dtype(col.dtype) or col.dtype.kind == "c":
+                raise SpecError(f"{where}: kind 'dense' needs a numeric column, got dtype {col.dtype}")
+            x = col.to_numpy(np.float64, na_value=np.nan)
+            r = first_out_of_float32(x)
+            if r is not None:
+                raise SpecError(out_of_float32_message(where, r, x[r].item()))
         if f.kind == "sparse_id":
-            if col.isna().any():
+            if col.isna().any() and f.missing != "oov":
                 row = int(np.flatnonzero(col.isna().to_numpy())[0])
-                raise SpecError(f"file '{loc}', feature '{f.name}', column '{f.col}', row {row}: NaN in an id column")
-            if pd.api.types.is_float_dtype(col.dtype) and not bool((col % 1 == 0).all()):
-                raise SpecError(f"file '{loc}', feature '{f.name}', column '{f.col}': kind 'sparse_id' needs "
-                                "integer or string ids, got non-integral floats (is this a dense feature?)")
+                raise SpecError(f"{where}, row {row}: NaN in an id column (a missing category); set `missing: oov` "
+                                f"on feature '{f.name}' to map missing ids to the OOV row, or fill them")
+            _check_ids(col, where)
+        if f.kind == "id_list":
+            _check_list_ids(col, where, f.separator)
         if f.kind == "id_list" and f.separator is None and not col.map(
                 lambda v: isinstance(v, (list, tuple, np.ndarray)) or v is None
                 or (isinstance(v, float) and np.isnan(v))).all():  # a null cell is an empty list
@@ -99,19 +123,108 @@ def load_tables(spec: FeatureSpecSet) -> dict[str, pd.DataFrame]:
     return out
 
 
+def _check_ids(col: pd.Series, where: str) -> None:
+    """Ids are integers, integral floats or strings (NaN is the caller's business): name the first row that
+    is not (a boolean, inf, a fractional float, a date, a list...)."""
+    arr = col.to_numpy()
+    found = odd_id(arr)
+    if found is not None:
+        raise SpecError(odd_id_message(where, found))
+    if arr.dtype.kind == "f":
+        frac = np.isfinite(arr) & (arr % 1 != 0)
+        if frac.any():
+            r = int(np.flatnonzero(frac)[0])
+            raise SpecError(f"{where}, row {r}: id {arr[r].item()!r} is a non-integral float; ids are integers or "
+                            "strings (is this a dense feature?)")
+
+
+def _check_list_ids(col: pd.Series, where: str, separator: str | None) -> None:
+    """The cells of an ``id_list`` column: separator strings (or single ids), or lists of ids."""
+    if separator is not None:
+        cells = col.dropna().to_numpy()
+        found = odd_id(cells)
+        if found is not None:
+            i, v, what = found
+            raise SpecError(f"{where}, row {int(np.flatnonzero(col.notna().to_numpy())[i])}: {v!r} is {what}; "
+                            f"cells are strings of ids separated by {separator!r}")
+        return
+    flat = col.explode()  # one element per row, index = the row (nested lists stay lists: refused)
+    flat = flat[flat.notna().to_numpy()] if len(flat) else flat
+    found = odd_id(flat.to_numpy())
+    if found is not None:
+        i, v, what = found
+        raise SpecError(f"{where}, row {int(flat.index[i])}: list element {v!r} is {what}, not an id; ids are "
+                        "integers or strings")
+
+
+def check_joins(spec: FeatureSpecSet, tables: dict[str, pd.DataFrame]) -> dict[str, dict[str, Any]]:
+    """Join coverage of every side table: ``{table: {"matched": rows, "rows": interactions, "coverage": share}}``.
+
+    Refuses (naming both files and columns) key columns of different kinds -- integers in one file,
+    strings or a mix in the other: such a join matches nothing, and every row would silently get the
+    side table's "missing" row -- and a join that matches no interaction at all. Warns
+    (:class:`JoinCoverageWarning`) below :data:`JOIN_WARN_BELOW`.
+    """
+    inter, iloc = tables["interactions"], table_location(spec, "interactions")
+    out: dict[str, dict[str, Any]] = {}
+    for name, t in spec.tables.items():
+        if name == "interactions":
+            continue
+        key, loc, side = t.keys[0], table_location(spec, name), tables[name]
+        a, b = _key_kind(inter[key]), _key_kind(side[key])
+        if a != b or "mixed" in (a, b):
+            raise SpecError(
+                f"table '{name}': key column '{key}' of file '{loc}' holds {b} values but column '{key}' of file "
+                f"'{iloc}' holds {a} values, so no row can join; make both integers or both strings (for a CSV, "
+                f"e.g. `csv_options: {{dtype: {{{key}: str}}}}` on both tables)")
+        idx = pd.Index(side[key]).get_indexer(inter[key])
+        matched = int((idx >= 0).sum())
+        cov = matched / max(len(inter), 1)
+        if matched == 0:
+            raise SpecError(
+                f"table '{name}': no interaction joins: column '{key}' of file '{iloc}' (e.g. "
+                f"{inter[key].head(3).tolist()}) matches no value of column '{key}' of file '{loc}' (e.g. "
+                f"{side[key].head(3).tolist()})")
+        if cov < JOIN_WARN_BELOW:
+            warnings.warn(f"table '{name}': only {matched:,} of {len(inter):,} interactions ({cov:.1%}) find their "
+                          f"'{key}' in file '{loc}'; the others get its missing row (OOV ids, training means)",
+                          JoinCoverageWarning, stacklevel=2)
+        log.info("table %s: %d of %d interactions joined (%.1f%%)", name, matched, len(inter), 100 * cov)
+        out[name] = {"matched": matched, "rows": int(len(inter)), "coverage": round(cov, 4)}
+    return out
+
+
+def _key_kind(col: pd.Series) -> str:
+    """``integer`` (ints, integral floats), ``string``, ``boolean`` or ``mixed`` (several kinds)."""
+    kind = pd.api.types.infer_dtype(col, skipna=True)
+    if kind in ("integer", "floating", "mixed-integer-float", "decimal"):
+        return "integer"
+    if kind in ("string", "boolean", "empty"):
+        return kind
+    return "mixed" if kind.startswith("mixed") else kind
+
+
 def make_labels(spec: FeatureSpecSet, inter: pd.DataFrame) -> np.ndarray:
-    """Binary labels ``[N]`` float32 from the interactions' label spec; errors if not 0/1."""
+    """Binary labels ``[N]`` float32 from the interactions' label spec; errors if not 0/1.
+
+    ``positive`` (a value or a list): label 1 where the column equals one of them (numbers compare as
+    numbers, anything else as stripped strings, so ``" >50K"`` equals ``">50K"``), 0 elsewhere.
+    """
     lab = spec.tables["interactions"].label
     assert lab is not None
     loc = table_location(spec, "interactions")
     if lab.column not in inter.columns:
         raise SpecError(f"file '{loc}': label column '{lab.column}' is missing (columns: {list(inter.columns)})")
     col = inter[lab.column]
-    if not pd.api.types.is_numeric_dtype(col.dtype) and not pd.api.types.is_bool_dtype(col.dtype):
-        raise SpecError(f"file '{loc}', column '{lab.column}': the label must be numeric, got dtype {col.dtype}")
     if col.isna().any():
         row = int(np.flatnonzero(col.isna().to_numpy())[0])
         raise SpecError(f"file '{loc}', column '{lab.column}', row {row}: missing label")
+    if lab.positive is not None:
+        return _positive_labels(col, lab.positive, f"file '{loc}', column '{lab.column}'")
+    if not pd.api.types.is_numeric_dtype(col.dtype) and not pd.api.types.is_bool_dtype(col.dtype):
+        raise SpecError(f"file '{loc}', column '{lab.column}': the label must be numeric, got dtype {col.dtype}; "
+                        f"for string labels give the positive value, e.g. `label: {{column: {lab.column}, "
+                        f"positive: {str(col.iloc[0])!r}}}`")
     x = col.to_numpy().astype(np.float64)
     ops = {"ge": np.greater_equal, "gt": np.greater, "le": np.less_equal, "lt": np.less, "eq": np.equal}
     y = x if lab.op == "identity" else ops[lab.op](x, lab.threshold).astype(np.float64)
@@ -156,3 +269,19 @@ def split_rows(spec: FeatureSpecSet, inter: pd.DataFrame) -> dict[str, np.ndarra
         if len(v) == 0:
             raise SpecError(f"split '{s.by}': the {k} split is empty ({n} interactions)")
     return out
+
+
+def _positive_labels(col: pd.Series, positive: Any, where: str) -> np.ndarray:
+    values = positive if isinstance(positive, list) else [positive]
+    nums = pd.to_numeric(pd.Series([None if isinstance(v, bool) else v for v in values], dtype=object),
+                         errors="coerce")
+    if pd.api.types.is_numeric_dtype(col.dtype) and not pd.api.types.is_bool_dtype(col.dtype) and nums.notna().all():
+        y = np.isin(col.to_numpy(np.float64), nums.to_numpy(np.float64))  # 5, 5.0 and "5" are the same label
+    else:
+        text = col.astype(str).str.strip()
+        y = text.isin([str(v).strip() for v in values]).to_numpy()
+    if y.all() or not y.any():
+        seen = col.astype(str).str.strip().value_counts().index[:8].tolist()
+        raise SpecError(f"{where}: every label is {int(y[0])} with `positive: {positive!r}`; need both classes "
+                        f"(values seen: {seen})")
+    return y.astype(np.float32)

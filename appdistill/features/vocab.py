@@ -18,12 +18,80 @@ from appdistill.errors import SpecError
 from appdistill.features.spec import FeatureSpec
 
 
+#: the largest float32: dense values beyond it (or infinite) become inf in the model and NaN scores
+F32_MAX = float(np.finfo(np.float32).max)
+
+
+def odd_id(arr: np.ndarray) -> tuple[int, Any, str] | None:
+    """``(position, value, what it is)`` of the first element of ``arr`` that cannot be an id, or ``None``.
+
+    Ids are integers, integral floats and strings; missing values (NaN, None, NA) are left to the
+    caller. Refused: booleans (``True`` would silently become id 1), infinite floats, dates and times,
+    complex numbers, bytes, and containers (lists, dicts, sets: a list-valued column is an ``id_list``).
+    Fractional floats are reported by the callers' own check (it says "fractional part").
+    """
+    arr = arr if isinstance(arr, np.ndarray) else np.asarray(arr)
+    k = arr.dtype.kind
+    if k in "iuU" or len(arr) == 0:
+        return None
+    if k == "f":
+        inf = np.isinf(arr)
+        return (int(np.flatnonzero(inf)[0]), arr[inf][0].item(), "not finite") if inf.any() else None
+    if k != "O":
+        what = {"b": "a boolean", "M": "a date/time", "m": "a time span", "c": "a complex number",
+                "S": "bytes"}.get(k, f"of dtype {arr.dtype}")
+        return 0, arr[0].item() if hasattr(arr[0], "item") else arr[0], what
+    if pd.api.types.infer_dtype(arr, skipna=True) in ("string", "integer", "empty"):
+        return None  # the common object columns: no Python loop
+    for i, v in enumerate(arr):
+        what = odd_id_value(v)
+        if what is not None:
+            return i, v, what
+    return None
+
+
+def odd_id_value(v: Any) -> str | None:
+    """What ``v`` is when it cannot be an id (see :func:`odd_id`); ``None`` for ids and missing values."""
+    if isinstance(v, (bool, np.bool_)):
+        return "a boolean"
+    if isinstance(v, (str, int, np.integer)):
+        return None
+    if isinstance(v, (float, np.floating)):
+        return "not finite" if np.isinf(v) else None
+    if v is None or v is pd.NA or v is pd.NaT:
+        return None
+    return f"a {type(v).__name__}"
+
+
+def odd_id_message(where: str, found: tuple[int, Any, str], rows: np.ndarray | None = None) -> str:
+    i, v, what = found
+    row = int(rows[i]) if rows is not None else i
+    return (f"{where}, row {row}: {v!r} is {what}, not an id; ids are integers or strings (several ids per row "
+            "are an id_list feature)")
+
+
+def first_out_of_float32(x: np.ndarray) -> int | None:
+    """Position of the first infinite value or value beyond float32 in ``x`` (NaN is fine), else ``None``."""
+    with np.errstate(invalid="ignore"):
+        bad = np.abs(x) > F32_MAX  # inf too; NaN compares False
+    return int(np.flatnonzero(bad)[0]) if bad.any() else None
+
+
+def out_of_float32_message(where: str, row: int, value: Any) -> str:
+    return (f"{where}, row {row}: value {value!r} is infinite or beyond float32 (|x| <= {F32_MAX:.4g}); dense "
+            "values must be finite numbers in that range (a missing value, NaN or empty, is imputed with the "
+            "training mean)")
+
+
 def normalize_ids(values: Any, *, as_int: bool | None = None, what: str = "") -> np.ndarray:
     """Return ids as int64 (when integral) or as an object array of str. NaN is an error."""
     s = pd.Series(values) if not isinstance(values, pd.Series) else values
     if s.isna().any():
         bad = int(np.flatnonzero(s.isna().to_numpy())[0])
         raise SpecError(f"{what}: NaN/missing id at row {bad}; ids must be integers or strings")
+    if pd.api.types.is_float_dtype(s.dtype) and np.isinf(s.to_numpy(np.float64)).any():
+        bad = int(np.flatnonzero(np.isinf(s.to_numpy(np.float64)))[0])
+        raise SpecError(f"{what}: id {s.iloc[bad]!r} at row {bad} is not finite; ids must be integers or strings")
     if as_int is None:
         as_int = pd.api.types.is_integer_dtype(s.dtype) or (
             pd.api.types.is_float_dtype(s.dtype) and bool((s % 1 == 0).all()))

@@ -140,6 +140,18 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", name) or "_"
 
 
+def _npy_problem(path: Path, shape: tuple[int, ...], dtype: str) -> str | None:
+    """Why ``path`` is not a ``shape``/``dtype`` ``.npy`` array (``None`` when it is); reads the header only."""
+    try:
+        a = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:  # garbage, a pickle, an object array, a bad header
+        return f"not a readable .npy array ({type(e).__name__}: {e})"
+    if not isinstance(a, np.ndarray) or tuple(a.shape) != tuple(shape) or str(a.dtype) != dtype:
+        got = f"{getattr(a, 'shape', '?')} {getattr(a, 'dtype', type(a).__name__)}"
+        return f"holds {got}, its manifest says {tuple(shape)} {dtype}"
+    return None
+
+
 def _tmp_path(d: Path, stem: str) -> Path:
     fd, name = tempfile.mkstemp(dir=d, prefix=f".{stem}.", suffix=".tmp")
     os.close(fd)
@@ -260,6 +272,12 @@ class EmbeddingStore:
                 return None, self._corrupt(p, f"size {p.stat().st_size} != {size} bytes (truncated?)", quiet)
             if (self.verify == "checksum" or size is None) and sha256_file(p) != sha:
                 return None, self._corrupt(p, "sha256 mismatch (edited?)", quiet)
+        # the checksums can be rewritten along with the files (a tool, a hand edit of the manifest): the
+        # arrays must still be what the manifest describes before any row is copied from them
+        for p, shape, dtype in ((kpy, (man.n_rows,), "uint64"), (npy, (man.n_rows, man.dim), man.dtype)):
+            problem = _npy_problem(p, shape, dtype)
+            if problem:
+                return None, self._corrupt(p, problem, quiet)
         return man, None
 
     def _corrupt(self, path: Path, problem: str, quiet: bool) -> str:

@@ -1,4 +1,4 @@
-"""The LightGBM teacher (DESIGN.md section 5): a GBDT over the tabular features it may see.
+"""The LightGBM teacher: a GBDT over the tabular features it may see.
 
 Columns of the design matrix, per visible feature:
 
@@ -42,7 +42,7 @@ from appdistill.features.spec import FeatureSpec, FeatureSpecSet
 from appdistill.teachers.base import TEACHERS, Teacher
 from appdistill.teachers.fit import (TeacherError, check_encoding, encoding_fingerprint, jsonable,
                                      read_teacher_json, write_teacher_json)
-from appdistill.train.io import atomic_write_bytes, atomic_write_text
+from appdistill.train.io import atomic_write_bytes, atomic_write_text, sha256_file
 
 log = logging.getLogger("appdistill.teachers")
 MODEL_FILE = "model.txt"
@@ -276,8 +276,11 @@ class LightGBMTeacher(Teacher):
             buf = io.BytesIO()
             np.savez(buf, **t)
             atomic_write_bytes(path / f"text_{fname}.npz", buf.getvalue())
+        # the sha256 of every artefact, checked before LightGBM parses anything (see load)
+        files = {MODEL_FILE: hashlib.sha256(self.model_text.encode()).hexdigest(),
+                 **{f"text_{f}.npz": sha256_file(path / f"text_{f}.npz") for f in self.text}}
         write_teacher_json(self, path, columns=self.columns, best_iteration=self.best_iteration,
-                           encoding=self.encoding, fitted_on=self.data_fingerprint)
+                           encoding=self.encoding, fitted_on=self.data_fingerprint, files=files)
 
     @classmethod
     def load(cls, path: str | Path, spec: FeatureSpecSet, ds: Dataset) -> LightGBMTeacher:
@@ -286,12 +289,36 @@ class LightGBMTeacher(Teacher):
         t = cls(spec, meta["name"], **meta["kwargs"])
         check_encoding(meta, ds, t.features, t.name)
         t.columns, t.best_iteration = meta["columns"], int(meta["best_iteration"])
+        _verify_files(path, meta, t.name)
         for fname in sorted({c["feature"] for c in t.columns if spec.feature(c["feature"]).kind == "text"}):
             with np.load(path / f"text_{fname}.npz", allow_pickle=False) as z:
                 t.text[fname] = {k: z[k] for k in z.files}
         t.data_fingerprint, t.encoding = meta["fitted_on"], meta["encoding"]
         t._set_booster((path / MODEL_FILE).read_text())
         return t
+
+
+def _verify_files(path: Path, meta: dict[str, Any], name: str) -> None:
+    """Check the saved artefacts against the checksums in ``teacher.json`` *before* LightGBM reads them.
+
+    Why: LightGBM's parser aborts the whole process (SIGABRT, no message) on a truncated or
+    length-changed ``model.txt``. Saves from before ``files`` was recorded are checked against the
+    identity's ``artifact`` hash, which is the sha256 of the model text.
+    """
+    want = dict(meta.get("files") or {})
+    artifact = (meta.get("identity") or {}).get("artifact")
+    if MODEL_FILE not in want and isinstance(artifact, str) and len(artifact) == 64:
+        want[MODEL_FILE] = artifact
+    if MODEL_FILE not in want:
+        raise TeacherError(f"teacher '{name}': '{path / 'teacher.json'}' records no checksum of {MODEL_FILE}; "
+                           "refit it with 'appdistill teachers fit'")
+    for fname, digest in want.items():
+        f = path / fname
+        if not f.is_file():
+            raise TeacherError(f"teacher '{name}': file '{f}' is missing; refit it with 'appdistill teachers fit'")
+        if sha256_file(f) != digest:
+            raise TeacherError(f"teacher '{name}': file '{f}' does not match the checksum recorded when it was "
+                               "saved (truncated, edited or corrupted); refit it with 'appdistill teachers fit'")
 
 
 _DEFAULTS = {k: p.default for k, p in inspect.signature(LightGBMTeacher.__init__).parameters.items()

@@ -1,4 +1,4 @@
-"""Resumable training checkpoints (DESIGN.md section 9).
+"""Resumable training checkpoints.
 
 ``RUN_DIR/checkpoints/last.pt`` holds everything a run needs to continue as if it had never stopped:
 
@@ -16,7 +16,9 @@
 - ``identity``: spec and data fingerprints, teacher identities, student and method config. Resuming
   with a different identity is refused: the checkpoint would silently train another experiment.
 
-Writes are atomic (``train.io``); loading uses ``torch.load(weights_only=True)``.
+Writes are atomic and carry a content checksum (``train.io``); loading uses
+``torch.load(weights_only=True)`` and refuses a checkpoint that fails its checksum. A ``--resume``
+whose identity changed is refused before the run directory is written (:func:`precheck_resume`).
 """
 
 from __future__ import annotations
@@ -192,14 +194,10 @@ _WHAT = {"spec_fingerprint": "feature spec", "data_fingerprint": "data (tables o
          "batch_size": "global batch size", "seed": "seed"}
 
 
-def load_resume(path: Path, ident: dict[str, Any]) -> dict[str, Any]:
-    """Read ``path`` and refuse it when its identity differs from ``ident`` (names what changed)."""
-    ck = load_checkpoint(path)
-    if ck.get("format") != 1 or "identity" not in ck:
-        raise AppDistillError(f"file '{path}': not an appdistill resume checkpoint")
-    old = ck["identity"]
+def _compare(path: Path, old: dict[str, Any], ident: dict[str, Any]) -> None:
+    """Raise naming the first identity field of ``ident`` that differs from the checkpoint's ``old``."""
     for key, what in _WHAT.items():
-        if old.get(key) != ident.get(key):
+        if key in ident and old.get(key) != ident.get(key):
             detail = ""
             if key == "teachers":
                 a, b = set(old.get(key) or {}), set(ident.get(key) or {})
@@ -208,8 +206,46 @@ def load_resume(path: Path, ident: dict[str, Any]) -> dict[str, Any]:
             raise AppDistillError(
                 f"file '{path}': cannot resume: the {what} differs from the checkpoint's{detail}; "
                 "start a new run directory or restore the original inputs")
+
+
+def load_resume(path: Path, ident: dict[str, Any]) -> dict[str, Any]:
+    """Read ``path`` and refuse it when its identity differs from ``ident`` (names what changed)."""
+    ck = load_checkpoint(path, warn_unverified=True)
+    if ck.get("format") != 1 or "identity" not in ck:
+        raise AppDistillError(f"file '{path}': not an appdistill resume checkpoint")
+    _compare(path, ck["identity"], ident)
     ck["position"] = Position(**ck["position"])
     return ck
+
+
+def precheck_resume(path: Path, cfg: Any, spec_fingerprint: str, data_fingerprint: str, teachers_dir: Path) -> None:
+    """Refuse a resume whose identity changed *before* the run writes anything (``train --resume``).
+
+    :func:`load_resume` checks again once the committee is loaded; this early check needs no teacher
+    loaded and no cache built: the teachers' identities come from their ``teacher.json`` (equal to the
+    loaded ones, or loading them fails). A teacher without a readable ``teacher.json`` leaves the
+    teacher set to the later check.
+    """
+    ck = load_checkpoint(path)  # (load_resume warns about an unverifiable one)
+    if not isinstance(ck, dict) or ck.get("format") != 1 or not isinstance(ck.get("identity"), dict):
+        raise AppDistillError(f"file '{path}': not an appdistill resume checkpoint")
+    ident = identity(cfg, spec_fingerprint, data_fingerprint, {})
+    if cfg.method.key == "none" or not cfg.teachers:
+        pass  # no committee: the identity's teacher set is empty
+    else:
+        found = {}
+        for name in cfg.teachers:
+            try:
+                meta = Path(teachers_dir) / "teachers" / name / "teacher.json"
+                found[name] = json.loads(meta.read_text())["identity"]
+            except (OSError, ValueError, KeyError, TypeError):
+                found = None
+                break
+        if found is None:
+            ident.pop("teachers")
+        else:
+            ident["teachers"] = json.loads(json.dumps(found, default=str))
+    _compare(path, ck["identity"], ident)
 
 
 def save_resume_collective(path: Path, model: torch.nn.Module, opt: Any, method: torch.nn.Module,

@@ -1,6 +1,15 @@
-"""Atomic writes: write a temporary file in the target directory, fsync, then ``os.replace``.
+"""Atomic writes, checksummed checkpoints, verified file hashes and run-directory locks.
 
-A crash leaves either the old file or the new one, never half of one.
+- Atomic writes: write a temporary file in the target directory, fsync, then ``os.replace``. A crash
+  leaves either the old file or the new one, never half of one.
+- Checkpoints (:func:`save_checkpoint` / :func:`load_checkpoint`) carry a sha256 of their *content*
+  (structure, keys, scalars and every tensor's bytes) under the key ``"checksum"``: ``torch.load``
+  does not check the zip's CRCs, so one flipped byte in a tensor would otherwise load (and be
+  exported) without a word. The digest is over the content, not the file, so the file stays a
+  plain ``torch.save`` dict that ``torch.load(..., weights_only=True)`` reads as before.
+- :func:`sha256_verified`: a file's sha256, computed once per file per process (the teacher-output
+  cache verifies its shards on every open with it).
+- :func:`run_lock`: one writer per run directory (train, distill, export).
 """
 
 from __future__ import annotations
@@ -9,6 +18,9 @@ import contextlib
 import hashlib
 import os
 import tempfile
+import threading
+import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -38,22 +50,82 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     _atomic(Path(path), lambda f: f.write(data))
 
 
+CHECKSUM_KEY = "checksum"
+
+
+def content_digest(obj: Any) -> str:
+    """``"sha256:<hex>"`` of a checkpoint's content: dict keys (sorted), list/tuple order, scalars by type
+    and value, tensors by dtype, shape and bytes. Independent of how ``torch.save`` lays out the zip."""
+    h = hashlib.sha256()
+    _feed(h, obj)
+    return "sha256:" + h.hexdigest()
+
+
+def _feed(h: Any, o: Any) -> None:
+    if isinstance(o, torch.Tensor):
+        t = o.detach().cpu().contiguous()
+        h.update(f"T{t.dtype}{tuple(t.shape)};".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().data)  # raw bytes, any dtype (bf16 too)
+    elif isinstance(o, dict):
+        h.update(f"D{len(o)};".encode())
+        for k in sorted(o, key=lambda k: (type(k).__name__, repr(k))):
+            _feed(h, k)
+            _feed(h, o[k])
+    elif isinstance(o, (list, tuple)):
+        h.update(f"{'L' if isinstance(o, list) else 'U'}{len(o)};".encode())
+        for x in o:
+            _feed(h, x)
+    else:  # str, int, float (repr round-trips exactly), bool, None
+        h.update(f"S{type(o).__name__}:{o!r};".encode())
+
+
 def save_checkpoint(path: str | Path, obj: dict[str, Any]) -> None:
-    """``torch.save`` atomically (tensors, dicts, lists, str and numbers only: loadable with weights_only)."""
-    _atomic(Path(path), lambda f: torch.save(obj, f))
+    """``torch.save`` atomically, with a content checksum under ``"checksum"`` (tensors, dicts, lists, str
+    and numbers only: loadable with weights_only)."""
+    body = {k: v for k, v in obj.items() if k != CHECKSUM_KEY}
+    data = {**body, CHECKSUM_KEY: content_digest(body)}
+    _atomic(Path(path), lambda f: torch.save(data, f))
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """``torch.load(weights_only=True)``: never unpickles arbitrary objects."""
+class ChecksumWarning(RuntimeWarning):
+    """A checkpoint written before checkpoints carried a checksum: its content cannot be verified."""
+
+
+def load_checkpoint(path: str | Path, warn_unverified: bool = False) -> dict[str, Any]:
+    """``torch.load(weights_only=True)`` (never unpickles arbitrary objects), then the content checksum.
+
+    Returns the checkpoint dict without its ``"checksum"`` entry. A file without one (written by an
+    older appdistill, or a plain ``torch.save`` such as a teacher's weights, which its identity hash
+    checks) is returned as is; ``warn_unverified`` says so with a :class:`ChecksumWarning`.
+
+    Raises:
+        AppDistillError: missing, unreadable/truncated, or content that fails its checksum (a flipped
+            byte on disk, an edit): such a checkpoint is never used.
+    """
     from appdistill.errors import AppDistillError
 
     path = Path(path)
     if not path.is_file():
         raise AppDistillError(f"file '{path}': checkpoint not found")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        ck = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001
         raise AppDistillError(f"file '{path}': checkpoint is unreadable or truncated ({type(e).__name__}: {e})") from e
+    if not isinstance(ck, dict):
+        return ck
+    want = ck.pop(CHECKSUM_KEY, None)
+    if want is None:
+        if warn_unverified:  # a run from before checkpoints were checksummed: usable, but say so
+            warnings.warn(f"file '{path}': checkpoint has no checksum (written by an older appdistill); its "
+                          "content cannot be verified", ChecksumWarning, stacklevel=2)
+        return ck
+    got = content_digest(ck)
+    if got != want:
+        raise AppDistillError(f"file '{path}': checkpoint fails its checksum (content {got[:19]}..., recorded "
+                              f"{str(want)[:19]}...): corrupted on disk or edited after it was written; it is not "
+                              "used. Restore it from a backup or re-run training")
+    return ck
 
 
 def sha256_file(path: str | Path) -> str:
@@ -82,3 +154,108 @@ def locked(directory: str | Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+# ---------------------------------------------------------------------------------------- verified hashes
+_VERIFIED: dict[tuple[Any, ...], str] = {}
+#: a file changed less than this long before it was hashed is not memoised: a later write within the
+#: file system's timestamp granularity could leave size and mtime as they were ("racy git")
+_RACY_NS = 2_000_000_000
+
+
+def sha256_verified(path: str | Path) -> str:
+    """:func:`sha256_file`, computed once per file per process.
+
+    Later calls reuse the digest while the file's device, inode, size, mtime and ctime are those it had
+    when it was hashed; any write changes mtime/ctime (or the inode, for an atomic replace), so an
+    edited file is hashed again. Files modified in the last 2 seconds are always hashed.
+    """
+    p = os.path.realpath(path)
+    st = os.stat(p)
+    key = (p, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    digest = _VERIFIED.get(key)
+    if digest is None:
+        now = time.time_ns()
+        digest = sha256_file(p)
+        if st.st_mtime_ns + _RACY_NS < now:  # any later write sets mtime (and ctime) past this: a new key
+            _VERIFIED[key] = digest
+    return digest
+
+
+# ---------------------------------------------------------------------------------------- run-directory lock
+_HELD: dict[tuple[int, int], list[int]] = {}  # (device, inode) -> [fd, depth]: locks this process holds
+_HELD_MUTEX = threading.Lock()
+
+
+def _busy_error(d: Path, ino: int, what: str) -> Exception:
+    from appdistill.errors import AppDistillError
+
+    return AppDistillError(
+        f"run directory '{d}' is in use by another appdistill process{_holder(ino)}: refusing to {what} into it "
+        "(two writers would both claim it). Wait for that process to finish, or choose another directory")
+
+
+def _holder(ino: int) -> str:
+    """`` (pid N)`` of the process holding a flock on inode ``ino``, from /proc/locks (best effort)."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/locks").read_text().splitlines():
+            parts = line.split()  # "1: FLOCK ADVISORY WRITE <pid> <major>:<minor>:<inode> 0 EOF"
+            i = parts.index("FLOCK") if "FLOCK" in parts else -1
+            if i >= 0 and parts[i + 4].rsplit(":", 1)[-1] == str(ino):
+                return f" (pid {parts[i + 3]})"
+    return ""
+
+
+@contextlib.contextmanager
+def run_lock(directory: str | Path, what: str = "write") -> Iterator[None]:
+    """Exclusive, non-blocking lock on a run directory (created if needed) for its writers.
+
+    A second writer (another ``train``/``distill``/``export`` on the same directory) fails at once with
+    an :class:`~appdistill.errors.AppDistillError` (CLI exit 2) instead of both claiming the directory.
+
+    ``flock`` on the directory itself: no lock file is created, so a refused command leaves the
+    directory byte for byte as it was, and the kernel drops the lock when its holder dies (a
+    ``kill -9``'d run never blocks the next one). Re-entrant within a process (``distill`` ->
+    ``train`` -> ``export``). Where directories cannot be flocked (some network file systems) a
+    ``.appdistill.lock`` file inside it is locked instead; without ``fcntl`` it does nothing.
+    """
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: atomic writes still keep every file whole
+        yield
+        return
+    fd = os.open(d, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    st = os.fstat(fd)
+    key = (st.st_dev, st.st_ino)
+    with _HELD_MUTEX:
+        if key in _HELD:
+            _HELD[key][1] += 1
+            os.close(fd)
+        else:
+            try:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    raise _busy_error(d, st.st_ino, what) from None
+                except OSError:  # no flock on directories here: lock a file inside instead
+                    os.close(fd)
+                    fd = os.open(d / ".appdistill.lock", os.O_RDWR | os.O_CREAT, 0o644)
+                    try:
+                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    except BlockingIOError:
+                        raise _busy_error(d, os.fstat(fd).st_ino, what) from None
+            except BaseException:
+                os.close(fd)
+                raise
+            _HELD[key] = [fd, 1]
+    try:
+        yield
+    finally:
+        with _HELD_MUTEX:
+            held = _HELD[key]
+            held[1] -= 1
+            if held[1] == 0:
+                del _HELD[key]
+                os.close(held[0])  # closing the descriptor releases the flock
