@@ -74,6 +74,8 @@ def cmd_validate(a: argparse.Namespace) -> int:
     print(f"spec '{spec.name}' ({a.spec}): OK")
     for name, df in ds.tables.items():
         print(f"  table {name:<13} {len(df):>9,} rows  key={spec.tables[name].keys}  from {table_location(spec, name)}")
+    for name, cov in ds.join_coverage.items():
+        print(f"  join {name:<14} " + ", ".join(f"{k}={v}" for k, v in cov.items()))
     print(f"  label: {spec.tables['interactions'].label.column} -> positive rate {s['positive_rate']:.4f}")
     print(f"  split: {spec.split.by}  " + "  ".join(f"{k}={v:,}" for k, v in s["splits"].items())
           + f"  (cold test rows: {s['cold_test_rows']:,})")

@@ -175,8 +175,10 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Experim
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"file '{path}': config not found")
+    from appdistill.features.spec import load_yaml  # bounded safe_load: alias bombs are refused
+
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = load_yaml(path.read_text(), str(path), ConfigError) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"file '{path}': not valid YAML: {e}") from e
     if not isinstance(raw, dict):

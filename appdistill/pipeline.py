@@ -39,10 +39,21 @@ def fit_committee(cfg: ExperimentConfig, run_dir: str | Path, names: list[str] |
 def distill(cfg: ExperimentConfig, run_dir: str | Path, *, export: bool = True, progress: bool = True,
             ds: Dataset | None = None, resume: bool = False) -> dict[str, Any]:
     """Fit/reuse teachers, build/reuse caches, train the student with ``cfg.method``, evaluate, export."""
-    from appdistill.train.loop import teachers_dir, train
+    import contextlib
+
+    from appdistill.train.io import run_lock
 
     run_dir = Path(run_dir)
     rank = int(os.environ.get("RANK", "0"))
+    # one writer per run directory for the whole pipeline (train and export re-take it re-entrantly)
+    with run_lock(run_dir, "distill") if rank == 0 else contextlib.nullcontext():
+        return _distill(cfg, run_dir, export=export, progress=progress, ds=ds, resume=resume, rank=rank)
+
+
+def _distill(cfg: ExperimentConfig, run_dir: Path, *, export: bool, progress: bool, ds: Dataset | None,
+             resume: bool, rank: int) -> dict[str, Any]:
+    from appdistill.train.loop import teachers_dir, train
+
     ds = ds if ds is not None else Dataset.build(cfg.load_spec())
     if cfg.teachers and rank == 0 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
         fit_committee(cfg, teachers_dir(cfg, run_dir), ds=ds, progress=progress)

@@ -299,7 +299,8 @@ def _train(cfg: ExperimentConfig, run_dir: str | Path, trackers: list[Tracker], 
                   "steps": pos.global_step, "epochs": tr.epochs,
                   "best_epoch": pos.best_epoch if tr.select_best else tr.epochs,
                   "world_size": ctx.world_size, "teacher_passes_skipped": float(method.logs().get("skipped", 0.0))},
-        "data": {"fingerprint": ds.fingerprint, "nan_imputed": ds.processor.nan_imputed},
+        "data": {"fingerprint": ds.fingerprint, "nan_imputed": ds.processor.nan_imputed,
+                 "join_coverage": ds.join_coverage},
     }
     routing = routing_report(model, method, ds, builder, hooks, ctx, cfg.train.eval_batch_size)
     if routing is not None:
