@@ -63,12 +63,28 @@ def _cold_row(cold: dict[str, Any]) -> list[tuple[str, Any]]:
     return [(f"cold-item AUC (n={cold['n']:,}, {cold.get('share', 0):.1%} of test)", cold["auc"])]
 
 
+def _spec_of(path: str) -> Any:
+    """The feature spec of ``path``: a spec file, or a config file (fully checked first: sections,
+    ranges, method and teacher kwargs) whose ``spec:`` is then validated with its data."""
+    from appdistill.config import load_config
+    from appdistill.features.spec import FeatureSpecSet, load_yaml
+
+    p = Path(path)
+    raw = load_yaml(p.read_text(), path) if p.is_file() else None
+    if isinstance(raw, dict) and "spec" in raw and "features" not in raw:
+        cfg = load_config(p)
+        teachers = ", ".join(f"{n} ({b.key})" for n, b in cfg.teachers.items()) or "none"
+        print(f"config '{cfg.name}' ({path}): OK  method={cfg.method.key}  teachers: {teachers}  "
+              f"epochs={cfg.train.epochs}  transfer={'on' if cfg.transfer.enabled else 'off'}")
+        return cfg.load_spec()
+    return FeatureSpecSet.from_yaml(path)
+
+
 def cmd_validate(a: argparse.Namespace) -> int:
     from appdistill.features.dataset import Dataset
-    from appdistill.features.spec import FeatureSpecSet
     from appdistill.features.tables import table_location
 
-    spec = FeatureSpecSet.from_yaml(a.spec)
+    spec = _spec_of(a.spec)
     ds = Dataset.build(spec)
     s = ds.summary()
     print(f"spec '{spec.name}' ({a.spec}): OK")
@@ -252,7 +268,8 @@ def _is_main() -> bool:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="appdistill", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
-    v = sub.add_parser("validate", help="check a feature spec and its tables; print a summary")
+    v = sub.add_parser("validate", help="check a feature spec (or a whole config and its spec) and the tables; "
+                                        "print a summary")
     v.add_argument("spec")
     v.set_defaults(fn=cmd_validate)
     t = sub.add_parser("train", help="train the student with the configured method")

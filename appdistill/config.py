@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -31,29 +31,35 @@ class Block(_Strict):
     kwargs: dict[str, Any] = Field(default_factory=dict)
 
 
+# every number a config holds has a type and a range, checked when the config loads (before any
+# data is read): a layer width of -4 or a NaN learning rate is a located error, not a traceback
+Width = Annotated[int, Field(ge=1, le=1 << 16)]
+Rate = Annotated[float, Field(gt=0, le=10, allow_inf_nan=False)]
+
+
 class StudentSection(_Strict):
-    embedding_dim: int | None = None
-    dense_arch: list[int] = Field(default_factory=lambda: [16])
+    embedding_dim: int | None = Field(default=None, ge=1, le=4096)
+    dense_arch: list[Width] = Field(default_factory=lambda: [16])
     interaction: Block = Field(default_factory=lambda: Block(key="dcn", kwargs={"num_layers": 2, "low_rank": 32}))
-    over_arch: list[int] = Field(default_factory=lambda: [64, 32])
-    dropout: float = 0.0
+    over_arch: list[Width] = Field(default_factory=lambda: [64, 32])
+    dropout: float = Field(default=0.0, ge=0, lt=1)
 
 
 class TrainSection(_Strict):
-    epochs: int = 4
-    batch_size: int = 1024
-    lr: float = 1e-3
-    embedding_lr: float = 0.05
-    weight_decay: float = 0.0
-    eval_batch_size: int = 8192
+    epochs: int = Field(default=4, ge=1, le=100_000)
+    batch_size: int = Field(default=1024, ge=1, le=1 << 24)
+    lr: Rate = 1e-3
+    embedding_lr: Rate = 0.05
+    weight_decay: float = Field(default=0.0, ge=0, le=1, allow_inf_nan=False)
+    eval_batch_size: int = Field(default=8192, ge=1, le=1 << 24)
     # batches built ahead on a loader thread; None = auto (see train.loop.train_loader)
-    prefetch: int | None = Field(default=None, ge=0)
-    num_threads: int | None = None
-    checkpoint_every: int = 0
+    prefetch: int | None = Field(default=None, ge=0, le=64)
+    num_threads: int | None = Field(default=None, ge=1, le=1024)
+    checkpoint_every: int = Field(default=0, ge=0)
     select_best: bool = True
     #: torchrun only: "table_wise" | "row_wise" | "column_wise" | "auto" (planner decides)
-    sharding: str = "table_wise"
-    log_every: int = 50
+    sharding: Literal["table_wise", "row_wise", "column_wise", "auto"] = "table_wise"
+    log_every: int = Field(default=50, ge=1)
 
 
 class TransferSection(_Strict):
@@ -74,7 +80,7 @@ class TransferSection(_Strict):
 
 
 class EvalSection(_Strict):
-    k: int = 10
+    k: int = Field(default=10, ge=1, le=10_000)
 
 
 class TrackingSection(_Strict):
@@ -148,7 +154,8 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     """Apply ``a.b=c`` overrides to a raw config dict (values parsed with ``yaml.safe_load``).
 
     ``teachers.NAME=null`` removes that teacher from the committee (e.g. the foundation teacher on
-    text-free data)."""
+    text-free data). ``method.key=OTHER`` starts from OTHER's defaults: the previous method's kwargs
+    would be unknown to it (``method.kwargs...`` overrides after it apply as usual)."""
     for ov in overrides:
         if "=" not in ov:
             raise ConfigError(f"--set '{ov}': expected key.path=value")
@@ -163,6 +170,8 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
                 raise ConfigError(f"--set '{ov}': '{p}' is not a section")
             node = nxt
         value = yaml.safe_load(val)
+        if parts == ["method", "key"] and node.get("key") != value:
+            node["kwargs"] = {}
         if value is None and len(parts) == 2 and parts[0] == "teachers":
             node.pop(parts[-1], None)  # `--set teachers.foundation=null` drops that committee member
         else:
@@ -203,4 +212,20 @@ def config_from_dict(raw: dict[str, Any], source: str = "<dict>") -> ExperimentC
             importlib.import_module(mod)
         except ImportError as e:
             raise ConfigError(f"file '{source}': plugin module '{mod}' cannot be imported: {e}") from e
+    check_kwargs(cfg, source)
     return cfg
+
+
+def check_kwargs(cfg: ExperimentConfig, source: str) -> None:
+    """Validate the method's and every teacher's kwargs against their typed models (names, types,
+    ranges) so a typo or a negative width fails in seconds, before any data is read."""
+    from appdistill.methods import METHODS
+    from appdistill.registry import kwargs_errors
+    from appdistill.teachers.fit import teacher_class
+
+    problems = kwargs_errors(METHODS.get(cfg.method.key, context="method.key"), cfg.method.kwargs, "method.kwargs")
+    for name, block in cfg.teachers.items():
+        problems += kwargs_errors(teacher_class(block.key, context=f"teachers.{name}.key"), block.kwargs,
+                                  f"teachers.{name}.kwargs")
+    if problems:
+        raise ConfigError(f"file '{source}': invalid config:\n" + "\n".join(f"  - {p}" for p in problems))

@@ -15,6 +15,8 @@ Example:
 
 from __future__ import annotations
 
+import inspect
+import typing
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
@@ -62,3 +64,56 @@ class Registry(Generic[T]):
 
     def __contains__(self, name: str) -> bool:
         return name in self._items
+
+
+#: parameters the framework supplies (never written in a config)
+FRAMEWORK_ARGS = frozenset({"self", "committee", "student_dim", "item_frequency", "spec", "name"})
+
+
+def kwargs_model(factory: Callable[..., Any]) -> Any:
+    """A pydantic model of ``factory``'s config kwargs: its signature's names, annotated types and
+    defaults, plus ranges the factory declares in ``kwarg_ranges`` (``{"alpha": {"ge": 0, "le": 1}}``).
+    Unknown names are errors (``extra="forbid"``)."""
+    from pydantic import ConfigDict, Field, create_model
+
+    cached = getattr(factory, "__dict__", {}).get("_kwargs_model")
+    if cached is not None:
+        return cached
+    fn = factory.__init__ if inspect.isclass(factory) else factory
+    try:
+        hints = typing.get_type_hints(fn)
+    except Exception:  # noqa: BLE001 - unresolvable annotations: names and ranges still checked
+        hints = {}
+    ranges: dict[str, dict[str, Any]] = {}
+    for klass in reversed(getattr(factory, "__mro__", (factory,))):
+        ranges.update(getattr(klass, "kwarg_ranges", {}) or {})
+    fields: dict[str, Any] = {}
+    for p in inspect.signature(fn).parameters.values():
+        if p.name in FRAMEWORK_ARGS or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        default = ... if p.default is p.empty else p.default
+        fields[p.name] = (hints.get(p.name, Any), Field(default, **ranges.get(p.name, {})))
+    model = create_model(f"{getattr(factory, '__name__', 'factory')}Kwargs",
+                         __config__=ConfigDict(extra="forbid", arbitrary_types_allowed=True), **fields)
+    if inspect.isclass(factory):
+        factory._kwargs_model = model  # type: ignore[attr-defined]
+    return model
+
+
+def kwargs_errors(factory: Callable[..., Any], kwargs: dict[str, Any], where: str) -> list[str]:
+    """``["where.name: message", ...]`` for ``kwargs`` that ``factory``'s typed model refuses."""
+    from pydantic import ValidationError
+
+    model = kwargs_model(factory)
+    try:
+        model.model_validate(kwargs or {})
+    except ValidationError as e:
+        out = []
+        for err in e.errors():
+            loc = ".".join(str(x) for x in err["loc"])
+            if err["type"] == "extra_forbidden":
+                out.append(f"{where}.{loc}: unknown key (accepted: {', '.join(sorted(model.model_fields))})")
+            else:
+                out.append(f"{where}.{loc}: {err['msg']}")
+        return out
+    return []

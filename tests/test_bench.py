@@ -117,3 +117,30 @@ def test_set_teacher_null_drops_a_committee_member() -> None:
 
     cfg = load_config(REPO_ROOT / "configs/ml100k_committee.yaml", ["teachers.foundation=null"])
     assert sorted(cfg.teachers) == ["dlrm", "lightgbm"]
+
+
+def test_config_values_and_kwargs_are_typed_and_checked_before_data(tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """Every config value has a type and range; method and teacher kwargs are checked by name,
+    type and range when the config loads; `validate CONFIG` checks the whole config."""
+    from appdistill.config import REPO_ROOT, load_config
+    from appdistill.errors import ConfigError
+
+    committee = REPO_ROOT / "configs/ml100k_committee.yaml"
+    bad = {"train.epochs=-3": "train.epochs", "train.batch_size=0": "train.batch_size",
+           "train.lr=.nan": "train.lr", "train.lr=-1": "train.lr", "student.over_arch=[-4]": "student.over_arch",
+           "method.kwargs.lamda_t=1": "method.kwargs.lamda_t: unknown key",
+           "method.kwargs.top_k=0": "method.kwargs.top_k", "method.kwargs.tau=-1": "method.kwargs.tau",
+           "teachers.lightgbm.kwargs.num_leavs=3": "teachers.lightgbm.kwargs.num_leavs: unknown key",
+           "teachers.dlrm.kwargs.dropout=1.5": "teachers.dlrm.kwargs.dropout"}
+    for ov, where in bad.items():
+        with pytest.raises(ConfigError, match=where.replace(".", r"\.")):
+            load_config(committee, [ov])
+    # switching the method starts from its defaults (DiverseDistill's kwargs are not carried over)
+    assert load_config(committee, ["method.key=kd"]).method.kwargs == {}
+    assert load_config(committee, ["method.key=kd", "method.kwargs.alpha=0.7"]).method.kwargs == {"alpha": 0.7}
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(committee.read_text().replace("lambda_t: 1.5", "lamda_t: 1.5")
+                   .replace("../feature_specs/ml100k.yaml", str(REPO_ROOT / "feature_specs/ml100k.yaml")))
+    assert main(["validate", str(cfg)]) == 2
+    assert "method.kwargs.lamda_t: unknown key" in capsys.readouterr().err

@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -170,12 +170,13 @@ class FeatureSpec(_Strict):
     kind: FeatureKind
     table: str
     column: str | None = None
-    num_embeddings: int | Literal["auto"] = "auto"
+    # an embedding table beyond 2^31 rows cannot be indexed by the embedding kernels
+    num_embeddings: Annotated[int, Field(ge=2, le=2**31 - 1)] | Literal["auto"] = "auto"
     hashing: bool = False
-    dim: int = 16
+    dim: int = Field(default=16, ge=1, le=4096)
     separator: str | None = None
     pooling: Literal["sum", "mean"] = "mean"
-    min_count: int = 1
+    min_count: int = Field(default=1, ge=1)
     transform: Literal["none", "log1p", "standardize", "log1p_standardize"] = "standardize"
     missing: Literal["error", "oov"] = "error"
     encoder: str | None = None

@@ -27,6 +27,8 @@ class AvgKD(Method):
 
     grid = {"alpha": [0.5, 0.8], "temperature": [1.0, 2.0]}
 
+    kwarg_ranges = {"alpha": {"ge": 0, "le": 1}, "temperature": {"gt": 0, "le": 100}}
+
     def __init__(self, committee: dict[str, Any] | None = None, teachers: list[str] | None = None,
                  weights: list[float] | None = None, alpha: float = 0.5, temperature: float = 1.0) -> None:
         super().__init__(committee)

@@ -94,6 +94,12 @@ class DiverseDistill(Method):
     # lambda_t 1 / 4: the same teacher-KD-to-label ratios as kd's alpha 0.5 / 0.8
     grid = {"lambda_t": [1.0, 4.0], "temperature": [1.0, 2.0]}
 
+    kwarg_ranges = {"top_k": {"ge": 1}, "threshold": {"ge": 0, "le": 1}, "committee_grad": {"ge": 0, "le": 1},
+                    "d_e": {"ge": 1, "le": 4096}, "tau": {"gt": 0, "le": 100}, "lambda_kd": {"ge": 0},
+                    "lambda_t": {"ge": 0}, "lambda_lb": {"ge": 0}, "temperature": {"gt": 0, "le": 100},
+                    "leaf_dim": {"ge": 1, "le": 4096}, "leaf_trees": {"ge": 1}, "committee_rows": {"ge": 1},
+                    "committee_every": {"ge": 1}}
+
     def __init__(self, committee: dict[str, Any] | None = None, student_dim: int = 0,
                  teachers: list[str] | None = None, complementary: bool = True, gating: bool = True,
                  top_k: int | None = None, threshold: float | None = None, questions: bool = True,

@@ -78,6 +78,9 @@ class TAID(Method):
     # label_weight 1 / 0.25: the same target-to-label ratios (1, 4) as kd's alpha grid
     grid = {"label_weight": [1.0, 0.25], "t_start": [0.2, 0.4]}
 
+    kwarg_ranges = {"t_start": {"ge": 0, "lt": 1}, "t_end": {"gt": 0, "le": 1}, "alpha": {"ge": 0, "le": 1},
+                    "beta": {"ge": 0, "lt": 1}, "label_weight": {"ge": 0, "le": 100}}
+
     def __init__(self, committee: dict[str, Any] | None = None, teacher: str | None = None,
                  teachers: list[str] | None = None, t_start: float = 0.4, t_end: float = 1.0,
                  alpha: float = 5e-4, beta: float = 0.99, label_weight: float = 0.5) -> None:

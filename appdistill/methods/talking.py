@@ -48,6 +48,10 @@ class TalkingModels(Method):
 
     grid = {"lambda_kd": [0.5, 2.0], "lambda_int": [0.5, 1.0]}
 
+    kwarg_ranges = {"d_m": {"ge": 1, "le": 4096}, "lambda_int": {"ge": 0}, "lambda_msg": {"ge": 0},
+                    "lambda_rec": {"ge": 0}, "lambda_kd": {"ge": 0}, "temperature": {"gt": 0, "le": 100},
+                    "leaf_dim": {"ge": 1, "le": 4096}, "leaf_trees": {"ge": 1}}
+
     def __init__(self, committee: dict[str, Any] | None = None, student_dim: int = 0,
                  teachers: list[str] | None = None, d_m: int = 32, lambda_int: float = 1.0,
                  lambda_msg: float = 0.1, lambda_rec: float = 0.1, lambda_kd: float = 0.5,

@@ -96,6 +96,10 @@ class DLRMTeacher(Teacher):
 
     key = "dlrm"
 
+    kwarg_ranges = {"embedding_dim": {"ge": 1, "le": 4096}, "dropout": {"ge": 0, "lt": 1}, "epochs": {"ge": 1},
+                    "patience": {"ge": 0}, "batch_size": {"ge": 1}, "lr": {"gt": 0, "le": 10},
+                    "embedding_lr": {"gt": 0, "le": 10}, "weight_decay": {"ge": 0}, "eval_batch_size": {"ge": 1}}
+
     def __init__(self, spec: FeatureSpecSet, name: str | None = None, *, embedding_dim: int | None = 32,
                  dense_arch: list[int] | None = None, interaction: dict[str, Any] | None = None,
                  over_arch: list[int] | None = None, dropout: float = 0.1, epochs: int = 12, patience: int = 2,

@@ -105,6 +105,10 @@ class FoundationTeacher(Teacher):
 
     key = "foundation"
 
+    kwarg_ranges = {"d_a": {"ge": 1, "le": 4096}, "id_dim": {"ge": 1, "le": 4096}, "epochs": {"ge": 1},
+                    "batch_size": {"ge": 1}, "lr": {"gt": 0, "le": 10}, "weight_decay": {"ge": 0},
+                    "patience": {"ge": 0}, "id_dropout": {"ge": 0, "lt": 1}, "feat_dropout": {"ge": 0, "lt": 1}}
+
     def __init__(self, spec: FeatureSpecSet, name: str | None = None, layers: list[int] | None = None,
                  encoder_kwargs: dict[str, dict[str, Any]] | None = None, d_a: int = 64, id_dim: int = 16,
                  head: list[int] | None = None, epochs: int = 10, batch_size: int = 1024, lr: float = 2e-3,

@@ -71,6 +71,12 @@ class LightGBMTeacher(Teacher):
 
     key = "lightgbm"
 
+    kwarg_ranges = {"num_leaves": {"ge": 2, "le": 131072}, "learning_rate": {"gt": 0, "le": 1},
+                    "num_boost_round": {"ge": 1, "le": 1_000_000}, "early_stopping_rounds": {"ge": 0},
+                    "min_data_in_leaf": {"ge": 0}, "feature_fraction": {"gt": 0, "le": 1},
+                    "bagging_fraction": {"gt": 0, "le": 1}, "bagging_freq": {"ge": 0}, "lambda_l2": {"ge": 0},
+                    "max_bin": {"ge": 2}, "n_jobs": {"ge": 1, "le": 1024}, "text_dim": {"ge": 1, "le": 4096}}
+
     def __init__(self, spec: FeatureSpecSet, name: str | None = None, *, num_leaves: int = 63,
                  learning_rate: float = 0.05, num_boost_round: int = 1000, early_stopping_rounds: int = 50,
                  metric: str = "auc", min_data_in_leaf: int = 20, feature_fraction: float = 0.8,
