@@ -10,3 +10,4 @@ SOURCES: Registry = Registry("data source")
 
 from appdistill.data import movielens as _movielens  # noqa: E402,F401  (registers ml100k)
 from appdistill.data import synthetic as _synthetic  # noqa: E402,F401  (registers synthetic)
+from appdistill.data import tabular as _tabular  # noqa: E402,F401  (registers synthetic_tabular)

@@ -38,6 +38,15 @@ TOPICS: dict[str, list[str]] = {
     "nature": ["forest", "river", "mountain", "wolf", "ocean", "jungle", "bird", "glacier"],
 }
 FILLER = ["the", "of", "a", "story", "night", "return", "last", "secret", "great", "little", "new"]
+#: review words by quality bucket (worst first) for ``quality_words``: text that knows what ids of a
+#: rarely seen item cannot have learnt
+QUALITY_WORDS = [
+    ["dreadful", "awful", "terrible", "unwatchable"],
+    ["boring", "tedious", "forgettable", "clumsy"],
+    ["decent", "watchable", "passable", "ordinary"],
+    ["charming", "enjoyable", "gripping", "delightful"],
+    ["brilliant", "masterful", "stunning", "unforgettable"],
+]
 COUNTRIES = ["us", "uk", "de", "fr", "br", "in", "jp", "ng"]
 
 
@@ -53,6 +62,17 @@ def _item_text(rng: np.random.Generator, primary: np.ndarray, secondary: np.ndar
     titles = [f"{a.capitalize()} {b} {c}" for a, b, c in zip(f, words[w1], words[w2])]
     texts = [f"{t}. A tale of {words[x]} and {words[y]}." for t, x, y in zip(titles, w2, w3)]
     return titles, texts
+
+
+def _quality_sentences(rng: np.random.Generator, texts: list[str], quality: np.ndarray) -> list[str]:
+    """``texts`` with a review sentence whose words follow ``quality`` (quantile buckets)."""
+    k = len(QUALITY_WORDS)
+    bucket = np.searchsorted(np.quantile(quality, np.linspace(0, 1, k + 1)[1:-1]), quality)
+    per = len(QUALITY_WORDS[0])
+    words = np.array([w for b in QUALITY_WORDS for w in b])
+    w1 = bucket * per + rng.integers(0, per, len(texts))
+    w2 = bucket * per + rng.integers(0, per, len(texts))
+    return [f"{t} Critics call it {words[a]} and {words[b]}." for t, a, b in zip(texts, w1, w2)]
 
 
 def _write_images(image_dir: Path, primary: np.ndarray, quality: np.ndarray, n_topics: int,
@@ -81,7 +101,8 @@ def _write_images(image_dir: Path, primary: np.ndarray, quality: np.ndarray, n_t
 
 def generate(n_users: int = 2000, n_items: int = 1000, n_interactions: int = 100_000,
              n_topics: int = 8, seed: int = 0, zipf: float = 1.1, cold_fraction: float = 0.1,
-             image_dir: str | None = None) -> dict[str, pd.DataFrame]:
+             image_dir: str | None = None, quality_words: bool = False, cold_window: float = 0.1,
+             quality_scale: float = 1.0) -> dict[str, pd.DataFrame]:
     """Generate ``interactions``, ``items`` and ``users`` tables.
 
     Args:
@@ -91,9 +112,22 @@ def generate(n_users: int = 2000, n_items: int = 1000, n_interactions: int = 100
         zipf: exponent of the item-popularity long tail.
         cold_fraction: items that only appear in the last 10% of time (new releases).
         image_dir: if given, write one PNG per item there (column ``image`` holds ``<id>.png``).
+        quality_words: end each item's text with a review sentence whose words follow the item's
+            quality (five buckets of :data:`QUALITY_WORDS`), so the text carries the per-item
+            effect that the ids of rarely seen and cold items cannot learn. Off by default: the
+            text then names the topics only (which the genres also carry).
+        cold_window: the late fraction of time in which the cold items appear (``0.1``: the last
+            10%; ``0.2`` puts them in both the validation and the test part of a time split
+            ``valid: 0.1, test: 0.1``).
+        quality_scale: weight of the item quality in the label logit.
+
+    The defaults reproduce the tables of earlier versions exactly (the new options draw from their
+    own random stream).
     """
     if not 1 <= n_topics <= len(TOPICS):
         raise ValueError(f"n_topics must be in [1, {len(TOPICS)}]")
+    if not 0 < cold_window < 1:
+        raise ValueError("cold_window must be in (0, 1)")
     rng = np.random.default_rng(seed)
     names = list(TOPICS)[:n_topics]
 
@@ -108,6 +142,8 @@ def generate(n_users: int = 2000, n_items: int = 1000, n_interactions: int = 100
     pop = pop[rng.permutation(n_items)]
     cold = rng.random(n_items) < cold_fraction
     titles, texts = _item_text(rng, primary, secondary, names)
+    if quality_words:
+        texts = _quality_sentences(np.random.default_rng([seed, 1]), texts, quality)
     genres = np.where(primary == secondary, np.array(names)[primary],
                       np.char.add(np.char.add(np.array(names)[primary], "|"), np.array(names)[secondary]))
     items = pd.DataFrame({
@@ -131,7 +167,7 @@ def generate(n_users: int = 2000, n_items: int = 1000, n_interactions: int = 100
     activity = rng.lognormal(0, 1, n_users)
     u = rng.choice(n_users, n_interactions, p=activity / activity.sum())
     ts = np.sort(rng.integers(1_600_000_000, 1_700_000_000, n_interactions))
-    late = ts >= np.quantile(ts, 0.9)
+    late = ts >= np.quantile(ts, 1.0 - cold_window)
     p_warm = np.where(cold, 0, pop)
     p_cold = np.where(cold, pop, 0)
     i = rng.choice(n_items, n_interactions, p=p_warm / p_warm.sum())
@@ -139,7 +175,7 @@ def generate(n_users: int = 2000, n_items: int = 1000, n_interactions: int = 100
         late_idx = np.flatnonzero(late & (rng.random(n_interactions) < 0.3))
         i[late_idx] = rng.choice(n_items, len(late_idx), p=p_cold / p_cold.sum())
     affinity = (taste[u] * mix[i]).sum(1) * n_topics  # ~1 on average, >1 when tastes match
-    logit = 2.5 * (affinity - 1.0) + quality[i] + rng.normal(0, 0.5, n_interactions)
+    logit = 2.5 * (affinity - 1.0) + quality_scale * quality[i] + rng.normal(0, 0.5, n_interactions)
     label = (rng.random(n_interactions) < 1 / (1 + np.exp(-logit))).astype(np.int8)
     inter = pd.DataFrame({"user_id": u.astype(np.int64), "item_id": i.astype(np.int64),
                           "click": label, "timestamp": ts.astype(np.int64)})
