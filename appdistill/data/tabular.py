@@ -19,7 +19,7 @@ that a smooth network over standardised inputs has to approximate:
 - a step of a skewed count column ``num_6`` (most of the mass below its threshold);
 - per-category effects of the high-cardinality ``cat_hi`` (rare levels are noisy for everyone).
 
-Everything is vectorised numpy; 500k rows take about a second.
+Everything is vectorised numpy; 300k rows take under a second.
 
 Example:
     >>> t = generate_tabular(n_rows=1000, seed=0)
