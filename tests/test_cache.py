@@ -358,11 +358,12 @@ def test_build_caches_from_config(ds, tmp_path, monkeypatch, capsys):
         made[name] = FakeTeacher(spec, name, float_taps={"h": 4}, seed=len(name))
         return made[name]
 
+    # the config first: loading it checks the teachers' kwargs against the real teacher classes
+    cfg = config_from_dict({"spec": str(REPO / "feature_specs" / "synthetic.yaml"),
+                            "teachers": {"lightgbm": {"key": "lightgbm"}, "dlrm": {"key": "dlrm"}}})
     fake = types.ModuleType("appdistill.teachers.fit")
     fake.load_teacher = load_teacher  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "appdistill.teachers.fit", fake)
-    cfg = config_from_dict({"spec": str(REPO / "feature_specs" / "synthetic.yaml"),
-                            "teachers": {"lightgbm": {"key": "lightgbm"}, "dlrm": {"key": "dlrm"}}})
     caches = build_caches(cfg, tmp_path, ds, progress=False)
     assert list(caches) == ["lightgbm", "dlrm"]
     out = capsys.readouterr().out
