@@ -145,6 +145,9 @@ def markdown(b: Any, df: pd.DataFrame, seconds: float) -> str:
             for n, c in tuned.items():
                 lines.append(f"- `{n}`: " + "; ".join(f"{json.dumps(x['setting'])} {x['valid_auc']:.4f}"
                                                        for x in c["tuned"]))
+    if not df.empty and df.cold_auc.isna().all():
+        lines += ["", "Cold-item AUC: n/a where no test row is cold, or where every one is (a one-row-per-entity "
+                      "table: then it is the test AUC)."]
     if b.skipped:
         lines += ["", "Not run:"] + [f"- `{k}`: {v}" for k, v in b.skipped.items()]
     sizes = df.student_params.dropna() if not df.empty else []
