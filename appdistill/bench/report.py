@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import math
 import sys
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -289,6 +288,4 @@ def write_report(b: Any, seconds: float) -> dict[str, Any]:
 def _json(o: Any) -> Any:
     if isinstance(o, (np.floating, np.integer)):
         return o.item()
-    if isinstance(o, Path):
-        return str(o)
-    return str(o)
+    return str(o)  # paths and anything else json cannot write

@@ -72,8 +72,9 @@ class Segmenter:
     def assign(self, codes: np.ndarray) -> np.ndarray:
         """Bucket name per row ``[N]``; codes beyond the training vocabulary are cold."""
         codes = np.asarray(codes, np.int64)
-        c = np.where(codes < len(self.counts), self.counts[np.minimum(codes, max(len(self.counts) - 1, 0))], 0) \
-            if len(self.counts) else np.zeros(len(codes), np.int64)
+        c = np.zeros(len(codes), np.int64)
+        known = codes < len(self.counts)
+        c[known] = self.counts[codes[known]]
         out = np.full(len(codes), "torso", dtype="<U5")
         out[c == 0] = "cold"
         out[(c > 0) & (c <= self.tail_max)] = "tail"
