@@ -76,7 +76,13 @@ def _spec_of(path: str) -> Any:
         teachers = ", ".join(f"{n} ({b.key})" for n, b in cfg.teachers.items()) or "none"
         print(f"config '{cfg.name}' ({path}): OK  method={cfg.method.key}  teachers: {teachers}  "
               f"epochs={cfg.train.epochs}  transfer={'on' if cfg.transfer.enabled else 'off'}")
-        return cfg.load_spec()
+        spec = cfg.load_spec()
+        if cfg.student.content.enabled:
+            from appdistill.features.content import content_features
+
+            feats = content_features(list(cfg.student.content.features), spec)
+            print(f"  content table: {', '.join(f.name for f in feats)} x {cfg.student.content.dim} dims")
+        return spec
     return FeatureSpecSet.from_yaml(path)
 
 
@@ -163,7 +169,7 @@ def cmd_teachers_fit(a: argparse.Namespace) -> int:
     from appdistill.pipeline import fit_committee
 
     cfg = load_config(a.config, a.set)
-    res = fit_committee(cfg, a.run_dir, names=a.only or None, force=a.force)
+    res = fit_committee(cfg, a.run_dir, names=a.only or None, force=a.force, progress=not a.no_progress)
     print(format_teachers(res))
     return 0
 
@@ -250,6 +256,15 @@ def cmd_score(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_content_refresh(a: argparse.Namespace) -> int:
+    from appdistill.export.content import refresh_content
+
+    r = refresh_content(a.export_dir, a.items, store=a.store)
+    print(f"content table of {a.export_dir}: {r['added']:,} items added, {r['updated']:,} updated "
+          f"({r['items']:,} items known)")
+    return 0
+
+
 def cmd_bench(a: argparse.Namespace) -> int:
     from appdistill.bench.runner import BenchOptions, run_bench
     from appdistill.bench.variants import DEFAULT, VARIANTS
@@ -318,6 +333,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--output", required=True)
     s.add_argument("--keep-columns", action="store_true", help="copy the input columns into the output")
     s.set_defaults(fn=cmd_score)
+    ct = sub.add_parser("content", help="the student's content table (student.content)").add_subparsers(
+        dest="sub", required=True)
+    cr = ct.add_parser("refresh", help="encode new or edited items offline and add their vectors to an export",
+                       description="Encode the items of FILE (their key and text/image columns) through the embedding "
+                                   "store with the encoder the table was fitted with, project them, and add or "
+                                   "replace their vectors in EXPORT_DIR/content (all or nothing; no retraining).")
+    cr.add_argument("export_dir")
+    cr.add_argument("--items", required=True, help="parquet/CSV with the item key and the content features' columns")
+    cr.add_argument("--store", default=None, help="embedding store root (default: $APPDISTILL_CACHE/store)")
+    cr.set_defaults(fn=cmd_content_refresh)
     bn = sub.add_parser("bench", help="compare methods on your configs: methods x splits x seeds, equal tuning budgets",
                         description="Fit each config's committee once per split, tune every method on the same budget "
                                     "(its grid, on seed 0's validation split), run the chosen setting on every seed, and "
@@ -338,12 +363,18 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override every config")
     bn.add_argument("--no-progress", action="store_true")
     bn.set_defaults(fn=cmd_bench)
+    # every command that can run long takes --no-progress (bars also stay off when stderr is not a terminal)
+    for parser in (v, f, c, d, e, s, cr):
+        parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     _quiet()
     args = build_parser().parse_args(argv)
+    from appdistill import progress
+
+    progress.set_enabled(not getattr(args, "no_progress", False))
     try:
         return int(args.fn(args) or 0)
     except AppDistillError as e:

@@ -37,12 +37,29 @@ Width = Annotated[int, Field(ge=1, le=1 << 16)]
 Rate = Annotated[float, Field(gt=0, le=10, allow_inf_nan=False)]
 
 
+class ContentSection(_Strict):
+    """The student's content table (:mod:`appdistill.features.content`): per-item vectors projected from
+    the foundation store's encodings of text/image features, looked up by item key. Off by default.
+
+    Example::
+
+        student: {content: {enabled: true, features: [title], dim: 16}}
+    """
+
+    enabled: bool = False
+    #: text/image features on one keyed side table (default: every text/image feature of the item table)
+    features: list[str] = Field(default_factory=list)
+    #: principal directions kept per feature
+    dim: int = Field(default=16, ge=1, le=256)
+
+
 class StudentSection(_Strict):
     embedding_dim: int | None = Field(default=None, ge=1, le=4096)
     dense_arch: list[Width] = Field(default_factory=lambda: [16])
     interaction: Block = Field(default_factory=lambda: Block(key="dcn", kwargs={"num_layers": 2, "low_rank": 32}))
     over_arch: list[Width] = Field(default_factory=lambda: [64, 32])
     dropout: float = Field(default=0.0, ge=0, lt=1)
+    content: ContentSection = Field(default_factory=ContentSection)
 
 
 class TrainSection(_Strict):
@@ -145,6 +162,14 @@ class ExperimentConfig(_Strict):
             raw["split"] = {**raw["split"], **self.split}
             spec = FeatureSpecSet.from_dict(raw, source=self.spec, base_dir=spec.base_dir)
         return spec
+
+    def stable_dump(self) -> dict[str, Any]:
+        """``model_dump()`` without settings added later that sit at their defaults, so the hashes that
+        key earlier runs (bench run directories, resume identities) stay what they were."""
+        raw = self.model_dump(exclude={"base_dir"})
+        if raw["student"].get("content") == ContentSection().model_dump():
+            del raw["student"]["content"]
+        return raw
 
     def dump(self) -> str:
         return yaml.safe_dump(self.model_dump(exclude={"base_dir"}), sort_keys=False)

@@ -96,7 +96,7 @@ def markdown(b: Any, df: pd.DataFrame, seconds: float) -> str:
               "teachers are fixed by the config."),
              (f"- Tuning budget: each method tried {sorted(set(budgets.values())) or [1]} setting(s) of its "
               f"grid on the validation split of seed {o.seeds[0]}; the best on validation ran on every seed. "
-              "Ablations (`dd_*`, `*+transfer`) reuse the setting of the method they ablate." if o.tune else
+              "Ablations (`dd_*`, `*+transfer`, `*+content`) reuse the setting of the method they ablate." if o.tune else
               "- No tuning (`--no-tune`): config / class defaults for every method."),
              "- Gap recovered = (AUC - plain) / (reference teacher - plain), reference = the teacher best on "
              "validation; omitted where it does not lead the plain student by 0.001."]

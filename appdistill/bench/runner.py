@@ -34,6 +34,7 @@ from appdistill.config import ExperimentConfig, config_from_dict, load_config
 from appdistill.errors import AppDistillError, ConfigError
 from appdistill.eval.metrics import auc
 from appdistill.eval.segments import sample_oracle, segment_metrics, segment_oracle, split_buckets
+from appdistill.features.content import content_features
 from appdistill.features.dataset import Dataset
 from appdistill.methods.diverse_distill import COMPLEMENTARY_KEYS
 from appdistill.pipeline import fit_committee
@@ -143,13 +144,16 @@ class ConfigBench:
         raw["method"] = {"key": v.key, "kwargs": kwargs}
         raw["seed"] = seed
         raw["teachers_dir"] = str(tdir.resolve())
-        return config_from_dict(raw, source=self.path)
+        out = config_from_dict(raw, source=self.path)
+        if out.student.content.enabled:  # e.g. `+content` on a table without text: not run, with the reason
+            content_features(list(out.student.content.features), out.load_spec())
+        return out
 
     # ------------------------------------------------------------------ one run
     def train_one(self, cfg: ExperimentConfig, ds: Dataset, tdir: Path, label: str) -> dict[str, Any]:
         from appdistill.train.loop import train
 
-        ident = {"config": cfg.model_dump(exclude={"base_dir"}), "data": ds.fingerprint}
+        ident = {"config": cfg.stable_dump(), "data": ds.fingerprint}
         run = tdir / "runs" / f"{cfg.method.key}-{_hash(ident)}" / f"seed{cfg.seed}"
         if (run / "metrics.json").is_file():
             return json.loads((run / "metrics.json").read_text())

@@ -67,6 +67,11 @@ for _m in ("kd", "avg_kd", "taid", "diverse_distill"):
                                          config={"transfer.enabled": True},
                                          doc=f"{_m} with a transfer set (config `transfer:`; ratio as configured)")
 
+# the content-table ablation: the method's chosen setting, the student carrying per-item content vectors
+for _m in ("none", "kd", "avg_kd", "taid", "diverse_distill"):
+    VARIANTS[f"{_m}+content"] = Variant(VARIANTS[_m].key, VARIANTS[_m].kwargs, _m,
+                                        config={"student.content.enabled": True},
+                                        doc=f"{_m}, the student with a content table (config `student.content`)")
 #: what ``--methods`` runs by default: every method, no ablation
 DEFAULT = ["none", "kd", "avg_kd", "taid", "talking", "diverse_distill"]
 

@@ -704,7 +704,7 @@ def _split_rows(ds: Dataset, split: str) -> np.ndarray:
 def _write_split(teacher: Teacher, ds: Dataset, split: str, tmp: Path, batch_size: int,
                  float_dtype: FloatDtype, int_dtype: IntDtype, progress: bool) -> CacheManifest:
     """Predict every row of ``split`` in chunks of ``batch_size`` straight into ``.npy`` memmaps in ``tmp``."""
-    from tqdm.auto import tqdm
+    from appdistill.progress import bar as progress_bar
 
     t0 = time.perf_counter()
     rows = _split_rows(ds, split)
@@ -717,7 +717,7 @@ def _write_split(teacher: Teacher, ds: Dataset, split: str, tmp: Path, batch_siz
     hidden_mm: dict[str, np.memmap] = {}
     taps: list[str] = []
     f16_overflow = 0
-    with tqdm(total=n, desc=f"cache {name}/{split}", unit="row", disable=not progress, leave=False) as bar:
+    with progress_bar(total=n, desc=f"cache {name}/{split}", unit="row", enabled=progress, leave=False) as bar:
         for start in range(0, n, batch_size):
             chunk = rows[start:start + batch_size]
             out = teacher.predict(ds, chunk)

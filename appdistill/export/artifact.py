@@ -87,6 +87,8 @@ import torch
 
 from appdistill.errors import AppDistillError
 from appdistill.export.serving import ServingModel
+from appdistill.features import content as content_files
+from appdistill.features.content import CONTENT_DIR, ContentTable
 from appdistill.features.processor import FeatureProcessor
 from appdistill.features.spec import FeatureSpec
 from appdistill.features.vocab import (Vocabulary, first_out_of_float32, normalize_ids, odd_id, odd_id_message,
@@ -98,7 +100,8 @@ FILES = ("model.pt2", "weights.pt", "student.json", "features.json", "processor.
 REQUIRED = ("weights.pt", "student.json", "features.json", "processor.json")
 MANIFEST = "manifest.json"
 FORMAT = "appdistill-export/1"
-STUDENT_PREFIXES = ("ebc.", "dense_arch.", "interaction.", "over_arch.")
+STUDENT_PREFIXES = ("ebc.", "dense_arch.", "interaction.", "over_arch.", "content_proj.")
+CONTENT_FILES = tuple(f"{CONTENT_DIR}/{f}" for f in content_files.FILES)
 
 
 def _read_json(path: Path, what: str) -> Any:
@@ -151,7 +154,11 @@ def load_student(run_dir: str | Path) -> tuple[RankingModel, list[FeatureSpec], 
     if missing:
         raise AppDistillError(f"file '{run / 'processor.json'}': no fitted vocabulary/transform for student "
                               f"features {missing} of '{run / 'spec.json'}' (files from different runs?)")
-    model = RankingModel.from_spec(feats, proc, student_config(cfg))
+    scfg = student_config(cfg, spec)
+    if scfg.content_dim and not (run / CONTENT_DIR / "table.json").is_file():
+        raise AppDistillError(f"run directory '{run}': the student reads a content table, but '{run / CONTENT_DIR}' "
+                              "is missing (copied without it?)")
+    model = RankingModel.from_spec(feats, proc, scfg)
     extra = [k for k in ck["model"] if not k.startswith(STUDENT_PREFIXES)]
     if extra:
         raise AppDistillError(f"checkpoint '{ck_path}' holds non-student parameters {extra[:5]}")
@@ -171,7 +178,7 @@ def _is_export_dir(path: Path) -> bool:
     """True when ``path`` holds nothing but the files of an earlier export (and its manifest)."""
     names = {p.name for p in path.iterdir()}
     leftovers = {n for n in names if n.startswith(".") and n.endswith(".tmp")}  # interrupted atomic writes
-    return MANIFEST in names and names - leftovers <= {*FILES, MANIFEST}
+    return MANIFEST in names and names - leftovers <= {*FILES, MANIFEST, CONTENT_DIR}
 
 
 def _check_out_dir(out: Path) -> None:
@@ -249,7 +256,8 @@ def export_run(run_dir: str | Path, out_dir: str | Path, compile: bool = True) -
         model, feats, proc, ck = load_student(run)
         serving = ServingModel(model).eval()
         names = {n for n, _ in serving.named_parameters()}
-        assert all(n.startswith(("tables.", "dense_arch.", "interaction.", "over_arch.")) for n in names), names
+        assert all(n.startswith(("tables.", "dense_arch.", "interaction.", "over_arch.", "content_proj."))
+                   for n in names), names
         out.parent.mkdir(parents=True, exist_ok=True)
         _clean_stale(out)
         stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
@@ -424,7 +432,11 @@ def _write_artifact(out: Path, run_dir: Path, model: RankingModel, serving: Serv
                     proc: FeatureProcessor, ck: dict[str, Any], compile: bool) -> Any:
     """Write the export files into ``out``; returns the compiled program (``None`` without ``compile``)."""
     sub = proc_subset(proc, feats)
-    x = RowEncoder(feats, sub).example()
+    content = ContentTable.load(run_dir / CONTENT_DIR) if model.config.content_dim else None
+    if content is not None and content.dim != model.config.content_dim:
+        raise AppDistillError(f"run directory '{run_dir}': the content table has {content.dim} columns, the "
+                              f"student reads {model.config.content_dim} (files from different runs?)")
+    x = RowEncoder(feats, sub, content).example()
     program = None
     if compile:
         ep = export_program(serving, feats, x)
@@ -438,6 +450,8 @@ def _write_artifact(out: Path, run_dir: Path, model: RankingModel, serving: Serv
     atomic_write_text(out / "student.json", json.dumps(asdict(model.config), indent=1))
     atomic_write_text(out / "features.json", json.dumps([f.model_dump() for f in feats], indent=1))
     atomic_write_text(out / "processor.json", sub.to_json())
+    if content is not None:
+        content.save(out / CONTENT_DIR)
     metrics_path = run_dir / "metrics.json"
     manifest = {
         "format": FORMAT,
@@ -446,7 +460,7 @@ def _write_artifact(out: Path, run_dir: Path, model: RankingModel, serving: Serv
         "data_fingerprint": ck.get("data_fingerprint"), "teachers": ck.get("teachers", {}),
         "metrics": json.loads(metrics_path.read_text()) if metrics_path.is_file() else {},
         "params": model.size(), "compiled": "torch.export" if compile else None,
-        "files": {f: sha256_file(out / f) for f in FILES if (out / f).is_file()},
+        "files": {f: sha256_file(out / f) for f in (*FILES, *CONTENT_FILES) if (out / f).is_file()},
     }
     atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1, default=str))
     return program
@@ -523,20 +537,29 @@ class RowEncoder:
     Args:
         feats: the student's features (``features.json``).
         proc: their fitted vocabularies and transforms (``processor.json``).
+        content: the student's content table (``content/``), looked up by the item key column; its
+            vectors follow the dense features. An unknown or missing key gets zeros (the mean item).
     """
 
-    def __init__(self, feats: list[FeatureSpec], proc: FeatureProcessor) -> None:
-        self.feats, self.proc = feats, proc
+    def __init__(self, feats: list[FeatureSpec], proc: FeatureProcessor, content: ContentTable | None = None) -> None:
+        self.feats, self.proc, self.content = feats, proc, content
         self.lookups = {f.name: _Lookup(proc.vocabs[f.name]) for f in feats if f.kind in ("sparse_id", "id_list")}
         self.dense = {f.name: proc.dense[f.name] for f in feats if f.kind == "dense"}
+        self.content_key: FeatureSpec | None = None
+        if content is not None:  # the key column read like any sparse_id column, through the table's vocabulary
+            self.content_key = FeatureSpec(name=f"content:{content.table}", kind="sparse_id", table=content.table,
+                                           column=content.key, missing="oov")
+            self.lookups[self.content_key.name] = _Lookup(content.vocab)
 
     @property
     def columns(self) -> list[str]:
-        return [f.col for f in self.feats]
+        cols = [f.col for f in self.feats]
+        return cols + [self.content_key.col] if self.content_key is not None else cols
 
     def string_columns(self) -> list[str]:
         """Columns whose ids are strings (read them as text from CSV so ``"08"`` stays ``"08"``)."""
-        return [f.col for f in self.feats if f.kind in ("sparse_id", "id_list") and not self.lookups[f.name].is_int]
+        ids = [f for f in (*self.feats, self.content_key) if f is not None and f.kind in ("sparse_id", "id_list")]
+        return list(dict.fromkeys(f.col for f in ids if not self.lookups[f.name].is_int))
 
     # ------------------------------------------------------------------ key casting
     def _keys(self, f: FeatureSpec, arr: np.ndarray, where: str, rows: np.ndarray | None = None,
@@ -661,8 +684,24 @@ class RowEncoder:
             except Exception as e:  # noqa: BLE001 - name the column
                 raise AppDistillError(f"{where}: cannot encode the values ({type(e).__name__}: {e})") from e
         d = np.stack(dense, 1) if dense else np.zeros((n, 0), np.float32)
+        if self.content is not None:
+            d = np.concatenate([d.astype(np.float32, copy=False), self._content(df, source)], 1)
         out.append(torch.from_numpy(np.ascontiguousarray(d, dtype=np.float32)))
         return tuple(out)
+
+    def _content(self, df: pd.DataFrame, source: str) -> np.ndarray:
+        """The content vectors ``[N, C]`` of the rows' item keys (missing or unknown key: zeros)."""
+        f, table = self.content_key, self.content
+        assert f is not None and table is not None
+        where = f"file '{source}', column '{f.col}' (the content table's item key)"
+        col = df[f.col]
+        arr = col.to_numpy()
+        miss = _missing(arr)
+        rows = np.zeros(len(arr), np.int64)
+        ok = np.flatnonzero(~miss)
+        if len(ok):
+            rows[ok] = self.lookups[f.name](self._keys(f, arr[ok], where, ok, isinstance(col.dtype, pd.StringDtype)))
+        return table.lookup_rows(rows)
 
     @staticmethod
     def _numbers(col: pd.Series, where: str) -> np.ndarray:
@@ -706,6 +745,8 @@ class RowEncoder:
                 ex[f.col] = [0, 0]
             else:
                 ex[f.col] = [0.0, 0.0]
+        if self.content_key is not None:
+            ex.setdefault(self.content_key.col, [0, 0])
         return self.encode(pd.DataFrame(ex), "example")
 
 
@@ -763,7 +804,14 @@ class Ranker:
         except Exception as e:  # noqa: BLE001 - checksums matched, so the export itself is inconsistent
             raise AppDistillError(f"export directory '{self.path}': cannot load the student "
                                   f"({type(e).__name__}: {e})") from e
-        self.encoder = RowEncoder(self.features, self.processor)
+        unlisted = [f for f in CONTENT_FILES if f not in files] if cfg.content_dim else []
+        if unlisted:  # never read a file the manifest does not vouch for
+            raise AppDistillError(f"file '{man_path}': lists no checksum for {unlisted} (manifest edited or corrupt)")
+        self.content = ContentTable.load(self.path / CONTENT_DIR) if cfg.content_dim else None
+        if self.content is not None and self.content.dim != cfg.content_dim:
+            raise AppDistillError(f"export directory '{self.path}': the content table has {self.content.dim} columns, "
+                                  f"the student reads {cfg.content_dim}")
+        self.encoder = RowEncoder(self.features, self.processor, self.content)
         self.eager = ServingModel(model.eval()).eval()
         self.program = None
         if files.get("model.pt2"):  # a tampered archive is refused, not served (nor passed on), compiled or not

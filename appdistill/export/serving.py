@@ -11,11 +11,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from appdistill.student.model import RankingModel
+from appdistill.student.model import RankingModel, student_head
 
 
 class ServingModel(nn.Module):
     """``(values_0, offsets_0, ..., values_{F-1}, offsets_{F-1}, dense) -> logits [B]``.
+
+    ``dense`` is ``[B, D + C]``: the dense features, then the content table's columns (if any).
 
     Args:
         model: a trained :class:`RankingModel` (its training-only parts never exist here: methods
@@ -34,6 +36,8 @@ class ServingModel(nn.Module):
         with torch.no_grad():
             for bag, w in zip(self.tables, weights):
                 bag.weight.copy_(w)
+        self.dense_in = model.dense_in
+        self.content_proj = model.content_proj
         self.dense_arch = model.dense_arch
         self.interaction = model.interaction
         self.over_arch = model.over_arch
@@ -41,6 +45,4 @@ class ServingModel(nn.Module):
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
         dense = inputs[-1]
         embs = [bag(inputs[2 * i], inputs[2 * i + 1]) for i, bag in enumerate(self.tables)]
-        emb = torch.cat(embs, 1)
-        d = self.dense_arch(dense) if self.dense_arch is not None else dense
-        return self.over_arch(self.interaction(d, emb))
+        return student_head(self, torch.cat(embs, 1), dense).logits

@@ -81,10 +81,14 @@ class BatchBuilder:
         dataset: the encoded data set.
         features: features to include (text/image features are skipped: they reach teachers
             through the foundation store, not the batch).
+        content: ``(table, vectors [rows of table + 1, C])``: the student's content table looked up for
+            every row of ``table`` (last row: a missing join), appended after the dense features.
     """
 
-    def __init__(self, dataset: Dataset, features: list[FeatureSpec]) -> None:
+    def __init__(self, dataset: Dataset, features: list[FeatureSpec],
+                 content: tuple[str, np.ndarray] | None = None) -> None:
         self.ds = dataset
+        self.content = content
         self.sparse_features = [f for f in features if f.kind in ("sparse_id", "id_list")]
         self.dense_features = [f for f in features if f.kind == "dense"]
         self.keys = [f.name for f in self.sparse_features]
@@ -92,7 +96,7 @@ class BatchBuilder:
 
     @property
     def dense_dim(self) -> int:
-        return len(self.dense_features)
+        return len(self.dense_features) + (self.content[1].shape[1] if self.content else 0)
 
     def build(self, rows: np.ndarray) -> Batch:
         """One :class:`Batch` of ``rows`` (interaction-table row indices, ``[B]`` int64)."""
@@ -125,10 +129,13 @@ class BatchBuilder:
                 off = np.zeros(len(ln) + 1, np.int64)
                 np.cumsum(ln, out=off[1:])
                 cols.append((v, ln, off))
-        if self.dense_features:
-            dense = np.empty((len(rows), len(self.dense_features)), np.float32)
+        if self.dense_features or self.content is not None:
+            n_d = len(self.dense_features)
+            dense = np.empty((len(rows), n_d + (self.content[1].shape[1] if self.content else 0)), np.float32)
             for j, f in enumerate(self.dense_features):
                 dense[:, j] = ds.dense[f.name][ds.table_rows[f.table][rows]]
+            if self.content is not None:
+                dense[:, n_d:] = self.content[1][ds.table_rows[self.content[0]][rows]]
         else:
             dense = np.zeros((len(rows), 0), np.float32)
         labels, users, items = ds.labels[rows], ds.user_ids[rows], ds.item_ids[rows]

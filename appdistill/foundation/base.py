@@ -155,15 +155,15 @@ class Encoder(ABC):
 
     def encode(self, inputs: Sequence[Any], progress: bool = True) -> dict[str, np.ndarray]:
         """Encode everything in memory: ``{output: [n, dim] float32}`` (rows in input order)."""
-        from tqdm.auto import tqdm
+        from appdistill.progress import bar
 
         dims = self.output_dims()
         out = {k: np.zeros((len(inputs), dims[k]), np.float32) for k in self.outputs}
-        with tqdm(total=len(inputs), desc=f"encode ({self.name})", unit="item", disable=not progress) as bar:
+        with bar(total=len(inputs), desc=f"encode ({self.name})", unit="item", enabled=progress) as pbar:
             for pos, vals in self.encode_batches(inputs):
                 for k, v in vals.items():
                     out[k][pos] = v
-                bar.update(len(pos))
+                pbar.update(len(pos))
         return out
 
     def _warn_zero(self, kind: str, count: int, total: int, examples: Sequence[str] = ()) -> None:

@@ -135,14 +135,26 @@ def text_embeddings(data: Dataset, features: Sequence[FeatureSpec] | None = None
     Returns:
         ``{feature: [n_table_rows, dim] float32}`` in the feature's table row order.
     """
-    spec, tables = data.spec, data.tables
+    feats = features if features is not None else [f for f in data.spec.features if f.kind == "text"]
+    return {k: m for k, (m, _) in item_encodings(data.spec, data.tables, feats, store, encoder_kwargs).items()}
+
+
+def item_encodings(spec: FeatureSpecSet, tables: Mapping[str, pd.DataFrame], features: Sequence[FeatureSpec],
+                   store: EmbeddingStore | str | Path | None = None,
+                   encoder_kwargs: Mapping[str, Mapping[str, Any]] | None = None
+                   ) -> dict[str, tuple[np.ndarray, Encoder]]:
+    """``{feature: ([n_table_rows, dim] float32 final encodings, encoder)}`` through the store.
+
+    The one path from a text/image column to per-item vectors outside the foundation teacher: LightGBM's
+    text columns and the student's content table (:mod:`appdistill.features.content`) both come here.
+    """
     store = store if isinstance(store, EmbeddingStore) else EmbeddingStore(store or default_store_root())
     shared: dict[str, Encoder] = {}
-    out: dict[str, np.ndarray] = {}
-    for f in features if features is not None else [f for f in spec.features if f.kind == "text"]:
+    out: dict[str, tuple[np.ndarray, Encoder]] = {}
+    for f in features:
         enc = _encoder_for(f, encoder_kwargs, None, shared)
         ids, inputs = feature_inputs(spec, tables, f)
-        out[f.name] = np.asarray(store.get_or_build(enc, f.name, ids, inputs).matrix, dtype=np.float32)
+        out[f.name] = (np.asarray(store.get_or_build(enc, f.name, ids, inputs).matrix, dtype=np.float32), enc)
     return out
 
 

@@ -302,7 +302,7 @@ class EmbeddingStore:
                keys: np.ndarray, fingerprint: str, ident: dict[str, Any],
                stale: dict[str, tuple[str, StoreManifest | None]]) -> dict[str, StoreEntry]:
         """Rebuild the ``stale`` outputs: copy reusable rows, encode the rest once, write atomically."""
-        from tqdm.auto import tqdm
+        from appdistill.progress import bar as progress_bar
 
         n = len(ids)
         uniq, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
@@ -336,8 +336,8 @@ class EmbeddingStore:
                     mats[layer][first[hit]] = old_mat[old_rows[hit]]
             t0 = time.perf_counter()
             todo = [inputs[i] for i in first[need_u]]
-            with tqdm(total=len(todo), desc=f"{field}: encode ({encoder.name})", unit="item",
-                      disable=not self.progress or not todo) as bar:
+            with progress_bar(total=len(todo), desc=f"{field}: encode ({encoder.name})", unit="item",
+                              enabled=self.progress and bool(todo)) as bar:
                 for pos, vals in encoder.encode_batches(todo):
                     rows = first[need_u[pos]]
                     for layer in stale:

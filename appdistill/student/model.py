@@ -35,6 +35,8 @@ class StudentConfig:
         interaction: ``{key, kwargs}`` of :data:`INTERACTIONS`.
         over_arch: hidden sizes of the over-arch MLP (a final ``Linear(·, 1)`` is added).
         dropout: dropout in the over-arch.
+        content_dim: columns of the content table (:mod:`appdistill.features.content`) appended to the
+            dense input; they are projected into one more embedding slot of the interaction.
     """
 
     embedding_dim: int | None = None
@@ -42,6 +44,7 @@ class StudentConfig:
     interaction: dict[str, Any] = field(default_factory=lambda: {"key": "dcn", "kwargs": {}})
     over_arch: list[int] = field(default_factory=lambda: [64, 32])
     dropout: float = 0.0
+    content_dim: int = 0
 
 
 class StudentOutput(NamedTuple):
@@ -82,7 +85,7 @@ class RankingModel(nn.Module):
 
     Args:
         tables: one ``EmbeddingBagConfig`` per sparse feature (same order as the KJT keys).
-        dense_in: number of dense input features ``D``.
+        dense_in: number of dense input features ``D`` (the input is ``[B, D + config.content_dim]``).
         config: architecture.
         device: ``meta`` to defer allocation to ``DistributedModelParallel``.
     """
@@ -96,10 +99,16 @@ class RankingModel(nn.Module):
         self.dense_in = dense_in
         self.dense_arch = mlp(config.dense_arch, dense_in) if dense_in else None
         dense_out = config.dense_arch[-1] if dense_in and config.dense_arch else dense_in
+        emb_dims = [t.embedding_dim for t in tables]
+        # the content vector becomes one more embedding slot (``dot`` needs equal sizes)
+        self.content_proj = nn.Linear(config.content_dim, config.embedding_dim or (emb_dims or [16])[0]) \
+            if config.content_dim else None
+        if self.content_proj is not None:
+            emb_dims.append(self.content_proj.out_features)
         inter = config.interaction
         self.interaction = INTERACTIONS.build(
             inter["key"], inter.get("kwargs"), "student.interaction",
-            num_sparse=len(tables), emb_dims=[t.embedding_dim for t in tables], dense_dim=dense_out)
+            num_sparse=len(emb_dims), emb_dims=emb_dims, dense_dim=dense_out)
         self.over_arch = OverArch(self.interaction.out_dim, config.over_arch, config.dropout)
 
     @classmethod
@@ -130,10 +139,7 @@ class RankingModel(nn.Module):
         return torch.cat([d[k] for k in self.keys], dim=1)
 
     def forward(self, sparse: KeyedJaggedTensor, dense: torch.Tensor) -> StudentOutput:
-        emb = self.embed(sparse)  # [B, sum(dims)] in table order
-        d = self.dense_arch(dense) if self.dense_arch is not None else dense
-        h = self.interaction(d, emb)
-        return StudentOutput(self.over_arch(h), h)
+        return student_head(self, self.embed(sparse), dense)  # emb [B, sum(dims)] in table order
 
     def size(self) -> dict[str, int]:
         """Parameter count and bytes (embedding tables included)."""
@@ -141,6 +147,21 @@ class RankingModel(nn.Module):
         nbytes = sum(p.numel() * p.element_size() for p in self.parameters())
         emb = sum(p.numel() for p in self.ebc.parameters())
         return {"params": int(params), "bytes": int(nbytes), "embedding_params": int(emb)}
+
+
+def student_head(m: nn.Module, emb: torch.Tensor, dense: torch.Tensor) -> StudentOutput:
+    """Pooled embeddings ``[B, sum(dims)]`` + dense input ``[B, D + C]`` -> :class:`StudentOutput`.
+
+    Shared by :class:`RankingModel` and the serving model (``appdistill.export.serving``), so the two
+    cannot compute the head differently. ``m`` holds ``dense_in``, ``content_proj``, ``dense_arch``,
+    ``interaction`` and ``over_arch``.
+    """
+    if m.content_proj is not None:
+        emb = torch.cat([emb, m.content_proj(dense[:, m.dense_in:])], 1)
+        dense = dense[:, :m.dense_in]
+    d = m.dense_arch(dense) if m.dense_arch is not None else dense
+    h = m.interaction(d, emb)
+    return StudentOutput(m.over_arch(h), h)
 
 
 def build_student(spec: FeatureSpecSet, processor: FeatureProcessor, config: StudentConfig,

@@ -35,12 +35,13 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from appdistill.eval.metrics import auc
 from appdistill.features.batch import Batch, BatchBuilder, BatchLoader, TeacherOutput
 from appdistill.features.dataset import Dataset
 from appdistill.features.spec import FeatureSpecSet
+from appdistill.progress import bar as progress_bar
+from appdistill.progress import write as progress_write
 from appdistill.student.model import RankingModel, StudentConfig
 from appdistill.teachers.base import TEACHERS, Teacher
 from appdistill.teachers.fit import (TeacherError, check_encoding, encoding_fingerprint, jsonable,
@@ -183,8 +184,8 @@ class DLRMTeacher(Teacher):
             loader.set_epoch(epoch)
             model.train()
             total, n = 0.0, 0
-            bar = tqdm(loader, total=len(loader), desc=f"{self.name} epoch {epoch + 1}/{c['epochs']}",
-                       disable=not self.progress, leave=False, dynamic_ncols=True)
+            bar = progress_bar(loader, total=len(loader), desc=f"{self.name} epoch {epoch + 1}/{c['epochs']}",
+                               enabled=self.progress, leave=False, dynamic_ncols=True)
             for batch in bar:
                 sparse, dense = _inputs(batch, self.device)
                 out = model(sparse, dense)
@@ -196,7 +197,7 @@ class DLRMTeacher(Teacher):
             valid_auc = auc(self._logits(ds, va), ds.labels[va])
             self.history.append({"epoch": epoch + 1, "train_loss": total / max(n, 1), "valid_auc": valid_auc})
             if self.progress:
-                tqdm.write(f"{self.name} epoch {epoch + 1}: train_loss={total / max(n, 1):.4f} "
+                progress_write(f"{self.name} epoch {epoch + 1}: train_loss={total / max(n, 1):.4f} "
                            f"valid_auc={valid_auc:.4f}")
             if valid_auc > best_auc:
                 best_auc, self.best_epoch, bad = valid_auc, epoch + 1, 0

@@ -30,13 +30,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from appdistill.config import ExperimentConfig
 from appdistill.errors import AppDistillError, ConfigError
 from appdistill.eval.metrics import evaluate_rows
 from appdistill.features.dataset import Dataset
 from appdistill.features.spec import FeatureSpec, FeatureSpecSet
+from appdistill.progress import write as progress_write
 from appdistill.teachers.base import TEACHERS, Teacher
 from appdistill.train.io import atomic_write_text
 
@@ -201,7 +201,7 @@ def fit_teachers(cfg: ExperimentConfig, run_dir: str | Path, names: list[str] | 
         raise ConfigError(f"teachers {unknown} are not in the config (teachers: {sorted(cfg.teachers)})")
     if ds is None:
         ds = Dataset.build(spec)
-    say = tqdm.write if progress else log.info
+    say = progress_write if progress else log.info
     results: dict[str, dict[str, Any]] = {}
     for name in names:
         block = cfg.teachers[name]

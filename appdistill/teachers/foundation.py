@@ -32,13 +32,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from appdistill.errors import AppDistillError, ConfigError
 from appdistill.eval.metrics import auc
 from appdistill.features.batch import TeacherOutput
 from appdistill.features.dataset import Dataset
 from appdistill.features.spec import FeatureSpecSet
+from appdistill.progress import bar as progress_bar
 from appdistill.student.model import OverArch
 from appdistill.teachers.base import TEACHERS, Teacher
 from appdistill.teachers.fit import (TeacherError, check_encoding, encoding_fingerprint, read_teacher_json,
@@ -237,8 +237,8 @@ class FoundationTeacher(Teacher):
         for epoch in range(k["epochs"]):
             self.net.train()
             perm = train[rng.permutation(len(train))]
-            bar = tqdm(range(0, len(perm), k["batch_size"]), desc=f"{self.name} epoch {epoch + 1}",
-                       disable=not self.progress, leave=False)
+            bar = progress_bar(range(0, len(perm), k["batch_size"]), desc=f"{self.name} epoch {epoch + 1}",
+                               enabled=self.progress, leave=False)
             for i in bar:
                 rows = perm[i:i + k["batch_size"]]
                 z, _ = self.net(*self._inputs(ds, rows, True, rng))

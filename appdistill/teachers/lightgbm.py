@@ -37,6 +37,7 @@ import pandas as pd
 import torch
 
 from appdistill.features.batch import TeacherOutput
+from appdistill.features.content import pca_projection
 from appdistill.features.dataset import Dataset
 from appdistill.features.spec import FeatureSpec, FeatureSpecSet
 from appdistill.teachers.base import TEACHERS, Teacher
@@ -166,10 +167,7 @@ class LightGBMTeacher(Teacher):
                                f"[{n} rows of table '{f.table}', d], got {emb.shape}")
         used = np.unique(ds.table_rows[f.table][ds.splits["train"]])
         used = used[used < n]  # fit the projection on items seen in training only
-        mean = emb[used].mean(0)
-        k = min(self.config["text_dim"], emb.shape[1], len(used))
-        _, _, vt = np.linalg.svd(emb[used] - mean, full_matrices=False)
-        comps = vt[:k].T  # [d, k]
+        mean, comps = pca_projection(emb[used], self.config["text_dim"])  # [d], [d, k]
         keys = ds.tables[f.table][self.spec.tables[f.table].keys[0]].to_numpy()
         keys = keys.astype(str) if keys.dtype == object else keys
         values = ((emb[:n] - mean) @ comps).astype(np.float32)

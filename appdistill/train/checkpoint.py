@@ -177,7 +177,7 @@ def identity(cfg: Any, spec_fingerprint: str, data_fingerprint: str, teachers: d
     """What must not change between a checkpoint and the run that resumes it."""
     return {"spec_fingerprint": spec_fingerprint, "data_fingerprint": data_fingerprint,
             "teachers": json.loads(json.dumps(teachers, default=str)),
-            "student": cfg.student.model_dump(), "method": cfg.method.model_dump(),
+            "student": cfg.stable_dump()["student"], "method": cfg.method.model_dump(),
             "batch_size": cfg.train.batch_size, "seed": cfg.seed}
 
 

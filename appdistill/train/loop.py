@@ -24,13 +24,16 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from appdistill.config import ExperimentConfig
 from appdistill.eval.metrics import evaluate_rows
 from appdistill.features.batch import BatchBuilder, BatchLoader
+from appdistill.features.content import CONTENT_DIR, ContentTable
 from appdistill.features.dataset import Dataset
+from appdistill.foundation.content import build_content_table
 from appdistill.methods import METHODS
+from appdistill.progress import bar as progress_bar
+from appdistill.progress import write as progress_write
 from appdistill.student.model import RankingModel, StudentConfig, build_student
 from appdistill.train import checkpoint as ckpt
 from appdistill.train.distributed import (DistContext, adam, all_gather_varlen, full_state_dict, init_distributed,
@@ -46,10 +49,14 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def student_config(cfg: ExperimentConfig) -> StudentConfig:
+def student_config(cfg: ExperimentConfig, spec: Any = None) -> StudentConfig:
+    """The student's architecture; ``spec`` (default: the config's) sizes the content input."""
+    from appdistill.foundation.content import content_dim
+
     s = cfg.student
+    c = content_dim(s.content, spec if spec is not None else cfg.load_spec()) if s.content.enabled else 0
     return StudentConfig(s.embedding_dim, list(s.dense_arch), s.interaction.model_dump(), list(s.over_arch),
-                         s.dropout)
+                         s.dropout, c)
 
 
 @torch.no_grad()
@@ -163,6 +170,10 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, dataset: Dataset | None
 
     Returns the ``metrics.json`` dict (on every rank).
     """
+    if cfg.student.content.enabled:  # a content section the spec cannot serve is refused before RUN_DIR exists
+        from appdistill.features.content import content_features
+
+        content_features(list(cfg.student.content.features), cfg.load_spec())
     trackers: list[Tracker] = []  # _train puts its tracker here once the run directory exists
     threads = torch.get_num_threads()  # _train may change it for the run; the caller gets it back
     # one writer per run directory: a second train/distill/export on it fails at once (rank 0 writes)
@@ -199,8 +210,11 @@ def _train(cfg: ExperimentConfig, run_dir: str | Path, trackers: list[Tracker], 
         # so a refused --resume leaves the finished run exactly as it was
         ckpt.precheck_resume(run_dir / ckpt.RESUME_FILE, cfg, spec.fingerprint(), ds.fingerprint,
                              teachers_dir(cfg, run_dir))
+    content = build_content_table(cfg.student.content, ds)
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        if content is not None:  # export ships it; `appdistill content refresh` extends it there
+            content.save(run_dir / CONTENT_DIR)
         atomic_write_text(run_dir / "config.yaml", cfg.dump())
         atomic_write_text(run_dir / "processor.json", ds.processor.to_json())
         atomic_write_text(run_dir / "spec.json", json.dumps(spec.model_dump(), indent=1))
@@ -210,7 +224,7 @@ def _train(cfg: ExperimentConfig, run_dir: str | Path, trackers: list[Tracker], 
     tracker.log_params(config_params(cfg))
 
     torch.manual_seed(cfg.seed)
-    model: torch.nn.Module = build_student(spec, ds.processor, student_config(cfg))
+    model: torch.nn.Module = build_student(spec, ds.processor, student_config(cfg, spec))
     size = unwrap(model).size()  # type: ignore[operator]
     init_state = {k: v.clone() for k, v in model.state_dict().items()}
     committee, hooks = load_committee(cfg, ds, run_dir, ctx, progress)
@@ -233,7 +247,7 @@ def _train(cfg: ExperimentConfig, run_dir: str | Path, trackers: list[Tracker], 
         # training-only parameters are replicated: average their gradients like the dense arch's
         method_fn = torch.nn.parallel.DistributedDataParallel(method, find_unused_parameters=True)
 
-    builder = BatchBuilder(ds, spec.visible("student"))
+    builder = student_batches(ds, content)
     tr = cfg.train
     loader = train_loader(cfg, ds, builder, ctx, hooks)
     total = tr.epochs * len(loader)
@@ -249,8 +263,8 @@ def _train(cfg: ExperimentConfig, run_dir: str | Path, trackers: list[Tracker], 
         loader.set_epoch(epoch, pos.step_in_epoch)
         model.train()
         t0 = time.perf_counter()
-        bar = tqdm(loader, total=len(loader), initial=pos.step_in_epoch, desc=f"epoch {epoch + 1}/{tr.epochs}",
-                   disable=not (progress and ctx.is_main), leave=False, dynamic_ncols=True)
+        bar = progress_bar(loader, total=len(loader), initial=pos.step_in_epoch, desc=f"epoch {epoch + 1}/{tr.epochs}",
+                           enabled=progress and ctx.is_main, leave=False, dynamic_ncols=True)
         for batch in bar:
             batch = batch.to(ctx.device)
             loss, terms = train_step(model, method_fn, opt, method_opt, batch)
@@ -280,7 +294,7 @@ def _train(cfg: ExperimentConfig, run_dir: str | Path, trackers: list[Tracker], 
         pos.history.append(rec)
         tracker.log_step(epoch + 1, {k: v for k, v in rec.items() if k != "epoch"})
         if ctx.is_main and progress:
-            tqdm.write(f"epoch {epoch + 1}: " + ", ".join(f"{k}={v:.4f}" for k, v in rec.items() if k != "epoch"))
+            progress_write(f"epoch {epoch + 1}: " + ", ".join(f"{k}={v:.4f}" for k, v in rec.items() if k != "epoch"))
         if tr.select_best and valid["auc"] > pos.best_auc:
             pos.best_auc, pos.best_epoch = valid["auc"], epoch + 1
             best_state = full_state_dict(model, ctx) if tr.epochs > 1 else None
@@ -468,4 +482,14 @@ def _json_default(o: Any) -> Any:
 
 
 def build_model_for_run(cfg: ExperimentConfig, ds: Dataset) -> RankingModel:
-    return build_student(cfg.load_spec(), ds.processor, student_config(cfg))
+    return build_student(ds.spec, ds.processor, student_config(cfg, ds.spec))
+
+
+def student_batches(ds: Dataset, content: ContentTable | None) -> BatchBuilder:
+    """The student's batches: its visible features, then the content table's columns (looked up through
+    the same vocabulary and vectors that serving reads from the export)."""
+    if content is None:
+        return BatchBuilder(ds, ds.spec.visible("student"))
+    vec = np.concatenate([content.lookup(ds.tables[content.table][content.key]),
+                          np.zeros((1, content.dim), np.float32)])  # + the missing-join row
+    return BatchBuilder(ds, ds.spec.visible("student"), content=(content.table, vec))
