@@ -119,7 +119,7 @@ def cmd_validate(a: argparse.Namespace) -> int:
 
 def cmd_train(a: argparse.Namespace) -> int:
     from appdistill.config import load_config
-    from appdistill.train.loop import train
+    from appdistill.pipeline import train
 
     cfg = load_config(a.config, a.set)
     m = train(cfg, a.run_dir, progress=not a.no_progress, resume=a.resume)
@@ -134,8 +134,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
     DiverseDistill into the compact student, train the plain student on the same budget, compare."""
     from appdistill.config import REPO_ROOT, load_config
     from appdistill.features.dataset import Dataset
-    from appdistill.pipeline import distill
-    from appdistill.train.loop import train
+    from appdistill.pipeline import distill, train
 
     cfg = load_config(REPO_ROOT / DEMO_CONFIG, a.set)
     run = Path(a.run_dir)
@@ -184,13 +183,13 @@ def format_teachers(res: dict[str, Any]) -> str:
 
 
 def cmd_cache_build(a: argparse.Namespace) -> int:
-    from appdistill.cache import build_caches
     from appdistill.config import load_config
+    from appdistill.pipeline import build_caches
 
     cfg = load_config(a.config, a.set)
     if not cfg.teachers:
         raise AppDistillError(f"file '{a.config}': no `teachers:` configured, nothing to cache")
-    build_caches(cfg, a.run_dir)
+    build_caches(cfg, a.run_dir, progress=not a.no_progress)
     return 0
 
 
@@ -226,7 +225,7 @@ def cmd_score(a: argparse.Namespace) -> int:
 
     from appdistill.export.artifact import Ranker
     from appdistill.features.tables import _read_file
-    from appdistill.train.io import atomic_write_bytes
+    from appdistill.io import atomic_write_bytes
 
     src, out = Path(a.input), Path(a.output)
     kind = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv"}.get(out.suffix.lower())

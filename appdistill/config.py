@@ -163,6 +163,10 @@ class ExperimentConfig(_Strict):
             spec = FeatureSpecSet.from_dict(raw, source=self.spec, base_dir=spec.base_dir)
         return spec
 
+    def teachers_path(self, run_dir: str | Path) -> Path:
+        """Where fitted teachers and their caches live: ``teachers_dir`` or the run directory."""
+        return self.resolve_path(self.teachers_dir) if self.teachers_dir else Path(run_dir)
+
     def stable_dump(self) -> dict[str, Any]:
         """``model_dump()`` without settings added later that sit at their defaults, so the hashes that
         key earlier runs (bench run directories, resume identities) stay what they were."""

@@ -1,25 +1,50 @@
-"""The whole pipeline behind ``appdistill distill``: teachers -> cache -> student -> eval -> export.
+"""The wiring layer: the one place that puts a run together from a config.
+
+``appdistill distill`` is teachers -> cache -> student -> eval -> export; ``appdistill train`` is the
+student part with a committee fitted beforehand. Here (and only here) the config's teachers are
+fitted or reused (:func:`fit_teachers`), loaded once each, their output caches built or reused
+(:func:`build_caches`), and handed to the training loop as a
+:class:`~appdistill.train.loop.Committee` (:func:`train`). The packages below never load a
+teacher or read a config's committee themselves.
 
 Each stage reuses what an earlier run left when it still matches (fitted teachers by fit
 fingerprint, caches by teacher identity + data fingerprint), so rerunning with another method only
 trains the student.
+
+Example:
+    >>> cfg = load_config("configs/ml100k_committee.yaml")
+    >>> fit_committee(cfg, "runs/c")                    # teachers -> runs/c/teachers/<name>/
+    >>> metrics = train(cfg, "runs/c/dd")               # the student, with cfg.teachers_dir = runs/c
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import os
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from appdistill.config import ExperimentConfig
+from appdistill.errors import ConfigError
 from appdistill.features.dataset import Dataset
+from appdistill.io import atomic_write_text
+from appdistill.progress import write as progress_write
+
+log = logging.getLogger("appdistill.pipeline")
 
 
 def text_embeddings_for(cfg: ExperimentConfig, ds: Dataset, run_dir: Path) -> dict[str, Any] | None:
     """Item text embeddings for teachers that read text (LightGBM), from the foundation store."""
     feats = [f for f in ds.spec.features if f.kind == "text"
              and any(f.name in v for m, v in ds.spec.visibility.items() if m != "student")]
-    wants_text = any(b.key == "lightgbm" and b.kwargs.get("use_text", True) for b in cfg.teachers.values())
+    from appdistill.teachers.fit import teacher_class
+
+    wants_text = any(teacher_class(b.key).wants_text_embeddings(b.kwargs) for b in cfg.teachers.values())
     if not feats or not wants_text:
         return None
     from appdistill.foundation.catalog import text_embeddings  # through the shared per-item store
@@ -27,13 +52,168 @@ def text_embeddings_for(cfg: ExperimentConfig, ds: Dataset, run_dir: Path) -> di
     return text_embeddings(ds, feats)
 
 
+def fit_teachers(cfg: ExperimentConfig, run_dir: str | Path, names: list[str] | None = None,
+                 ds: Dataset | None = None, *, text_embeddings: dict[str, np.ndarray] | None = None,
+                 progress: bool = True, force: bool = False) -> dict[str, dict[str, Any]]:
+    """Fit (or reuse) every teacher of ``cfg.teachers`` and write ``run_dir/teachers/<name>/``.
+
+    Args:
+        cfg: the experiment config; ``cfg.teachers`` is ``{name: {key, kwargs}}``.
+        run_dir: run directory.
+        names: fit only these teachers (default: all, in config order).
+        ds: the encoded data set (built from ``cfg``'s spec when omitted).
+        text_embeddings: ``{text feature: [n_table_rows(+1), d]}`` item text embeddings for teachers
+            that take them (LightGBM); teachers without the ``text_embeddings`` attribute ignore them.
+        progress: progress bars and one line per teacher.
+        force: refit even when a matching fitted teacher exists.
+
+    Returns:
+        ``{name: metrics}`` with the ``metrics.json`` content plus ``reused`` and ``identity``.
+    """
+    from appdistill.teachers.fit import (FIT_JSON, METRICS_JSON, TEACHER_JSON, build_teacher, evaluate_teacher,
+                                         fit_fingerprint, jsonable, reuse_fitted, saved_identity, write_teacher_json)
+
+    run_dir = Path(run_dir)
+    spec = cfg.load_spec()
+    names = list(cfg.teachers) if names is None else list(names)
+    unknown = [n for n in names if n not in cfg.teachers]
+    if unknown:
+        raise ConfigError(f"teachers {unknown} are not in the config (teachers: {sorted(cfg.teachers)})")
+    if ds is None:
+        ds = Dataset.build(spec)
+    say = progress_write if progress else log.info
+    results: dict[str, dict[str, Any]] = {}
+    for name in names:
+        block = cfg.teachers[name]
+        teacher = build_teacher(block.key, block.kwargs, spec, name)
+        if text_embeddings is not None and teacher.wants_text_embeddings(block.kwargs):
+            teacher.text_embeddings = text_embeddings
+        teacher.progress = progress
+        path = run_dir / "teachers" / name
+        fp = fit_fingerprint(teacher, ds)
+        reused = None if force else reuse_fitted(run_dir, name, spec, ds, fp)
+        if reused is not None:
+            teacher, fit_seconds = reused
+            say(f"teacher {name} ({block.key}): reusing {path} (identity {teacher.identity_hash()})")
+        else:
+            say(f"teacher {name} ({block.key}): fitting on {len(ds.splits['train']):,} training rows")
+            t0 = time.perf_counter()
+            teacher.fit(ds)
+            fit_seconds = round(time.perf_counter() - t0, 3)
+            # fit.json goes first and comes back last: a crash mid-save leaves no directory to reuse
+            (path / FIT_JSON).unlink(missing_ok=True)
+            teacher.save(path)
+            if saved_identity(path / TEACHER_JSON) != teacher.identity_hash():  # teachers that do not write it
+                write_teacher_json(teacher, path)
+        metrics_path = path / METRICS_JSON
+        if reused is not None and saved_identity(metrics_path) == teacher.identity_hash():
+            metrics = json.loads(metrics_path.read_text())
+        else:
+            metrics = {**evaluate_teacher(teacher, ds, cfg.eval.k), "fit_seconds": fit_seconds,
+                       "key": block.key, "identity_hash": teacher.identity_hash()}
+            atomic_write_text(metrics_path, json.dumps(jsonable(metrics), indent=2))
+        if reused is None:
+            atomic_write_text(path / FIT_JSON, json.dumps({"fit_fingerprint": fp, "fit_seconds": fit_seconds,
+                                                           "identity_hash": teacher.identity_hash()}, indent=1))
+        say(f"teacher {name}: test AUC {metrics['test']['auc']:.4f}, valid AUC {metrics['valid']['auc']:.4f}, "
+            f"fit {metrics['fit_seconds']:.1f}s")
+        results[name] = {**metrics, "reused": reused is not None, "identity": jsonable(teacher.identity())}
+    return results
+
+
 def fit_committee(cfg: ExperimentConfig, run_dir: str | Path, names: list[str] | None = None,
                   ds: Dataset | None = None, force: bool = False, progress: bool = True) -> dict[str, Any]:
-    from appdistill.teachers.fit import fit_teachers
-
     ds = ds if ds is not None else Dataset.build(cfg.load_spec())
     return fit_teachers(cfg, run_dir, names, ds, text_embeddings=text_embeddings_for(cfg, ds, Path(run_dir)),
                         progress=progress, force=force)
+
+
+def teachers_dir(cfg: ExperimentConfig, run_dir: str | Path) -> Path:
+    """Where fitted teachers and their caches live (``cfg.teachers_dir`` or the run directory)."""
+    return cfg.teachers_path(run_dir)
+
+
+def build_caches(cfg: ExperimentConfig, run_dir: str | Path, ds: Dataset | None = None, *,
+                 teachers: dict[str, Any] | None = None, splits: Sequence[str] = ("train", "valid", "test"),
+                 batch_size: int = 8192, float_dtype: str = "float32", int_dtype: str = "int32",
+                 verify: str = "checksum", progress: bool = True,
+                 echo: Callable[[str], Any] = print) -> dict[str, Any]:
+    """Get or build the cache of every teacher in ``cfg.teachers`` under ``run_dir/cache``.
+
+    Each teacher not given is loaded from ``run_dir/teachers/<name>`` (``appdistill.teachers.fit.load_teacher``)
+    and a one-line summary is printed per teacher (built/reused, rows, MB, seconds).
+
+    Args:
+        cfg: the experiment config.
+        run_dir: the run directory (teachers fitted there already).
+        ds: the data set; built from ``cfg``'s spec when ``None``.
+        teachers: ``{name: Teacher}`` already loaded (each is loaded here otherwise).
+        echo: where summary lines go (``print``; pass ``log.info`` or a no-op to silence).
+        others: see :func:`appdistill.cache.get_or_build_cache`.
+
+    Returns:
+        ``{teacher name: TeacherCache}`` in config order.
+    """
+    from appdistill.cache import get_or_build_cache
+    from appdistill.teachers.fit import load_teacher
+
+    ds = ds if ds is not None else Dataset.build(cfg.load_spec())
+    root = Path(run_dir) / "cache"
+    caches: dict[str, Any] = {}
+    for name in cfg.teachers:
+        teacher = (teachers or {}).get(name) or load_teacher(run_dir, name, ds.spec, ds)
+        cache = get_or_build_cache(teacher, ds, root, splits=splits, batch_size=batch_size, progress=progress,
+                                   float_dtype=float_dtype, int_dtype=int_dtype, verify=verify)
+        if not cache.built:
+            what = "reused"
+        elif cache.rebuilt:
+            what = f"rebuilt {','.join(cache.rebuilt)} (corrupt), built {','.join(cache.built)}"
+        else:
+            what = f"built {','.join(cache.built)}"
+        echo(f"teacher cache {name}: {what}; {cache.n_rows:,} rows, {cache.nbytes / 2**20:.1f} MB, "
+             f"taps {cache.hidden_shapes()}, {cache.seconds:.1f} s -> {cache.path}")
+        caches[name] = cache
+    return caches
+
+
+def load_committee(cfg: ExperimentConfig, ds: Dataset, run_dir: str | Path, ctx: Any,
+                   progress: bool = True) -> Any:
+    """The :class:`~appdistill.train.loop.Committee` of a run: each fitted teacher loaded once, its
+    caches built or reused (rank 0 first under torchrun), the join hook, the teachers' own metrics.
+
+    Teachers must already be fitted (``appdistill teachers fit`` or ``appdistill distill``) in
+    :func:`teachers_dir`. A plain student (``method: none``) gets the metrics only.
+    """
+    from appdistill.cache import CacheJoin
+    from appdistill.teachers.fit import METRICS_JSON, load_teacher
+    from appdistill.train.loop import Committee
+
+    tdir = teachers_dir(cfg, run_dir)
+    metrics = {n: json.loads((tdir / "teachers" / n / METRICS_JSON).read_text()) for n in cfg.teachers
+               if (tdir / "teachers" / n / METRICS_JSON).is_file()}
+    if cfg.method.key == "none" or not cfg.teachers:
+        return Committee(metrics=metrics)
+    splits = tuple(ds.splits)  # train, valid, test (+ transfer)
+    teachers = {n: load_teacher(tdir, n, ds.spec, ds) for n in cfg.teachers}
+    if ctx.is_dist:
+        import torch.distributed as dist
+
+        if ctx.is_main:
+            build_caches(cfg, tdir, ds, teachers=teachers, splits=splits, progress=progress)
+        dist.barrier()
+    caches = build_caches(cfg, tdir, ds, teachers=teachers, splits=splits, progress=progress and ctx.is_main,
+                          echo=print if ctx.is_main and not ctx.is_dist else (lambda *_: None))
+    return Committee(teachers, [CacheJoin(caches)], metrics)
+
+
+def train(cfg: ExperimentConfig, run_dir: str | Path, *, dataset: Dataset | None = None, progress: bool = True,
+          resume: bool = False) -> dict[str, Any]:
+    """Train the student of ``cfg`` into ``run_dir`` (see :func:`appdistill.train.loop.train`), its
+    committee loaded here from :func:`teachers_dir`. Returns the ``metrics.json`` dict."""
+    from appdistill.train.loop import train as train_student
+
+    return train_student(cfg, run_dir, dataset=dataset, progress=progress, resume=resume,
+                         committee=lambda ds, ctx: load_committee(cfg, ds, run_dir, ctx, progress))
 
 
 def distill(cfg: ExperimentConfig, run_dir: str | Path, *, export: bool = True, progress: bool = True,
@@ -41,7 +221,7 @@ def distill(cfg: ExperimentConfig, run_dir: str | Path, *, export: bool = True, 
     """Fit/reuse teachers, build/reuse caches, train the student with ``cfg.method``, evaluate, export."""
     import contextlib
 
-    from appdistill.train.io import run_lock
+    from appdistill.io import run_lock
 
     run_dir = Path(run_dir)
     rank = int(os.environ.get("RANK", "0"))
@@ -52,8 +232,6 @@ def distill(cfg: ExperimentConfig, run_dir: str | Path, *, export: bool = True, 
 
 def _distill(cfg: ExperimentConfig, run_dir: Path, *, export: bool, progress: bool, ds: Dataset | None,
              resume: bool, rank: int) -> dict[str, Any]:
-    from appdistill.train.loop import teachers_dir, train
-
     ds = ds if ds is not None else Dataset.build(cfg.load_spec())
     if cfg.teachers and rank == 0 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
         fit_committee(cfg, teachers_dir(cfg, run_dir), ds=ds, progress=progress)

@@ -51,7 +51,7 @@ def _student_step(cfg, ds):  # noqa: ANN001, ANN202
     import torch
 
     try:
-        from appdistill.train.distributed import DistContext, shard_model
+        from appdistill.distributed import DistContext, shard_model
         from appdistill.train.loop import build_model_for_run
     except ImportError:
         return None

@@ -120,7 +120,7 @@ def summary(times: list[float], batch: int) -> dict[str, float]:
 def get_run(a: argparse.Namespace, out: Path, ds: Dataset) -> Path:
     if a.run_dir:
         return Path(a.run_dir)
-    from appdistill.train.loop import train
+    from appdistill.pipeline import train
 
     cfg = load_config(a.config, [f"train.epochs={a.epochs}"] if a.epochs else [])
     print(f"training the plain student ({a.config}, {cfg.train.epochs} epochs) into {out / 'run'}", flush=True)
@@ -129,7 +129,8 @@ def get_run(a: argparse.Namespace, out: Path, ds: Dataset) -> Path:
 
 
 def get_teacher(a: argparse.Namespace, out: Path, ds: Dataset) -> tuple[Any, Path]:
-    from appdistill.teachers.fit import fit_teachers, load_teacher
+    from appdistill.pipeline import fit_teachers
+    from appdistill.teachers.fit import load_teacher
 
     if a.teachers_dir:
         tdir = Path(a.teachers_dir)

@@ -26,9 +26,9 @@ import torch
 from appdistill.config import REPO_ROOT, load_config
 from appdistill.features.batch import BatchBuilder, BatchLoader
 from appdistill.features.dataset import Dataset
-from appdistill.pipeline import fit_committee
-from appdistill.train.distributed import DistContext, shard_model
-from appdistill.train.loop import (build_method, build_model_for_run, load_committee, method_optimizer, train,
+from appdistill.distributed import DistContext, shard_model
+from appdistill.pipeline import fit_committee, load_committee, train
+from appdistill.train.loop import (build_method, build_model_for_run, method_optimizer,
                                    train_step)
 
 METHODS = {"none": {}, "kd": {"teacher": "dlrm"}, "avg_kd": {}, "taid": {"teacher": "dlrm"}, "talking": {},
@@ -92,7 +92,8 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = load_config(a.config, [f"teachers_dir={tdir}"])
     ds = Dataset.build(cfg.load_spec())
     fit_committee(cfg, tdir, ds=ds)
-    committee, hooks = load_committee(cfg.model_copy(update={"method": cfg.method}), ds, tdir, DistContext())
+    parts = load_committee(cfg, ds, tdir, DistContext())
+    committee, hooks = parts.teachers, parts.hooks
     builder = BatchBuilder(ds, cfg.load_spec().visible("student"))
     batches = list(BatchLoader(builder, ds.splits["train"][: 40 * cfg.train.batch_size], cfg.train.batch_size,
                                hooks=hooks, prefetch=0))

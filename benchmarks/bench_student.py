@@ -26,8 +26,9 @@ from appdistill.config import REPO_ROOT, load_config
 from appdistill.features.batch import BatchBuilder
 from appdistill.features.dataset import Dataset
 from appdistill.methods.none import NoDistillation
-from appdistill.train.distributed import DistContext, shard_model
-from appdistill.train.loop import build_model_for_run, train, train_loader, train_prefetch
+from appdistill.distributed import DistContext, shard_model
+from appdistill.pipeline import train
+from appdistill.train.loop import build_model_for_run, train_loader, train_prefetch
 
 
 def reference(cfg, ds: Dataset, epochs: int) -> float:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
-import types
 import warnings
 from pathlib import Path
 
@@ -21,7 +19,6 @@ from appdistill.cache import (
     CacheMissingError,
     CacheRebuildWarning,
     TeacherCache,
-    build_caches,
     build_teacher_cache,
     get_or_build_cache,
 )
@@ -348,30 +345,22 @@ def test_cache_join_taps_and_errors(ds, tmp_path):
 
 
 # ============================================================================= pipeline
-def test_build_caches_from_config(ds, tmp_path, monkeypatch, capsys):
+def test_build_caches_from_config(ds, tmp_path, capsys):
     from appdistill.config import config_from_dict
+    from appdistill.pipeline import build_caches
 
-    made: dict[str, FakeTeacher] = {}
-
-    def load_teacher(run_dir, name, spec, ds_):  # noqa: ANN001 - the signature of teachers.fit.load_teacher
-        assert Path(run_dir) == tmp_path and ds_ is ds
-        made[name] = FakeTeacher(spec, name, float_taps={"h": 4}, seed=len(name))
-        return made[name]
-
-    # the config first: loading it checks the teachers' kwargs against the real teacher classes
     cfg = config_from_dict({"spec": str(REPO / "feature_specs" / "synthetic.yaml"),
                             "teachers": {"lightgbm": {"key": "lightgbm"}, "dlrm": {"key": "dlrm"}}})
-    fake = types.ModuleType("appdistill.teachers.fit")
-    fake.load_teacher = load_teacher  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "appdistill.teachers.fit", fake)
-    caches = build_caches(cfg, tmp_path, ds, progress=False)
+    made = {n: FakeTeacher(ds.spec, n, float_taps={"h": 4}, seed=len(n)) for n in cfg.teachers}
+    caches = build_caches(cfg, tmp_path, ds, teachers=made, progress=False)  # loaded teachers are used as given
     assert list(caches) == ["lightgbm", "dlrm"]
     out = capsys.readouterr().out
     assert "teacher cache lightgbm: built train,valid,test" in out and f"{ds.n:,} rows" in out and "MB" in out
     assert (tmp_path / "cache" / "dlrm").is_dir()
-    caches = build_caches(cfg, tmp_path, ds, progress=False)
+    calls = {n: t.calls for n, t in made.items()}
+    caches = build_caches(cfg, tmp_path, ds, teachers=made, progress=False)
     assert "teacher cache dlrm: reused" in capsys.readouterr().out
-    assert all(t.calls == 0 for t in made.values())
+    assert {n: t.calls for n, t in made.items()} == calls, "a reused cache asks no teacher anything"
 
 
 def test_recycled_buffers_never_overwrite_live_outputs(ds, tmp_path):

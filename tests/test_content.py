@@ -41,7 +41,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict:
     tmp = tmp_path_factory.mktemp("content")
     mp = pytest.MonkeyPatch()
     mp.setenv("APPDISTILL_CACHE", str(tmp / "cache"))
-    from appdistill.train.loop import train
+    from appdistill.pipeline import train
 
     cfg = load_config(content_config(tmp))
     m = train(cfg, tmp / "run", progress=False)
@@ -158,7 +158,7 @@ def test_refresh_refuses_another_encoder_and_exports_without_content(trained: di
         refresh_content(export, items)
     # a student trained without content has nothing to refresh
     monkeypatch.setenv("APPDISTILL_CACHE", str(tmp / "cache"))
-    from appdistill.train.loop import train
+    from appdistill.pipeline import train
 
     cfg = load_config(content_config(tmp_path), ["student.content.enabled=false", "train.epochs=1"])
     train(cfg, tmp_path / "plain", progress=False)

@@ -17,7 +17,7 @@ DOC = Path(__file__).resolve().parent.parent / "docs" / "architecture.md"
 
 def test_doc_examples_plug_in_and_train(tmp_path: Path, monkeypatch) -> None:
     from appdistill.pipeline import fit_committee
-    from appdistill.train.loop import train
+    from appdistill.pipeline import train
 
     blocks = re.findall(r"```python\n(.*?)```", DOC.read_text(), re.S)
     pkg = tmp_path / "docpkg"

@@ -24,8 +24,8 @@ from appdistill.eval.metrics import auc
 from appdistill.export.artifact import Ranker, export_run, load_student
 from appdistill.features.batch import BatchBuilder
 from appdistill.features.dataset import Dataset
-from appdistill.train.io import save_checkpoint
-from appdistill.train.loop import train
+from appdistill.io import save_checkpoint
+from appdistill.pipeline import train
 from tests.test_train import tiny_config
 
 
@@ -68,6 +68,25 @@ def test_export_scores_match_trained_student(trained) -> None:
     # only student parameters travel
     sd = torch.load(out / "weights.pt", weights_only=True)
     assert all(k.startswith(("ebc.", "dense_arch.", "interaction.", "over_arch.")) for k in sd)
+
+
+def test_training_and_serving_encode_the_same_raw_rows_the_same_way(trained) -> None:
+    """The training encoding (Dataset + BatchBuilder over whole tables) and the serving encoding
+    (RowEncoder over raw request rows) give the same ids and dense values, feature by feature."""
+    from appdistill.features.row_encoder import RowEncoder
+
+    tmp, ds, out, df, rows = trained
+    _, feats, proc, _ = load_student(tmp / "run")
+    b = BatchBuilder(ds, feats).build(rows)
+    x = RowEncoder(feats, proc).encode(df)
+    kjt = b.sparse.to_dict()
+    sparse = [f for f in feats if f.kind in ("sparse_id", "id_list")]
+    assert len(x) == 2 * len(sparse) + 1
+    for i, f in enumerate(sparse):
+        values, offsets = x[2 * i], x[2 * i + 1]
+        np.testing.assert_array_equal(values.numpy(), kjt[f.name].values().numpy(), err_msg=f.name)
+        np.testing.assert_array_equal(offsets.numpy(), kjt[f.name].offsets()[:-1].numpy(), err_msg=f.name)
+    np.testing.assert_allclose(x[-1].numpy(), b.dense.numpy(), rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("fmt", ["parquet", "csv"])
@@ -365,7 +384,7 @@ def test_export_after_diverse_distill_is_the_plain_student(tmp_path: Path) -> No
     assert not any(k.split(".")[0] in {"ports", "E", "W", "Q", "P", "A", "answer_net"} for k in sd)
     # ... they live only in the resume checkpoint, for --resume
     from appdistill.train.checkpoint import RESUME_FILE
-    from appdistill.train.io import load_checkpoint
+    from appdistill.io import load_checkpoint
 
     method = load_checkpoint(tmp_path / "dd" / RESUME_FILE)["method"]["params"]
     assert {"E", "W.weight", "ports.lightgbm.leaf_emb.weight", "Q.0.weight"} <= set(method)

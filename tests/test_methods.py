@@ -16,6 +16,7 @@ from appdistill.features.batch import Batch, TeacherOutput
 from appdistill.methods import METHODS
 from appdistill.methods.taid import TAIDSchedule
 from appdistill.student.model import OverArch, StudentOutput
+from appdistill.teachers.base import Tap
 
 Z_S = torch.tensor([0.5, -1.0, 2.0, 0.0])
 Y = torch.tensor([1.0, 0.0, 1.0, 0.0])
@@ -44,6 +45,14 @@ class FakeTeacher:
 
     def hidden_dims(self) -> dict[str, int]:
         return {"leaves": self.dim} if self.leaves else {"h": self.dim}
+
+    @property
+    def kind(self) -> str:
+        return "foundation" if self.key == "foundation" else "complementary"
+
+    def taps(self) -> dict[str, Tap]:
+        return {"leaves": Tap("leaves", self.dim, "leaves", self.num_leaves)} if self.leaves \
+            else {"h": Tap("h", self.dim, has_head=True)}
 
     def head(self, tap: str) -> nn.Module | None:
         return self._head
@@ -247,21 +256,6 @@ def test_methods_declare_the_cache_taps_they_read() -> None:
     assert METHODS.build("kd", {"teacher": "dlrm"}, committee=COMMITTEE).cache_taps() == {"dlrm": []}
     talking = METHODS.build("talking", {}, committee=COMMITTEE, student_dim=5)
     assert talking.cache_taps()["lightgbm"] == ["leaves"]
-
-
-def test_committee_path_can_leave_the_over_arch_to_the_plain_path() -> None:
-    torch.manual_seed(0)
-    model = nn.Module()
-    model.over_arch = OverArch(5, [4])
-    h = torch.randn(4, 5, requires_grad=True)
-    m = _dd(committee_trains_over_arch=False)
-    terms = m(StudentOutput(Z_S.clone().requires_grad_(), h), make_batch(), model)
-    terms["bce_committee"].backward()
-    assert all(p.grad is None for p in model.over_arch.parameters())  # served weights untouched
-    assert h.grad is not None and m.Q[0].weight.grad is not None     # h and the method still learn
-    shared = _dd()
-    shared(StudentOutput(Z_S.clone(), h.detach()), make_batch(), model)["bce_committee"].backward()
-    assert model.over_arch.out.weight.grad is not None
 
 
 def test_committee_grad_scales_what_the_committee_path_sends_into_the_student() -> None:

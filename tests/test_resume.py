@@ -16,7 +16,7 @@ import yaml
 
 from appdistill.cli import main
 from appdistill.train.checkpoint import RESUME_FILE
-from appdistill.train.io import load_checkpoint
+from appdistill.io import load_checkpoint
 from tests.test_train import tiny_config
 
 STEPS_PER_EPOCH = 31  # 16008 training rows, global batch 512, drop_last

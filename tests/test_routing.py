@@ -15,7 +15,7 @@ from tests.test_bench import CONFIG, SPEC
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory):
     from appdistill.pipeline import fit_committee
-    from appdistill.train.loop import train
+    from appdistill.pipeline import train
 
     tmp = tmp_path_factory.mktemp("routing")
     (tmp / "spec.yaml").write_text(yaml.safe_dump(SPEC))

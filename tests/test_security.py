@@ -42,7 +42,7 @@ from appdistill.features.dataset import Dataset
 from appdistill.features.spec import FeatureSpecSet
 from appdistill.features.tables import JoinCoverageWarning
 from appdistill.train.checkpoint import RESUME_FILE
-from appdistill.train.io import load_checkpoint, run_lock, save_checkpoint, sha256_file, sha256_verified
+from appdistill.io import load_checkpoint, run_lock, save_checkpoint, sha256_file, sha256_verified
 from tests.conftest import TABLE_FILES, make_tiny_spec_dict, make_tiny_tables, write_spec, write_tables
 
 REPO = Path(__file__).resolve().parent.parent
@@ -254,7 +254,7 @@ def test_cache_shard_with_a_flipped_byte_is_never_reused(tiny_spec, tmp_path: Pa
 
 
 def test_verified_hash_is_computed_once_per_file_and_again_after_any_write(tmp_path: Path, monkeypatch) -> None:
-    import appdistill.train.io as io_mod
+    import appdistill.io as io_mod
 
     f = tmp_path / "shard.npy"
     f.write_bytes(b"x" * 1000)
@@ -341,7 +341,7 @@ def test_second_writer_on_a_run_directory_is_refused(trained, tmp_path: Path, ca
     run = tmp_path / "run"
     shutil.copytree(trained["run"], run)
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time\nfrom appdistill.train.io import run_lock\n"
+        "import sys, time\nfrom appdistill.io import run_lock\n"
         f"with run_lock({str(run)!r}):\n    print('locked', flush=True)\n    time.sleep(120)\n")],
         stdout=subprocess.PIPE, text=True, cwd=REPO)
     try:

@@ -66,7 +66,7 @@ def test_per_user_metrics_only_where_users_have_both_labels() -> None:
 
 def test_run_metrics_carry_segments(tmp_path) -> None:
     from appdistill.config import load_config
-    from appdistill.train.loop import train
+    from appdistill.pipeline import train
     from tests.test_train import tiny_config
 
     m = train(load_config(tiny_config(tmp_path), ["train.epochs=1"]), tmp_path / "run", progress=False)

@@ -13,7 +13,8 @@ import yaml
 from appdistill.config import config_from_dict
 from appdistill.features.dataset import Dataset
 from appdistill.features.spec import FeatureSpecSet
-from appdistill.teachers import TEACHERS, TeacherError, fit_teachers, load_teacher
+from appdistill.pipeline import fit_teachers
+from appdistill.teachers import TEACHERS, TeacherError, load_teacher
 from appdistill.teachers.dlrm import DLRMTeacher
 from appdistill.teachers.lightgbm import LightGBMTeacher
 

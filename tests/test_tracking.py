@@ -15,7 +15,7 @@ import pytest
 
 from appdistill.config import config_from_dict, load_config
 from appdistill.errors import ConfigError
-from appdistill.train.loop import train
+from appdistill.pipeline import train
 from appdistill.train.tracking import (NullTracker, as_number, config_params, flatten, make_tracker,
                                        resolve_tracking_uri, sanitize_key)
 from tests.test_train import tiny_config

@@ -15,8 +15,8 @@ import yaml
 from appdistill.cli import main
 from appdistill.errors import ConfigError
 from appdistill.config import config_from_dict, load_config
-from appdistill.train.io import load_checkpoint
-from appdistill.train.loop import train
+from appdistill.io import load_checkpoint
+from appdistill.pipeline import train
 
 REPO = Path(__file__).resolve().parent.parent
 

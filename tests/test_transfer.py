@@ -92,7 +92,7 @@ def test_label_bce_ignores_unlabelled_rows() -> None:
 
 def test_training_with_a_transfer_set(tmp_path) -> None:
     from appdistill.pipeline import fit_committee
-    from appdistill.train.loop import train
+    from appdistill.pipeline import train
 
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(SPEC))
     (tmp_path / "c.yaml").write_text(yaml.safe_dump({**CONFIG, "train": {**CONFIG["train"], "epochs": 1}}))

@@ -19,7 +19,7 @@ import pandas as pd
 
 from appdistill.bench.variants import VARIANTS
 from appdistill.eval.segments import BUCKETS
-from appdistill.train.io import atomic_write_text
+from appdistill.io import atomic_write_text
 
 MIN_LEAD = 1e-3  # a reference teacher leading by less has no gap worth a ratio
 

@@ -20,7 +20,6 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -36,9 +35,9 @@ from appdistill.eval.metrics import auc
 from appdistill.eval.segments import sample_oracle, segment_metrics, segment_oracle, split_buckets
 from appdistill.features.content import content_features
 from appdistill.features.dataset import Dataset
-from appdistill.methods.diverse_distill import COMPLEMENTARY_KEYS
+from appdistill.io import atomic_write_text, json_digest
 from appdistill.pipeline import fit_committee
-from appdistill.train.io import atomic_write_text
+from appdistill.teachers.fit import teacher_class
 
 
 @dataclass
@@ -90,7 +89,7 @@ def _set(raw: dict[str, Any], dotted: str, value: Any) -> None:
 
 
 def _hash(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    return json_digest(obj, 10)
 
 
 def _say(msg: str) -> None:
@@ -128,8 +127,7 @@ class ConfigBench:
         kwargs = dict(cfg.method.kwargs) if v.key == cfg.method.key else {}
         kwargs.update({k: (best if val == BEST else val) for k, val in v.kwargs.items()})
         if v.teachers:
-            kinds = {n: ("complementary" if b.key in COMPLEMENTARY_KEYS else "foundation")
-                     for n, b in cfg.teachers.items()}
+            kinds = {n: teacher_class(b.key, context=f"teachers.{n}.key").kind for n, b in cfg.teachers.items()}
             keep = [n for n, k in kinds.items() if k == v.teachers]
             if not keep:
                 raise ConfigError(f"the committee has no {v.teachers} teacher")
@@ -151,7 +149,7 @@ class ConfigBench:
 
     # ------------------------------------------------------------------ one run
     def train_one(self, cfg: ExperimentConfig, ds: Dataset, tdir: Path, label: str) -> dict[str, Any]:
-        from appdistill.train.loop import train
+        from appdistill.pipeline import train
 
         ident = {"config": cfg.stable_dump(), "data": ds.fingerprint}
         run = tdir / "runs" / f"{cfg.method.key}-{_hash(ident)}" / f"seed{cfg.seed}"

@@ -15,7 +15,7 @@ import torch
 from appdistill.features.batch import TeacherOutput
 from appdistill.features.dataset import Dataset
 from appdistill.features.spec import FeatureSpecSet
-from appdistill.teachers.base import Teacher
+from appdistill.teachers.base import Tap, Teacher
 
 
 class FakeTeacher(Teacher):
@@ -51,6 +51,10 @@ class FakeTeacher(Teacher):
 
     def hidden_dims(self) -> dict[str, int]:
         return {**self.float_taps, **self.int_taps}
+
+    def taps(self) -> dict[str, Tap]:
+        return {**{n: Tap(n, d) for n, d in self.float_taps.items()},
+                **{n: Tap(n, t, "leaves", self.leaves) for n, t in self.int_taps.items()}}
 
     def predict(self, ds: Dataset, rows: np.ndarray) -> TeacherOutput:
         if self.fail_after is not None and self.calls >= self.fail_after:

@@ -17,8 +17,6 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from pathlib import Path
 
@@ -26,6 +24,7 @@ import numpy as np
 import pandas as pd
 
 from appdistill.data import SOURCES
+from appdistill.io import json_digest
 
 TOPICS: dict[str, list[str]] = {
     "space": ["galaxy", "rocket", "astronaut", "planet", "orbit", "comet", "nebula", "starship"],
@@ -186,7 +185,7 @@ def generate(n_users: int = 2000, n_items: int = 1000, n_interactions: int = 100
 
 def default_image_dir(**kwargs: object) -> Path:
     """A per-arguments cache directory for synthetic images (``~/.cache/appdistill/...``)."""
-    key = hashlib.sha256(json.dumps(kwargs, sort_keys=True).encode()).hexdigest()[:12]
+    key = json_digest(kwargs, 12)
     root = Path(os.environ.get("APPDISTILL_CACHE", Path.home() / ".cache" / "appdistill"))
     return root / "synthetic" / key / "images"
 

@@ -27,12 +27,14 @@ from typing import Any
 import numpy as np
 
 from appdistill.errors import AppDistillError
-from appdistill.export.artifact import (CONTENT_FILES, MANIFEST, Ranker, _claim, _clean_stale, _swap_in)
+from appdistill.export.artifact import claim_stage, clean_stale, swap_in
+from appdistill.export.format import CONTENT_FILES, MANIFEST
+from appdistill.export.ranker import Ranker
 from appdistill.features.content import CONTENT_DIR
 from appdistill.features.tables import _read_file
 from appdistill.foundation.catalog import _resolve_image, make_encoder
 from appdistill.foundation.store import EmbeddingStore
-from appdistill.train.io import atomic_write_text, locked, sha256_file
+from appdistill.io import atomic_write_text, locked, sha256_file
 
 
 def refresh_content(export_dir: str | Path, items: str | Path, store: str | Path | None = None,
@@ -97,9 +99,9 @@ def _refresh(out: Path, items: str | Path, store: str | Path | None, encoder_kwa
             values = [_resolve_image(v, root) for v in values]
         emb[f.name] = np.asarray(st.get_or_build(enc, f.name, keys, values).matrix, np.float32)
     new, added, updated = table.with_items(keys, emb)
-    _clean_stale(out)
+    clean_stale(out)
     stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    fd = _claim(stage)
+    fd = claim_stage(stage)
     try:
         shutil.copytree(out, stage, dirs_exist_ok=True)
         shutil.rmtree(stage / CONTENT_DIR)
@@ -109,7 +111,7 @@ def _refresh(out: Path, items: str | Path, store: str | Path | None, encoder_kwa
         man["content_refreshed"] = {"items_file": str(path), "added": added, "updated": updated}
         atomic_write_text(stage / MANIFEST, json.dumps(man, indent=1, default=str))
         Ranker(stage, compiled=False)  # the refreshed export loads like `score` loads it
-        _swap_in(stage, out)
+        swap_in(stage, out)
     finally:
         os.close(fd)
         if stage.exists():

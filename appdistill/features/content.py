@@ -237,7 +237,7 @@ class ContentTable:
         """Write the three files into ``directory`` (each atomically)."""
         import io
 
-        from appdistill.train.io import atomic_write_bytes, atomic_write_text
+        from appdistill.io import atomic_write_bytes, atomic_write_text
 
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)

@@ -12,7 +12,6 @@ Encoders are named in feature specs (``encoder: minilm``) and resolved by :data:
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import warnings
@@ -24,6 +23,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from appdistill.io import json_digest as io_json_digest
 from appdistill.registry import Registry
 
 log = logging.getLogger("appdistill.foundation")
@@ -87,7 +87,7 @@ def dir_digest(path: str | Path, skip: Sequence[str] = ("README.md", ".gitattrib
 
 
 def json_digest(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+    return io_json_digest(obj)
 
 
 def hash_strings(values: Sequence[str]) -> np.ndarray:

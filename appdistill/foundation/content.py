@@ -42,8 +42,3 @@ def build_content_table(section: Any, ds: Dataset, store: Any = None,
     log.info("content table: %d items x %d columns from %s", table.vectors.shape[0] - 1, table.dim,
              ", ".join(f.name for f in feats))
     return table
-
-
-def content_dim(section: Any, spec: Any) -> int:
-    """Columns the student's content input has under ``section`` (0 when disabled), without encoding."""
-    return section.dim * len(content_features(list(section.features), spec)) if section.enabled else 0

@@ -48,7 +48,7 @@ import numpy as np
 
 from appdistill.errors import AppDistillError
 from appdistill.foundation.base import Encoder
-from appdistill.train.io import locked, sha256_file
+from appdistill.io import locked, sha256_file
 
 log = logging.getLogger("appdistill.foundation")
 FORMAT_VERSION = 1

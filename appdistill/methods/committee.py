@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from appdistill.errors import ConfigError
 from appdistill.features.batch import Batch
 
 
@@ -27,7 +28,7 @@ class TeacherPort(nn.Module):
 
     Args:
         name: committee name (key of ``batch.teacher``).
-        teacher: the fitted teacher (``hidden_dims()``, ``head(tap)``, optional ``num_leaves``).
+        teacher: the fitted teacher; its declared ``taps()`` and ``head(tap)`` are all that is read.
         tap: which hidden tap to use (default: the first one with a head, else the first).
         leaf_dim: embedding width for integer (leaf-index) taps.
         leaf_trees: trees whose leaves make the leaf state (``None`` = all), evenly spaced over
@@ -47,20 +48,20 @@ class TeacherPort(nn.Module):
     def __init__(self, name: str, teacher: Any, tap: str | None = None, leaf_dim: int = 32,
                  leaf_trees: int | None = None) -> None:
         super().__init__()
-        dims: dict[str, int] = dict(teacher.hidden_dims())
-        if not dims:
-            raise ValueError(f"teacher '{name}' exposes no hidden taps")
+        taps = teacher.taps()  # the declared contract: width, kind, cardinality, head
+        if not taps:
+            raise ConfigError(f"teacher '{name}' exposes no hidden taps")
         if tap is None:
-            tap = next((t for t in dims if teacher.head(t) is not None), next(iter(dims)))
-        if tap not in dims:
-            raise ValueError(f"teacher '{name}': unknown tap '{tap}' (taps: {sorted(dims)})")
+            tap = next((t for t, spec in taps.items() if spec.has_head), next(iter(taps)))
+        if tap not in taps:
+            raise ConfigError(f"teacher '{name}': unknown tap '{tap}' (taps: {sorted(taps)})")
         self.name, self.tap = name, tap
-        head = teacher.head(tap)
+        head = teacher.head(tap) if taps[tap].has_head else None
         self.head = freeze(head) if head is not None else None
-        self.is_leaves = tap == "leaves" or bool(getattr(teacher, "integer_taps", {}) and tap in teacher.integer_taps)
+        self.is_leaves = taps[tap].kind == "leaves"
         if self.is_leaves:
-            n_trees = dims[tap]
-            n_leaves = int(getattr(teacher, "num_leaves", 64))
+            n_trees = taps[tap].width
+            n_leaves = taps[tap].cardinality
             k = n_trees if leaf_trees is None else max(1, min(int(leaf_trees), n_trees))
             trees = torch.linspace(0, n_trees - 1, k).round().long().unique()
             # None when every tree is used: the state then reads the tap without a column gather
@@ -70,7 +71,7 @@ class TeacherPort(nn.Module):
             self.register_buffer("tree_offset", torch.arange(len(trees)) * n_leaves, persistent=False)
             self.dim = leaf_dim
         else:
-            self.dim = dims[tap]
+            self.dim = taps[tap].width
         self.has_head = self.head is not None
         body = _body(self.head)
         self.answer_dim = (_out_dim(body, self.dim) + 1) if body is not None else (self.dim + 1)

@@ -39,7 +39,6 @@ from appdistill.methods.committee import build_ports
 from appdistill.methods.taid import TAIDSchedule, global_mean, taid_loss
 from appdistill.student.model import RankingModel, StudentOutput
 
-COMPLEMENTARY_KEYS = ("lightgbm", "dlrm")
 
 
 @METHODS.register("diverse_distill")
@@ -54,14 +53,12 @@ class DiverseDistill(Method):
             ``w_i >= threshold`` (the most important is always kept).
         questions: ``False`` = plain answers ``head_i(H_i)`` (no question) ablation.
         committee_path: ``False`` = drop ``z_qa`` and its terms (ablation).
-        committee_trains_over_arch: ``False`` = the committee path reads the student's over-arch with
-            its weights detached, so only the plain path (which is what is served: ``msg = 0``)
-            trains them; the committee terms still train ``h`` and every method module.
         committee_grad: scale of the gradient the committee terms send into the student (``h`` and
             the over-arch); the forward is unchanged. ``0`` makes the committee path a teaching
             assistant: it trains only the method's modules, and the student learns from it through
             ``kd_committee`` alone, so the student's state is not bent towards what helps *with* the
-            teachers' answers (which the served model never has).
+            teachers' answers (which the served model never has). (It replaces an earlier
+            ``committee_trains_over_arch`` switch, whose only effect is the ``0`` end of this scale.)
         d_e: teacher-embedding / question width.
         tau: gate temperature.
         lambda_kd, lambda_t, lambda_lb: weights of the committee-KD, teacher-KD and balance terms.
@@ -103,7 +100,7 @@ class DiverseDistill(Method):
     def __init__(self, committee: dict[str, Any] | None = None, student_dim: int = 0,
                  teachers: list[str] | None = None, complementary: bool = True, gating: bool = True,
                  top_k: int | None = None, threshold: float | None = None, questions: bool = True,
-                 committee_path: bool = True, committee_trains_over_arch: bool = True,
+                 committee_path: bool = True,
                  committee_grad: float = 1.0, d_e: int = 32,
                  tau: float = 1.0, lambda_kd: float = 0.5,
                  lambda_t: float = 0.5, lambda_lb: float = 0.01, temperature: float = 1.0,
@@ -116,7 +113,7 @@ class DiverseDistill(Method):
         committee = committee or {}
         names = self.pick(teachers)
         if not complementary:
-            names = [n for n in names if getattr(committee[n], "key", n) not in COMPLEMENTARY_KEYS]
+            names = [n for n in names if committee[n].kind != "complementary"]
             if not names:
                 raise ConfigError("diverse_distill: complementary=false leaves no (foundation) teacher")
         if output_loss not in ("kd", "taid"):
@@ -126,7 +123,6 @@ class DiverseDistill(Method):
         self.names, self.requires = names, tuple(names)
         n = len(names)
         self.gating, self.questions, self.committee_path = gating, questions, committee_path
-        self.committee_trains_over_arch = committee_trains_over_arch
         if not 0.0 <= committee_grad <= 1.0:
             raise ConfigError(f"diverse_distill: committee_grad must be in [0, 1], got {committee_grad}")
         self.committee_grad = committee_grad
@@ -274,11 +270,10 @@ class DiverseDistill(Method):
             self._kept += int(kept.sum())
             self._total += kept.numel()
             x = sub(h_c) + self.committee_message(sub(h_c), batch, sub(w), kept, rows)
-            g_arch = g if self.committee_trains_over_arch else 0.0
-            if g_arch == 1.0:
+            if g == 1.0:
                 z_qa = model.over_arch(x)
             else:
-                weights = {k: scale_grad(v, g_arch) for k, v in model.over_arch.named_parameters()}
+                weights = {k: scale_grad(v, g) for k, v in model.over_arch.named_parameters()}
                 z_qa = torch.func.functional_call(model.over_arch, weights, (x,))
             terms["bce_committee"] = label_bce(z_qa, sub(y))
             terms["kd_committee"] = self.lambda_kd * self.T ** 2 * F.binary_cross_entropy_with_logits(

@@ -46,6 +46,17 @@ class StudentConfig:
     dropout: float = 0.0
     content_dim: int = 0
 
+    @classmethod
+    def from_section(cls, section: Any, spec: FeatureSpecSet) -> StudentConfig:
+        """From a config's ``student:`` section (``appdistill.config.StudentSection``); ``spec`` sizes
+        the content input (``student.content``: ``dim`` columns per content feature)."""
+        from appdistill.features.content import content_features
+
+        c = section.content
+        width = c.dim * len(content_features(list(c.features), spec)) if c.enabled else 0
+        return cls(section.embedding_dim, list(section.dense_arch), section.interaction.model_dump(),
+                   list(section.over_arch), section.dropout, width)
+
 
 class StudentOutput(NamedTuple):
     """``logits`` ``[B]`` and ``h`` ``[B, d_h]`` (the over-arch input). A tuple so DDP can walk it."""

@@ -18,11 +18,10 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
-import json
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -31,9 +30,29 @@ from torch import nn
 from appdistill.features.batch import TeacherOutput
 from appdistill.features.dataset import Dataset
 from appdistill.features.spec import FeatureSpecSet
+from appdistill.io import json_digest
 from appdistill.registry import Registry
 
 TEACHERS: Registry = Registry("teacher")
+
+
+@dataclass(frozen=True)
+class Tap:
+    """One hidden tap a teacher exposes (what it writes into the cache and methods read).
+
+    Args:
+        name: tap name (``"h"``, ``"over"``, ``"leaves"``, ``"title:final"``).
+        width: ``d`` of a float tap ``[B, d]``; number of trees ``T`` of a leaf tap ``[B, T]``.
+        kind: ``float`` (a representation) or ``leaves`` (int64 leaf indices, one per tree).
+        cardinality: for ``leaves``: every index is below it (rows per tree of a leaf-embedding table).
+        has_head: the teacher has frozen upper layers mapping this tap to its logit (:meth:`Teacher.head`).
+    """
+
+    name: str
+    width: int
+    kind: Literal["float", "leaves"] = "float"
+    cardinality: int = 0
+    has_head: bool = False
 
 
 class Teacher(ABC):
@@ -46,12 +65,24 @@ class Teacher(ABC):
     """
 
     key: str = ""  # registry key, set by subclasses
+    #: the contract methods and the benchmark read (never registry key names):
+    #: ``foundation`` = built on foundation encoders (text/image), ``complementary`` = everything else
+    kind: ClassVar[Literal["foundation", "complementary"]] = "complementary"
 
     def __init__(self, spec: FeatureSpecSet, name: str | None = None, **kwargs: Any) -> None:
         self.spec = spec
         self.name = name or self.key
         self.kwargs = kwargs
         self.artifact_hash = ""
+        self.progress = True  # progress bars and per-epoch lines while fitting
+        #: ``{text feature: [n_table_rows, d]}`` item encodings, set by the pipeline when
+        #: :meth:`wants_text_embeddings` says so (LightGBM's text columns)
+        self.text_embeddings: dict[str, Any] | None = None
+
+    @classmethod
+    def wants_text_embeddings(cls, kwargs: dict[str, Any]) -> bool:
+        """Whether a teacher built with ``kwargs`` reads item text encodings from the store."""
+        return False
 
     @property
     def visibility(self) -> str:
@@ -70,6 +101,10 @@ class Teacher(ABC):
         """Width of each hidden tap (``{"h": 64}``)."""
         return {}
 
+    def taps(self) -> dict[str, Tap]:
+        """The declared taps of the fitted teacher (float taps of :meth:`hidden_dims` by default)."""
+        return {n: Tap(n, int(d), has_head=self.head(n) is not None) for n, d in self.hidden_dims().items()}
+
     def head(self, tap: str) -> nn.Module | None:
         """Frozen, differentiable upper layers mapping hidden tap ``tap`` ``[B, d]`` to a logit ``[B]``.
 
@@ -83,7 +118,7 @@ class Teacher(ABC):
                 "spec": self.spec.fingerprint(), "artifact": self.artifact_hash}
 
     def identity_hash(self) -> str:
-        return hashlib.sha256(json.dumps(self.identity(), sort_keys=True, default=str).encode()).hexdigest()[:16]
+        return json_digest(self.identity(), 16)
 
     @abstractmethod
     def save(self, path: str | Path) -> None:

@@ -3,7 +3,7 @@
 Same class as the student (:class:`~appdistill.student.model.RankingModel`: EBC -> dense arch ->
 DCN-v2/dot interaction -> over-arch) with a bigger default config, trained from scratch on the
 training split with the student's optimiser set-up (Adagrad for embeddings, Adam for dense parts,
-via :func:`~appdistill.train.distributed.shard_model`), early stopping on validation AUC.
+via :func:`~appdistill.distributed.shard_model`), early stopping on validation AUC.
 
 Hidden taps (both ``[B, d]`` float32):
 
@@ -36,18 +36,17 @@ import numpy as np
 import torch
 from torch import nn
 
+from appdistill.distributed import DistContext, shard_model
 from appdistill.eval.metrics import auc
 from appdistill.features.batch import Batch, BatchBuilder, BatchLoader, TeacherOutput
 from appdistill.features.dataset import Dataset
 from appdistill.features.spec import FeatureSpecSet
-from appdistill.progress import bar as progress_bar
-from appdistill.progress import write as progress_write
+from appdistill.io import load_checkpoint, save_checkpoint
+from appdistill.progress import bar as progress_bar, write as progress_write
 from appdistill.student.model import RankingModel, StudentConfig
 from appdistill.teachers.base import TEACHERS, Teacher
-from appdistill.teachers.fit import (TeacherError, check_encoding, encoding_fingerprint, jsonable,
-                                     read_teacher_json, write_teacher_json)
-from appdistill.train.distributed import DistContext, shard_model
-from appdistill.train.io import load_checkpoint, save_checkpoint
+from appdistill.teachers.fit import (TeacherError, check_encoding, encoding_fingerprint, jsonable, read_teacher_json,
+                                     write_teacher_json)
 
 MODEL_FILE = "model.pt"
 TAPS = ("h", "over")
@@ -126,7 +125,6 @@ class DLRMTeacher(Teacher):
         self.model: RankingModel | None = None
         self.device = torch.device("cuda") if (torch.cuda.is_available()
                                                and os.environ.get("APPDISTILL_DEVICE") == "cuda") else torch.device("cpu")
-        self.progress = True
         self.history: list[dict[str, float]] = []
         self.best_epoch = 0
         self.data_fingerprint = ""

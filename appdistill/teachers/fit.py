@@ -1,4 +1,4 @@
-"""Fit, save, reuse and load the teaching committee of a config (``appdistill teachers fit``).
+"""Save, reuse and load fitted teachers (the loop over a config's committee is ``appdistill.pipeline.fit_teachers``).
 
 Layout of a run directory::
 
@@ -13,9 +13,8 @@ of the current config entry, spec and data set, and the loaded teacher's identit
 one (so a truncated or edited artefact is refitted, never silently used).
 
 Example:
-    >>> metrics = fit_teachers(load_config("configs/ml100k_teachers.yaml"), "runs/t")
-    >>> metrics["lightgbm"]["test"]["auc"]
-    >>> t = load_teacher("runs/t", "dlrm", spec, ds)
+    >>> t = load_teacher("runs/t", "dlrm", spec, ds)      # after `appdistill teachers fit`
+    >>> t.predict(batch).logits.shape                      # [B]
 """
 
 from __future__ import annotations
@@ -31,14 +30,12 @@ from typing import Any
 
 import numpy as np
 
-from appdistill.config import ExperimentConfig
 from appdistill.errors import AppDistillError, ConfigError
 from appdistill.eval.metrics import evaluate_rows
 from appdistill.features.dataset import Dataset
 from appdistill.features.spec import FeatureSpec, FeatureSpecSet
-from appdistill.progress import write as progress_write
+from appdistill.io import atomic_write_text
 from appdistill.teachers.base import TEACHERS, Teacher
-from appdistill.train.io import atomic_write_text
 
 log = logging.getLogger("appdistill.teachers")
 
@@ -175,74 +172,7 @@ def evaluate_teacher(teacher: Teacher, ds: Dataset, k: int = 10) -> dict[str, An
     return out
 
 
-def fit_teachers(cfg: ExperimentConfig, run_dir: str | Path, names: list[str] | None = None,
-                 ds: Dataset | None = None, *, text_embeddings: dict[str, np.ndarray] | None = None,
-                 progress: bool = True, force: bool = False) -> dict[str, dict[str, Any]]:
-    """Fit (or reuse) every teacher of ``cfg.teachers`` and write ``run_dir/teachers/<name>/``.
-
-    Args:
-        cfg: the experiment config; ``cfg.teachers`` is ``{name: {key, kwargs}}``.
-        run_dir: run directory.
-        names: fit only these teachers (default: all, in config order).
-        ds: the encoded data set (built from ``cfg``'s spec when omitted).
-        text_embeddings: ``{text feature: [n_table_rows(+1), d]}`` item text embeddings for teachers
-            that take them (LightGBM); teachers without the ``text_embeddings`` attribute ignore them.
-        progress: progress bars and one line per teacher.
-        force: refit even when a matching fitted teacher exists.
-
-    Returns:
-        ``{name: metrics}`` with the ``metrics.json`` content plus ``reused`` and ``identity``.
-    """
-    run_dir = Path(run_dir)
-    spec = cfg.load_spec()
-    names = list(cfg.teachers) if names is None else list(names)
-    unknown = [n for n in names if n not in cfg.teachers]
-    if unknown:
-        raise ConfigError(f"teachers {unknown} are not in the config (teachers: {sorted(cfg.teachers)})")
-    if ds is None:
-        ds = Dataset.build(spec)
-    say = progress_write if progress else log.info
-    results: dict[str, dict[str, Any]] = {}
-    for name in names:
-        block = cfg.teachers[name]
-        teacher = build_teacher(block.key, block.kwargs, spec, name)
-        if text_embeddings is not None and hasattr(teacher, "text_embeddings"):
-            teacher.text_embeddings = text_embeddings  # type: ignore[attr-defined]
-        if hasattr(teacher, "progress"):
-            teacher.progress = progress  # type: ignore[attr-defined]
-        path = run_dir / "teachers" / name
-        fp = fit_fingerprint(teacher, ds)
-        reused = None if force else _try_reuse(run_dir, name, spec, ds, fp)
-        if reused is not None:
-            teacher, fit_seconds = reused
-            say(f"teacher {name} ({block.key}): reusing {path} (identity {teacher.identity_hash()})")
-        else:
-            say(f"teacher {name} ({block.key}): fitting on {len(ds.splits['train']):,} training rows")
-            t0 = time.perf_counter()
-            teacher.fit(ds)
-            fit_seconds = round(time.perf_counter() - t0, 3)
-            # fit.json goes first and comes back last: a crash mid-save leaves no directory to reuse
-            (path / FIT_JSON).unlink(missing_ok=True)
-            teacher.save(path)
-            if _saved_identity(path / TEACHER_JSON) != teacher.identity_hash():  # teachers that do not write it
-                write_teacher_json(teacher, path)
-        metrics_path = path / METRICS_JSON
-        if reused is not None and _saved_identity(metrics_path) == teacher.identity_hash():
-            metrics = json.loads(metrics_path.read_text())
-        else:
-            metrics = {**evaluate_teacher(teacher, ds, cfg.eval.k), "fit_seconds": fit_seconds,
-                       "key": block.key, "identity_hash": teacher.identity_hash()}
-            atomic_write_text(metrics_path, json.dumps(jsonable(metrics), indent=2))
-        if reused is None:
-            atomic_write_text(path / FIT_JSON, json.dumps({"fit_fingerprint": fp, "fit_seconds": fit_seconds,
-                                                           "identity_hash": teacher.identity_hash()}, indent=1))
-        say(f"teacher {name}: test AUC {metrics['test']['auc']:.4f}, valid AUC {metrics['valid']['auc']:.4f}, "
-            f"fit {metrics['fit_seconds']:.1f}s")
-        results[name] = {**metrics, "reused": reused is not None, "identity": jsonable(teacher.identity())}
-    return results
-
-
-def _saved_identity(path: Path) -> str | None:
+def saved_identity(path: Path) -> str | None:
     """``identity_hash`` recorded in a JSON file (``None`` when missing or unreadable)."""
     try:
         return json.loads(path.read_text()).get("identity_hash")
@@ -250,7 +180,7 @@ def _saved_identity(path: Path) -> str | None:
         return None
 
 
-def _try_reuse(run_dir: Path, name: str, spec: FeatureSpecSet, ds: Dataset,
+def reuse_fitted(run_dir: Path, name: str, spec: FeatureSpecSet, ds: Dataset,
                fp: str) -> tuple[Teacher, float] | None:
     """The saved teacher and its fit seconds when its fingerprint matches and it loads cleanly."""
     path = run_dir / "teachers" / name

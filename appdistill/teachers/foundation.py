@@ -38,12 +38,12 @@ from appdistill.eval.metrics import auc
 from appdistill.features.batch import TeacherOutput
 from appdistill.features.dataset import Dataset
 from appdistill.features.spec import FeatureSpecSet
+from appdistill.io import atomic_write_bytes, load_checkpoint
 from appdistill.progress import bar as progress_bar
 from appdistill.student.model import OverArch
 from appdistill.teachers.base import TEACHERS, Teacher
 from appdistill.teachers.fit import (TeacherError, check_encoding, encoding_fingerprint, read_teacher_json,
                                      write_teacher_json)
-from appdistill.train.io import atomic_write_bytes, load_checkpoint
 
 MODEL_FILE = "model.pt"
 
@@ -104,6 +104,7 @@ class FoundationTeacher(Teacher):
     """
 
     key = "foundation"
+    kind = "foundation"
 
     kwarg_ranges = {"d_a": {"ge": 1, "le": 4096}, "id_dim": {"ge": 1, "le": 4096}, "epochs": {"ge": 1},
                     "batch_size": {"ge": 1}, "lr": {"gt": 0, "le": 10}, "weight_decay": {"ge": 0},
@@ -132,7 +133,6 @@ class FoundationTeacher(Teacher):
             raise AppDistillError(f"teacher '{self.name}': visibility.foundation has no text/image feature")
         self.features = self.id_features + self.list_features + self.dense_features
         self.store_root: Path = default_store_root()
-        self.progress = True
         self.net: LayerwiseNet | None = None
         self.encoder_params = 0
         self._ready_for: str | None = None

@@ -40,10 +40,10 @@ from appdistill.features.batch import TeacherOutput
 from appdistill.features.content import pca_projection
 from appdistill.features.dataset import Dataset
 from appdistill.features.spec import FeatureSpec, FeatureSpecSet
-from appdistill.teachers.base import TEACHERS, Teacher
-from appdistill.teachers.fit import (TeacherError, check_encoding, encoding_fingerprint, jsonable,
-                                     read_teacher_json, write_teacher_json)
-from appdistill.train.io import atomic_write_bytes, atomic_write_text, sha256_file
+from appdistill.io import atomic_write_bytes, atomic_write_text, sha256_file
+from appdistill.teachers.base import TEACHERS, Tap, Teacher
+from appdistill.teachers.fit import (TeacherError, check_encoding, encoding_fingerprint, jsonable, read_teacher_json,
+                                     write_teacher_json)
 
 log = logging.getLogger("appdistill.teachers")
 MODEL_FILE = "model.txt"
@@ -92,7 +92,6 @@ class LightGBMTeacher(Teacher):
         self.config: dict[str, Any] = jsonable(kwargs)
         self.features = spec.visible(self.visibility)
         #: optional ``{text feature: [n_table_rows(+1), d]}`` embeddings, set by the pipeline before fit
-        self.text_embeddings: dict[str, np.ndarray] | None = None
         self.booster: lgb.Booster | None = None
         self.model_text = ""
         self.columns: list[dict[str, Any]] = []  # the design-matrix plan, fixed at fit time
@@ -256,6 +255,14 @@ class LightGBMTeacher(Teacher):
     def hidden_dims(self) -> dict[str, int]:
         """``{"leaves": n_trees}``; leaf values of tree ``t`` lie in ``[0, tree_num_leaves[t])``."""
         return {"leaves": len(self.tree_num_leaves)}
+
+    def taps(self) -> dict[str, Tap]:
+        """One leaf tap: ``[B, n_trees]`` leaf indices, each below :attr:`num_leaves`; no frozen head."""
+        return {"leaves": Tap("leaves", len(self.tree_num_leaves), "leaves", self.num_leaves)}
+
+    @classmethod
+    def wants_text_embeddings(cls, kwargs: dict[str, Any]) -> bool:
+        return bool(kwargs.get("use_text", True))
 
     @property
     def num_leaves(self) -> int:

@@ -16,7 +16,7 @@
 - ``identity``: spec and data fingerprints, teacher identities, student and method config. Resuming
   with a different identity is refused: the checkpoint would silently train another experiment.
 
-Writes are atomic and carry a content checksum (``train.io``); loading uses
+Writes are atomic and carry a content checksum (``appdistill.io``); loading uses
 ``torch.load(weights_only=True)`` and refuses a checkpoint that fails its checksum. A ``--resume``
 whose identity changed is refused before the run directory is written (:func:`precheck_resume`).
 """
@@ -33,9 +33,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from appdistill.distributed import DistContext, full_state_dict
 from appdistill.errors import AppDistillError
-from appdistill.train.distributed import DistContext, full_state_dict
-from appdistill.train.io import load_checkpoint, save_checkpoint
+from appdistill.io import load_checkpoint, save_checkpoint
 
 RESUME_FILE = "checkpoints/last.pt"
 

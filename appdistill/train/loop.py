@@ -19,6 +19,8 @@ import os
 import random
 import signal
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,19 +28,19 @@ import numpy as np
 import torch
 
 from appdistill.config import ExperimentConfig
+from appdistill.distributed import (DistContext, adam, all_gather_varlen, full_state_dict, init_distributed,
+                                    load_full_state_dict, shard_model, unwrap)
+from appdistill.errors import ConfigError
 from appdistill.eval.metrics import evaluate_rows
 from appdistill.features.batch import BatchBuilder, BatchLoader
 from appdistill.features.content import CONTENT_DIR, ContentTable
 from appdistill.features.dataset import Dataset
 from appdistill.foundation.content import build_content_table
+from appdistill.io import atomic_write_text, run_lock, save_checkpoint
 from appdistill.methods import METHODS
-from appdistill.progress import bar as progress_bar
-from appdistill.progress import write as progress_write
+from appdistill.progress import bar as progress_bar, write as progress_write
 from appdistill.student.model import RankingModel, StudentConfig, build_student
 from appdistill.train import checkpoint as ckpt
-from appdistill.train.distributed import (DistContext, adam, all_gather_varlen, full_state_dict, init_distributed,
-                                          load_full_state_dict, shard_model, unwrap)
-from appdistill.train.io import atomic_write_text, run_lock, save_checkpoint
 from appdistill.train.plots import plot_curves
 from appdistill.train.tracking import Tracker, config_params, make_tracker, step_values
 
@@ -51,12 +53,7 @@ def seed_everything(seed: int) -> None:
 
 def student_config(cfg: ExperimentConfig, spec: Any = None) -> StudentConfig:
     """The student's architecture; ``spec`` (default: the config's) sizes the content input."""
-    from appdistill.foundation.content import content_dim
-
-    s = cfg.student
-    c = content_dim(s.content, spec if spec is not None else cfg.load_spec()) if s.content.enabled else 0
-    return StudentConfig(s.embedding_dim, list(s.dense_arch), s.interaction.model_dump(), list(s.over_arch),
-                         s.dropout, c)
+    return StudentConfig.from_section(cfg.student, spec if spec is not None else cfg.load_spec())
 
 
 @torch.no_grad()
@@ -157,11 +154,31 @@ def evaluate_split(model: torch.nn.Module, ds: Dataset, builder: BatchBuilder, s
     return evaluate_rows(z, ds, rows, cfg.eval.k, full), z
 
 
+@dataclass
+class Committee:
+    """What a run distils from, handed to :func:`train` by the wiring layer (``appdistill.pipeline``).
+
+    Attributes:
+        teachers: ``{name: Teacher}`` loaded once, in config order.
+        hooks: batch hooks that join the teachers' cached outputs to each batch (``CacheJoin``).
+        metrics: ``{name: the teacher's own metrics.json}``, reported beside the student's.
+    """
+
+    teachers: dict[str, Any] = field(default_factory=dict)
+    hooks: list[Any] = field(default_factory=list)
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
 def train(cfg: ExperimentConfig, run_dir: str | Path, *, dataset: Dataset | None = None,
+          committee: Callable[[Dataset, DistContext], Committee] | None = None,
           progress: bool = True, resume: bool = False) -> dict[str, Any]:
     """Train the student with ``cfg.method``, evaluate, and write ``run_dir`` (rank 0).
 
     Args:
+        dataset: the data set (built from the config's spec when ``None``); a transfer set is added here.
+        committee: ``(dataset, ctx) -> Committee``, called once the run directory exists; required when
+            the method distils from teachers. ``appdistill.pipeline.train`` supplies it (fitted teachers,
+            their caches); this function never loads a teacher itself.
         resume: continue from ``run_dir/checkpoints/last.pt`` when it exists (a fresh start
             otherwise). Under ``torchrun --max-restarts`` a restarted worker group resumes by itself.
 
@@ -180,7 +197,8 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, dataset: Dataset | None
     lock = run_lock(run_dir, "train") if int(os.environ.get("RANK", "0") or 0) == 0 else contextlib.nullcontext()
     try:
         with lock:
-            metrics = _train(cfg, run_dir, trackers, dataset=dataset, progress=progress, resume=resume)
+            metrics = _train(cfg, run_dir, trackers, dataset=dataset, committee=committee, progress=progress,
+                             resume=resume)
     except BaseException as e:
         for t in trackers:
             t.close("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
@@ -193,7 +211,8 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, dataset: Dataset | None
 
 
 def _train(cfg: ExperimentConfig, run_dir: str | Path, trackers: list[Tracker], *, dataset: Dataset | None,
-           progress: bool, resume: bool) -> dict[str, Any]:
+           committee: Callable[[Dataset, DistContext], Committee] | None, progress: bool,
+           resume: bool) -> dict[str, Any]:
     """The body of :func:`train`; appends its tracker to ``trackers`` for the caller to close."""
     ctx = init_distributed()
     run_dir = Path(run_dir)
@@ -209,7 +228,7 @@ def _train(cfg: ExperimentConfig, run_dir: str | Path, trackers: list[Tracker], 
         # a changed spec/data/student/method/teacher set is refused before anything below is written,
         # so a refused --resume leaves the finished run exactly as it was
         ckpt.precheck_resume(run_dir / ckpt.RESUME_FILE, cfg, spec.fingerprint(), ds.fingerprint,
-                             teachers_dir(cfg, run_dir))
+                             cfg.teachers_path(run_dir))
     content = build_content_table(cfg.student.content, ds)
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -227,13 +246,18 @@ def _train(cfg: ExperimentConfig, run_dir: str | Path, trackers: list[Tracker], 
     model: torch.nn.Module = build_student(spec, ds.processor, student_config(cfg, spec))
     size = unwrap(model).size()  # type: ignore[operator]
     init_state = {k: v.clone() for k, v in model.state_dict().items()}
-    committee, hooks = load_committee(cfg, ds, run_dir, ctx, progress)
-    method = build_method(cfg, committee, unwrap(model).over_arch.in_dim, ds).to(ctx.device)
+    wants = cfg.method.key != "none" and bool(cfg.teachers)
+    if wants and committee is None:
+        raise ConfigError(f"method '{cfg.method.key}' distils from the configured teachers; train through "
+                          "appdistill.pipeline.train (or `appdistill train`), which loads them")
+    parts = committee(ds, ctx) if committee is not None and cfg.teachers else Committee()
+    hooks = parts.hooks
+    method = build_method(cfg, parts.teachers, unwrap(model).over_arch.in_dim, ds).to(ctx.device)
     hooks = [h.select(method.cache_taps()) if hasattr(h, "select") else h for h in hooks]
     model, opt = shard_model(model, ctx, cfg.train.lr, cfg.train.embedding_lr, cfg.train.weight_decay,
                              cfg.train.sharding)
     method_opt = method_optimizer(method, cfg.train.lr)
-    ident = ckpt.identity(cfg, spec.fingerprint(), ds.fingerprint, {n: t.identity() for n, t in committee.items()})
+    ident = ckpt.identity(cfg, spec.fingerprint(), ds.fingerprint, {n: t.identity() for n, t in parts.teachers.items()})
     pos, best_state = ckpt.Position(), None
     resume_path = run_dir / ckpt.RESUME_FILE
     if (resume or _restarted()) and resume_path.is_file():
@@ -306,7 +330,7 @@ def _train(cfg: ExperimentConfig, run_dir: str | Path, trackers: list[Tracker], 
     valid, _ = evaluate_split(model, ds, builder, "valid", ctx, cfg, full=False)
     metrics: dict[str, Any] = {
         "dataset": spec.name, "split": spec.split.by, "method": cfg.method.key, "seed": cfg.seed,
-        "test": test, "valid": valid, "teachers": teacher_metrics(cfg, run_dir),
+        "test": test, "valid": valid, "teachers": parts.metrics,
         "student": {"params": size["params"], "bytes": size["bytes"], "embedding_params": size["embedding_params"]},
         "train": {"seconds": round(pos.train_seconds, 3),
                   "samples_per_s": round(pos.samples / max(pos.train_seconds, 1e-9), 1),
@@ -324,7 +348,7 @@ def _train(cfg: ExperimentConfig, run_dir: str | Path, trackers: list[Tracker], 
         save_checkpoint(run_dir / "checkpoint.pt", {
             "model": state, "config": cfg.model_dump(exclude={"base_dir"}), "spec_fingerprint": spec.fingerprint(),
             "data_fingerprint": ds.fingerprint, "epoch": tr.epochs, "step": pos.global_step,
-            "teachers": {n: t.identity() for n, t in committee.items()}})
+            "teachers": {n: t.identity() for n, t in parts.teachers.items()}})
         atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2, default=_json_default))
         atomic_write_text(run_dir / "history.json",
                           json.dumps({"epochs": pos.history, "steps": pos.step_log}, indent=1))
@@ -404,37 +428,6 @@ def routing_report(model: torch.nn.Module, method: Any, ds: Dataset, builder: Ba
     return out
 
 
-def teachers_dir(cfg: ExperimentConfig, run_dir: Path) -> Path:
-    return cfg.resolve_path(cfg.teachers_dir) if cfg.teachers_dir else Path(run_dir)
-
-
-def load_committee(cfg: ExperimentConfig, ds: Dataset, run_dir: Path, ctx: DistContext,
-                   progress: bool = True) -> tuple[dict[str, Any], list[Any]]:
-    """Fitted teachers and the cache-join hook, when the method distils from teachers.
-
-    Teachers must already be fitted (``appdistill teachers fit`` or ``appdistill distill``) in
-    ``teachers_dir`` (default: the run directory). Rank 0 builds missing caches first.
-    """
-    if cfg.method.key == "none" or not cfg.teachers:
-        return {}, []
-    from appdistill.cache import CacheJoin, build_caches
-    from appdistill.teachers.fit import load_teacher
-
-    tdir = teachers_dir(cfg, run_dir)
-    splits = tuple(ds.splits)  # train, valid, test (+ transfer)
-    quiet = lambda *_: None  # noqa: E731
-    if ctx.is_dist:
-        import torch.distributed as dist
-
-        if ctx.is_main:
-            build_caches(cfg, tdir, ds, splits=splits, progress=progress)
-        dist.barrier()
-    caches = build_caches(cfg, tdir, ds, splits=splits, progress=progress and ctx.is_main,
-                          echo=print if ctx.is_main and not ctx.is_dist else quiet)
-    committee = {n: load_teacher(tdir, n, ds.spec, ds) for n in cfg.teachers}
-    return committee, [CacheJoin(caches)]
-
-
 def build_method(cfg: ExperimentConfig, committee: dict[str, Any], student_dim: int, ds: Dataset | None = None) -> Any:
     """Build ``cfg.method``; the loop supplies ``committee``, ``student_dim`` and (from ``ds``)
     ``item_frequency`` (training rows per item code) where accepted."""
@@ -450,16 +443,6 @@ def build_method(cfg: ExperimentConfig, committee: dict[str, Any], student_dim: 
     if "item_frequency" in params and ds is not None:
         extra["item_frequency"] = np.bincount(ds.item_ids[ds.splits["train"]], minlength=int(ds.item_ids.max()) + 1)
     return METHODS.build(cfg.method.key, cfg.method.kwargs, "method", **extra)
-
-
-def teacher_metrics(cfg: ExperimentConfig, run_dir: Path) -> dict[str, Any]:
-    """``{name: teachers/<name>/metrics.json}`` for the configured teachers that have one."""
-    out: dict[str, Any] = {}
-    for name in cfg.teachers:
-        p = teachers_dir(cfg, run_dir) / "teachers" / name / "metrics.json"
-        if p.is_file():
-            out[name] = json.loads(p.read_text())
-    return out
 
 
 def _broadcast_state(state: dict[str, torch.Tensor] | None, model: torch.nn.Module,

@@ -13,7 +13,7 @@ def plot_curves(history: list[dict[str, Any]], steps: list[dict[str, float]], pa
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from appdistill.train.io import atomic_write_bytes
+    from appdistill.io import atomic_write_bytes
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
     if steps:

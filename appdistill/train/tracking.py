@@ -339,7 +339,7 @@ def make_tracker(cfg: Any, run_dir: str | Path, is_main: bool, *, resume: bool =
     if tracker is None:
         tracker = MLflowTracker(uri, experiment, run_name=run_dir.name,
                                 tags={"appdistill.run_dir": str(run_dir), "appdistill.method": cfg.method.key})
-    from appdistill.train.io import atomic_write_text
+    from appdistill.io import atomic_write_text
 
     atomic_write_text(run_dir / TRACKING_FILE, json.dumps(
         {"run_id": tracker.run_id, "experiment_id": tracker.experiment_id, "experiment": experiment,

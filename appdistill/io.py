@@ -53,6 +53,18 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 CHECKSUM_KEY = "checksum"
 
 
+def json_digest(obj: Any, length: int | None = None) -> str:
+    """sha256 of ``obj`` as sorted-key JSON (non-JSON values by ``str``), hex, first ``length`` digits.
+
+    The one hash behind every identity key: cache directories, teacher identities, encoder configs,
+    bench run directories, synthetic-data cache names.
+    """
+    import json
+
+    digest = hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+    return digest[:length] if length else digest
+
+
 def content_digest(obj: Any) -> str:
     """``"sha256:<hex>"`` of a checkpoint's content: dict keys (sorted), list/tuple order, scalars by type
     and value, tensors by dtype, shape and bytes. Independent of how ``torch.save`` lays out the zip."""
