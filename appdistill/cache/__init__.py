@@ -6,7 +6,7 @@ fingerprint checks, corrupt-shard detection and rebuild).
 
 from appdistill.cache.builder import build_teacher_cache, get_or_build_cache
 from appdistill.cache.format import (CacheCorruptError, CacheError, CacheManifest, CacheMismatchError,
-                                     CacheMissingError, CacheRebuildWarning, identity_key, ShardInfo, SplitShards)
+                                     CacheMissingError, CacheRebuildWarning, ShardInfo, SplitShards, identity_key)
 from appdistill.cache.reader import CacheJoin, TeacherCache
 
 __all__ = [

@@ -8,7 +8,7 @@ config is fitted by ``appdistill.pipeline.fit_teachers``).
 
 from appdistill.teachers.base import Teacher, TEACHERS
 from appdistill.teachers.dlrm import DLRMTeacher  # registers "dlrm"
-from appdistill.teachers.fit import build_teacher, load_teacher, teacher_class, TeacherError
+from appdistill.teachers.fit import TeacherError, build_teacher, load_teacher, teacher_class
 from appdistill.teachers.lightgbm import LightGBMTeacher  # registers "lightgbm"
 
 __all__ = ["TEACHERS", "Teacher", "DLRMTeacher", "LightGBMTeacher", "TeacherError", "build_teacher",

@@ -45,8 +45,7 @@ from appdistill.io import load_checkpoint, save_checkpoint
 from appdistill.progress import bar as progress_bar, write as progress_write
 from appdistill.student.model import RankingModel, StudentConfig
 from appdistill.teachers.base import TEACHERS, Teacher
-from appdistill.teachers.fit import (TeacherError, check_encoding, encoding_fingerprint, jsonable, read_teacher_json,
-                                     write_teacher_json)
+from appdistill.teachers.fit import TeacherError, encoding_fingerprint, jsonable, restore, write_teacher_json
 
 MODEL_FILE = "model.pt"
 TAPS = ("h", "over")
@@ -267,9 +266,7 @@ class DLRMTeacher(Teacher):
     @classmethod
     def load(cls, path: str | Path, spec: FeatureSpecSet, ds: Dataset) -> DLRMTeacher:
         path = Path(path)
-        meta = read_teacher_json(path)
-        t = cls(spec, meta["name"], **meta["kwargs"])
-        check_encoding(meta, ds, t.features, t.name)
+        t, meta = restore(cls, path, spec, ds)
         t.model = t._build(ds).to(t.device)
         t.model.load_state_dict(load_checkpoint(path / MODEL_FILE))
         t.best_epoch, t.history = int(meta["best_epoch"]), meta["history"]

@@ -92,6 +92,16 @@ def read_teacher_json(path: str | Path) -> dict[str, Any]:
     return meta
 
 
+def restore(cls: type[Teacher], path: str | Path, spec: FeatureSpecSet, ds: Dataset) -> tuple[Any, dict[str, Any]]:
+    """``(teacher, teacher.json)``: a ``cls`` rebuilt from the saved name and kwargs, its feature encoding
+    checked against ``ds`` (the first step of every built-in teacher's ``load``)."""
+    path = Path(path)
+    meta = read_teacher_json(path)
+    t = cls(spec, meta["name"], **meta["kwargs"])
+    check_encoding(meta, ds, t.features, t.name)
+    return t, meta
+
+
 def check_encoding(meta: dict[str, Any], ds: Dataset, features: list[FeatureSpec], where: str) -> None:
     """Refuse to apply a teacher to a data set whose features are encoded differently."""
     want, got = meta.get("encoding"), encoding_fingerprint(ds, features)

@@ -42,8 +42,7 @@ from appdistill.io import atomic_write_bytes, load_checkpoint
 from appdistill.progress import bar as progress_bar
 from appdistill.student.model import OverArch
 from appdistill.teachers.base import TEACHERS, Teacher
-from appdistill.teachers.fit import (TeacherError, check_encoding, encoding_fingerprint, read_teacher_json,
-                                     write_teacher_json)
+from appdistill.teachers.fit import TeacherError, encoding_fingerprint, restore, write_teacher_json
 
 MODEL_FILE = "model.pt"
 
@@ -322,9 +321,7 @@ class FoundationTeacher(Teacher):
     @classmethod
     def load(cls, path: str | Path, spec: FeatureSpecSet, ds: Dataset) -> FoundationTeacher:
         path = Path(path)
-        meta = read_teacher_json(path)
-        t = cls(spec, meta["name"], **meta["kwargs"])
-        check_encoding(meta, ds, t.features, t.name)
+        t, meta = restore(cls, path, spec, ds)
         t._prepare(ds)
         if t.layer_names != meta["layer_names"]:
             raise TeacherError(f"teacher '{t.name}' at '{path}': layers {meta['layer_names']} vs store {t.layer_names}")

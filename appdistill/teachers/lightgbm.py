@@ -26,7 +26,6 @@ from __future__ import annotations
 import hashlib
 import inspect
 import io
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -42,8 +41,7 @@ from appdistill.features.dataset import Dataset
 from appdistill.features.spec import FeatureSpec, FeatureSpecSet
 from appdistill.io import atomic_write_bytes, atomic_write_text, sha256_file
 from appdistill.teachers.base import TEACHERS, Tap, Teacher
-from appdistill.teachers.fit import (TeacherError, check_encoding, encoding_fingerprint, jsonable, read_teacher_json,
-                                     write_teacher_json)
+from appdistill.teachers.fit import TeacherError, encoding_fingerprint, jsonable, restore, write_teacher_json
 
 log = logging.getLogger("appdistill.teachers")
 MODEL_FILE = "model.txt"
@@ -296,9 +294,7 @@ class LightGBMTeacher(Teacher):
     @classmethod
     def load(cls, path: str | Path, spec: FeatureSpecSet, ds: Dataset) -> LightGBMTeacher:
         path = Path(path)
-        meta = read_teacher_json(path)
-        t = cls(spec, meta["name"], **meta["kwargs"])
-        check_encoding(meta, ds, t.features, t.name)
+        t, meta = restore(cls, path, spec, ds)
         t.columns, t.best_iteration = meta["columns"], int(meta["best_iteration"])
         _verify_files(path, meta, t.name)
         for fname in sorted({c["feature"] for c in t.columns if spec.feature(c["feature"]).kind == "text"}):
