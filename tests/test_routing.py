@@ -41,11 +41,13 @@ def test_runs_report_gate_importance_per_item_segment(runs) -> None:
 def test_the_routed_gate_reads_teacher_logits_and_item_frequency() -> None:
     from appdistill.methods.diverse_distill import DiverseDistill
 
-    class T:  # the smallest committee member: cached logits, a hidden tap with a head
-        key = "dlrm"
+    from appdistill.teachers.base import Tap
 
-        def hidden_dims(self):
-            return {"h": 4}
+    class T:  # the smallest committee member: cached logits, a hidden tap with a head (its declared contract)
+        key, kind = "dlrm", "complementary"
+
+        def taps(self):
+            return {"h": Tap("h", 4, has_head=True)}
 
         def head(self, tap):
             return torch.nn.Linear(4, 1)
