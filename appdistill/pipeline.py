@@ -38,15 +38,21 @@ from appdistill.progress import write as progress_write
 log = logging.getLogger("appdistill.pipeline")
 
 
-def text_embeddings_for(cfg: ExperimentConfig, ds: Dataset, run_dir: Path) -> dict[str, Any] | None:
-    """Item text embeddings for teachers that read text (LightGBM), from the foundation store."""
+def text_embeddings_for(cfg: ExperimentConfig, ds: Dataset, run_dir: Path,
+                        names: list[str] | None = None) -> dict[str, Any] | None:
+    """Item text embeddings for teachers that read text (LightGBM), from the foundation store; the
+    teachers in ``names`` (default: all) encode their items first (:meth:`Teacher.encode_items`)."""
     feats = [f for f in ds.spec.features if f.kind == "text"
              and any(f.name in v for m, v in ds.spec.visibility.items() if m != "student")]
-    from appdistill.teachers.fit import teacher_class
+    from appdistill.teachers.fit import build_teacher, teacher_class
 
     wants_text = any(teacher_class(b.key).wants_text_embeddings(b.kwargs) for b in cfg.teachers.values())
     if not feats or not wants_text:
         return None
+    spec = ds.spec
+    for name, b in cfg.teachers.items():  # the committee's encoders first, every output in one pass
+        if names is None or name in names:
+            build_teacher(b.key, b.kwargs, spec, name).encode_items(ds)
     from appdistill.foundation.catalog import text_embeddings  # through the shared per-item store
 
     return text_embeddings(ds, feats)
@@ -124,7 +130,7 @@ def fit_teachers(cfg: ExperimentConfig, run_dir: str | Path, names: list[str] | 
 def fit_committee(cfg: ExperimentConfig, run_dir: str | Path, names: list[str] | None = None,
                   ds: Dataset | None = None, force: bool = False, progress: bool = True) -> dict[str, Any]:
     ds = ds if ds is not None else Dataset.build(cfg.load_spec())
-    return fit_teachers(cfg, run_dir, names, ds, text_embeddings=text_embeddings_for(cfg, ds, Path(run_dir)),
+    return fit_teachers(cfg, run_dir, names, ds, text_embeddings=text_embeddings_for(cfg, ds, Path(run_dir), names),
                         progress=progress, force=force)
 
 

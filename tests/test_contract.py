@@ -136,3 +136,36 @@ def test_foundation_only_ablation_reads_the_declared_kind(fitted: dict) -> None:
     committee = {"a": t["lightgbm"], "b": t["foundation"], "c": t["dlrm"]}
     m = METHODS.build("diverse_distill", {"complementary": False}, "method", committee=committee, student_dim=8)
     assert list(m.names) == ["b"]
+
+
+def test_text_columns_and_foundation_layers_encode_each_item_once(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """LightGBM's text columns (final output only) and the foundation teacher (final + layer 3) share
+    one store slot: the committee's encoders run first with every output, so no item is encoded twice."""
+    from appdistill.config import config_from_dict
+    from appdistill.foundation.text import SentenceTransformerEncoder
+    from appdistill.pipeline import text_embeddings_for
+
+    monkeypatch.setenv("APPDISTILL_CACHE", str(tmp_path / "cache"))
+    seen: list[int] = []
+    orig = SentenceTransformerEncoder.encode_batches
+
+    def counting(self, inputs):  # noqa: ANN001, ANN202 - the patched method's own signature
+        seen.append(len(inputs))
+        yield from orig(self, inputs)
+
+    monkeypatch.setattr(SentenceTransformerEncoder, "encode_batches", counting)
+    raw = yaml.safe_load((REPO / "feature_specs/synthetic.yaml").read_text())
+    raw["source"]["kwargs"] = {"n_users": 60, "n_items": 40, "n_interactions": 800, "seed": 2}
+    raw["visibility"]["foundation"] = ["user_id", "item_id", "text"]
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(raw))
+    cfg = config_from_dict({"spec": str(tmp_path / "spec.yaml"),
+                            "teachers": {"gbdt": {"key": "lightgbm", "kwargs": {"use_text": True}},
+                                         "fm": {"key": "foundation", "kwargs": {"layers": [3]}}}})
+    ds = Dataset.build(cfg.load_spec())
+    emb = text_embeddings_for(cfg, ds, tmp_path)
+    assert emb is not None and emb["text"].shape[0] == len(ds.tables["items"])
+    first = sum(seen)
+    assert 0 < first <= len(ds.tables["items"])
+    build_teacher("foundation", {"layers": [3]}, ds.spec, "fm").encode_items(ds)  # what its fit reads
+    assert sum(seen) == first, "the foundation teacher's layers were already in the store"

@@ -84,6 +84,14 @@ class Teacher(ABC):
         """Whether a teacher built with ``kwargs`` reads item text encodings from the store."""
         return False
 
+    def encode_items(self, ds: Dataset) -> None:
+        """Build the per-item encodings this teacher will read (nothing by default).
+
+        The pipeline calls it for every teacher before any is fitted, so that one pass of each encoder
+        writes every output the committee needs: an encoder computes all its layers at once, and a
+        store first built with fewer outputs would encode the whole catalogue again for the rest.
+        """
+
     @property
     def visibility(self) -> str:
         """Which ``visibility`` entry of the spec applies (the registry key by default)."""

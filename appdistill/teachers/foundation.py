@@ -137,14 +137,20 @@ class FoundationTeacher(Teacher):
         self._ready_for: str | None = None
 
     # ------------------------------------------------------------------ inputs
+    def _stores(self, ds: Dataset) -> dict[str, Any]:
+        from appdistill.foundation.catalog import build_foundation_stores
+
+        enc_kw = {"minilm": {"layers": self.kwargs["layers"]}, **self.kwargs["encoder_kwargs"]}
+        return build_foundation_stores(ds, self.store_root, model="foundation", encoder_kwargs=enc_kw)
+
+    def encode_items(self, ds: Dataset) -> None:
+        self._stores(ds)  # every layer the teacher reads, in one pass of each encoder
+
     def _prepare(self, ds: Dataset) -> None:
         """Open/build the stores, and the users' leave-one-out liked-item sums per layer."""
         if self._ready_for == ds.fingerprint:
             return
-        from appdistill.foundation.catalog import build_foundation_stores
-
-        enc_kw = {"minilm": {"layers": self.kwargs["layers"]}, **self.kwargs["encoder_kwargs"]}
-        stores = build_foundation_stores(ds, self.store_root, model="foundation", encoder_kwargs=enc_kw)
+        stores = self._stores(ds)
         self.layer_names, self.mats, self.tables = [], [], []
         for f in self.media:
             for out, entry in stores[f.name].items():
