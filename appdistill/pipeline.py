@@ -208,7 +208,9 @@ def load_committee(cfg: ExperimentConfig, ds: Dataset, run_dir: str | Path, ctx:
             build_caches(cfg, tdir, ds, teachers=teachers, splits=splits, progress=progress)
         dist.barrier()
     caches = build_caches(cfg, tdir, ds, teachers=teachers, splits=splits, progress=progress and ctx.is_main,
-                          echo=print if ctx.is_main and not ctx.is_dist else (lambda *_: None))
+                          # one line per teacher on a terminal run; quiet under --no-progress and in `bench`,
+                          # which prints one line per run itself
+                          echo=print if ctx.is_main and not ctx.is_dist and progress else log.info)
     return Committee(teachers, [CacheJoin(caches)], metrics)
 
 
