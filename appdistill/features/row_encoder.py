@@ -219,20 +219,7 @@ class RowEncoder:
             col = df[f.col]
             try:
                 if f.kind == "sparse_id":
-                    arr = col.to_numpy()
-                    strs = isinstance(col.dtype, pd.StringDtype)
-                    miss = _missing(arr)
-                    rows = np.zeros(n, np.int64)
-                    if miss.any():
-                        if f.table == "interactions" and f.missing != "oov":
-                            raise AppDistillError(f"{where}, row {_first(miss)}: missing id (NaN/null); the "
-                                                  "request keys must be present (unknown ids are fine: OOV; a "
-                                                  "feature with `missing: oov` maps missing ids to OOV)")
-                        ok = np.flatnonzero(~miss)  # side-table NaN: training's "missing row" -> OOV
-                        rows[ok] = self.lookups[f.name](self._keys(f, arr[ok], where, ok, strs))
-                    else:
-                        rows = self.lookups[f.name](self._keys(f, arr, where, all_str=strs))
-                    out += [torch.from_numpy(rows), torch.arange(n, dtype=torch.long)]
+                    out += [torch.from_numpy(self._sparse_rows(f, col, where)), torch.arange(n, dtype=torch.long)]
                 elif f.kind == "id_list":
                     lengths, flat = self._list_cells(f, col.to_numpy(), where)
                     keys = self._keys(f, flat, where + " (list element)", all_str=f.separator is not None)
@@ -259,19 +246,28 @@ class RowEncoder:
         out.append(torch.from_numpy(np.ascontiguousarray(d, dtype=np.float32)))
         return tuple(out)
 
+    def _sparse_rows(self, f: FeatureSpec, col: pd.Series, where: str) -> np.ndarray:
+        """Rows ``[N]`` of one ``sparse_id`` column in ``f``'s vocabulary (module doc: NaN and unseen ids)."""
+        arr = col.to_numpy()
+        strs = isinstance(col.dtype, pd.StringDtype)
+        miss = _missing(arr)
+        if not miss.any():
+            return self.lookups[f.name](self._keys(f, arr, where, all_str=strs))
+        if f.table == "interactions" and f.missing != "oov":
+            raise AppDistillError(f"{where}, row {_first(miss)}: missing id (NaN/null); the "
+                                  "request keys must be present (unknown ids are fine: OOV; a "
+                                  "feature with `missing: oov` maps missing ids to OOV)")
+        rows = np.zeros(len(arr), np.int64)
+        ok = np.flatnonzero(~miss)  # side-table NaN: training's "missing row" -> OOV
+        rows[ok] = self.lookups[f.name](self._keys(f, arr[ok], where, ok, strs))
+        return rows
+
     def _content(self, df: pd.DataFrame, source: str) -> np.ndarray:
         """The content vectors ``[N, C]`` of the rows' item keys (missing or unknown key: zeros)."""
         f, table = self.content_key, self.content
-        assert f is not None and table is not None
+        assert f is not None and table is not None  # f: a side-table key with `missing: oov`
         where = f"file '{source}', column '{f.col}' (the content table's item key)"
-        col = df[f.col]
-        arr = col.to_numpy()
-        miss = _missing(arr)
-        rows = np.zeros(len(arr), np.int64)
-        ok = np.flatnonzero(~miss)
-        if len(ok):
-            rows[ok] = self.lookups[f.name](self._keys(f, arr[ok], where, ok, isinstance(col.dtype, pd.StringDtype)))
-        return table.lookup_rows(rows)
+        return table.lookup_rows(self._sparse_rows(f, df[f.col], where))
 
     @staticmethod
     def _numbers(col: pd.Series, where: str) -> np.ndarray:
