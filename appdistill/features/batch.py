@@ -131,7 +131,7 @@ class BatchBuilder:
                 cols.append((v, ln, off))
         if self.dense_features or self.content is not None:
             n_d = len(self.dense_features)
-            dense = np.empty((len(rows), n_d + (self.content[1].shape[1] if self.content else 0)), np.float32)
+            dense = np.empty((len(rows), self.dense_dim), np.float32)
             for j, f in enumerate(self.dense_features):
                 dense[:, j] = ds.dense[f.name][ds.table_rows[f.table][rows]]
             if self.content is not None:
