@@ -19,6 +19,7 @@ from appdistill.student.model import StudentConfig, build_student
 from appdistill.teachers import TEACHERS
 from appdistill.teachers.base import Tap, Teacher
 from appdistill.teachers.fit import build_teacher
+from appdistill.train.loop import make_method
 
 REPO = Path(__file__).resolve().parent.parent
 #: tiny settings per registered teacher (a new teacher adds one line here)
@@ -93,7 +94,7 @@ def test_every_method_trains_from_every_teacher(fitted: dict, method: str) -> No
         torch.manual_seed(0)
         student = build_student(spec, ds.processor, StudentConfig(dense_arch=[4], over_arch=[8]))
         committee = {} if method == "none" else {key: teacher}
-        m = METHODS.build(method, kwargs, "method", **_extras(method, committee, student.over_arch.in_dim))
+        m = make_method(method, kwargs, committee, student.over_arch.in_dim)
         caches = {key: get_or_build_cache(teacher, ds, root, progress=False)} if committee else {}
         hooks = [CacheJoin(caches).select(m.cache_taps())] if committee else []
         loader = BatchLoader(BatchBuilder(ds, spec.visible("student")), ds.splits["train"], 256, hooks=hooks,
@@ -116,18 +117,6 @@ def test_every_method_trains_from_every_teacher(fitted: dict, method: str) -> No
         for n, p in m.named_parameters():  # a teacher's frozen head stays frozen
             if n in frozen:
                 assert torch.equal(p, frozen[n]), (method, key, n)
-
-
-def _extras(method: str, committee: dict, student_dim: int) -> dict:
-    import inspect
-
-    params = inspect.signature(METHODS.get(method, context="method")).parameters
-    extra = {}
-    if "committee" in params:
-        extra["committee"] = committee
-    if "student_dim" in params:
-        extra["student_dim"] = student_dim
-    return extra
 
 
 def test_foundation_only_ablation_reads_the_declared_kind(fitted: dict) -> None:

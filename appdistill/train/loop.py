@@ -429,12 +429,17 @@ def routing_report(model: torch.nn.Module, method: Any, ds: Dataset, builder: Ba
 
 
 def build_method(cfg: ExperimentConfig, committee: dict[str, Any], student_dim: int, ds: Dataset | None = None) -> Any:
-    """Build ``cfg.method``; the loop supplies ``committee``, ``student_dim`` and (from ``ds``)
-    ``item_frequency`` (training rows per item code) where accepted."""
+    """Build ``cfg.method`` (:func:`make_method` with the config's key and kwargs)."""
+    return make_method(cfg.method.key, cfg.method.kwargs, committee, student_dim, ds)
+
+
+def make_method(key: str, kwargs: dict[str, Any], committee: dict[str, Any], student_dim: int,
+                ds: Dataset | None = None) -> Any:
+    """Method ``key`` with ``kwargs``; the loop supplies ``committee``, ``student_dim`` and (from ``ds``)
+    ``item_frequency`` (training rows per item code) to the methods whose signature takes them."""
     import inspect
 
-    factory = METHODS.get(cfg.method.key, context="method")
-    params = inspect.signature(factory).parameters
+    params = inspect.signature(METHODS.get(key, context="method")).parameters
     extra: dict[str, Any] = {}
     if "committee" in params:
         extra["committee"] = committee
@@ -442,7 +447,7 @@ def build_method(cfg: ExperimentConfig, committee: dict[str, Any], student_dim: 
         extra["student_dim"] = student_dim
     if "item_frequency" in params and ds is not None:
         extra["item_frequency"] = np.bincount(ds.item_ids[ds.splits["train"]], minlength=int(ds.item_ids.max()) + 1)
-    return METHODS.build(cfg.method.key, cfg.method.kwargs, "method", **extra)
+    return METHODS.build(key, kwargs, "method", **extra)
 
 
 def _broadcast_state(state: dict[str, torch.Tensor] | None, model: torch.nn.Module,
