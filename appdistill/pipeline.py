@@ -134,11 +134,6 @@ def fit_committee(cfg: ExperimentConfig, run_dir: str | Path, names: list[str] |
                         progress=progress, force=force)
 
 
-def teachers_dir(cfg: ExperimentConfig, run_dir: str | Path) -> Path:
-    """Where fitted teachers and their caches live (``cfg.teachers_dir`` or the run directory)."""
-    return cfg.teachers_path(run_dir)
-
-
 def build_caches(cfg: ExperimentConfig, run_dir: str | Path, ds: Dataset | None = None, *,
                  teachers: dict[str, Any] | None = None, splits: Sequence[str] = ("train", "valid", "test"),
                  batch_size: int = 8192, float_dtype: str = "float32", int_dtype: str = "int32",
@@ -188,13 +183,13 @@ def load_committee(cfg: ExperimentConfig, ds: Dataset, run_dir: str | Path, ctx:
     caches built or reused (rank 0 first under torchrun), the join hook, the teachers' own metrics.
 
     Teachers must already be fitted (``appdistill teachers fit`` or ``appdistill distill``) in
-    :func:`teachers_dir`. A plain student (``method: none``) gets the metrics only.
+    :meth:`ExperimentConfig.teachers_path`. A plain student (``method: none``) gets the metrics only.
     """
     from appdistill.cache import CacheJoin
     from appdistill.teachers.fit import METRICS_JSON, load_teacher
     from appdistill.train.loop import Committee
 
-    tdir = teachers_dir(cfg, run_dir)
+    tdir = cfg.teachers_path(run_dir)
     metrics = {n: json.loads((tdir / "teachers" / n / METRICS_JSON).read_text()) for n in cfg.teachers
                if (tdir / "teachers" / n / METRICS_JSON).is_file()}
     if cfg.method.key == "none" or not cfg.teachers:
@@ -217,7 +212,7 @@ def load_committee(cfg: ExperimentConfig, ds: Dataset, run_dir: str | Path, ctx:
 def train(cfg: ExperimentConfig, run_dir: str | Path, *, dataset: Dataset | None = None, progress: bool = True,
           resume: bool = False) -> dict[str, Any]:
     """Train the student of ``cfg`` into ``run_dir`` (see :func:`appdistill.train.loop.train`), its
-    committee loaded here from :func:`teachers_dir`. Returns the ``metrics.json`` dict."""
+    committee loaded here from :meth:`ExperimentConfig.teachers_path`. Returns the ``metrics.json`` dict."""
     from appdistill.train.loop import train as train_student
 
     return train_student(cfg, run_dir, dataset=dataset, progress=progress, resume=resume,
@@ -242,7 +237,7 @@ def _distill(cfg: ExperimentConfig, run_dir: Path, *, export: bool, progress: bo
              resume: bool, rank: int) -> dict[str, Any]:
     ds = ds if ds is not None else Dataset.build(cfg.load_spec())
     if cfg.teachers and rank == 0 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        fit_committee(cfg, teachers_dir(cfg, run_dir), ds=ds, progress=progress)
+        fit_committee(cfg, cfg.teachers_path(run_dir), ds=ds, progress=progress)
     elif cfg.teachers and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # under torchrun, teachers are fitted by one process beforehand (`appdistill teachers fit`)
         pass
