@@ -175,13 +175,8 @@ class ContentTable:
             dim: columns per feature.
             encoders: ``{feature: encoder identity}`` recorded for refresh.
         """
-        feats = [ds.spec.feature(n) for n in embeddings]
-        tables = {f.table for f in feats}
-        if len(tables) != 1 or "interactions" in tables:
-            raise AppDistillError(f"content table: features {[f.name for f in feats]} must all live on one keyed "
-                                  f"side table (found tables {sorted(tables)}); a per-item vector is looked up by "
-                                  "the item key, never computed per request")
-        (table,) = tables
+        feats = content_features(list(embeddings), ds.spec)  # text/image features on one keyed side table
+        table = feats[0].table
         key = ds.spec.tables[table].keys[0]
         df = ds.tables[table]
         n = len(df)
@@ -202,12 +197,10 @@ class ContentTable:
         ids = normalize_ids(df[key], what=f"table '{table}', key column '{key}'")
         spec = FeatureSpec(name=f"content:{table}", kind="sparse_id", table=table, column=key)
         vocab = Vocabulary.fit(spec, ids)
-        t = cls(table, key, vocab, np.zeros((0, 0), np.float32), sources)
-        vec = t.project({f.name: np.asarray(embeddings[f.name])[:n] for f in feats})
-        rows = vocab.encode(ids)
-        t.vectors = np.zeros((vocab.num_embeddings, vec.shape[1]), np.float32)
-        t.vectors[rows] = vec
-        return t
+        vectors = np.zeros((vocab.num_embeddings, sum(src.dim for src in sources)), np.float32)
+        vectors[vocab.encode(ids)] = np.concatenate(
+            [src.project(np.asarray(embeddings[src.feature.name])[:n]) for src in sources], 1)
+        return cls(table, key, vocab, vectors, sources)
 
     def with_items(self, keys: Any, embeddings: dict[str, np.ndarray]) -> tuple[ContentTable, int, int]:
         """A copy with ``keys`` (re)projected from ``embeddings``: ``(table, added, updated)``.
