@@ -43,6 +43,7 @@ import os
 import platform
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -207,11 +208,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, compile: bool = True) -
         names = {n for n, _ in serving.named_parameters()}
         assert all(n.startswith(("tables.", "dense_arch.", "interaction.", "over_arch.", "content_proj."))
                    for n in names), names
-        out.parent.mkdir(parents=True, exist_ok=True)
-        clean_stale(out)
-        stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-        fd = claim_stage(stage)
-        try:
+        with staged(out) as stage:
             program = _write_artifact(stage, run, model, serving, feats, proc, ck, compile)
             check = Ranker(stage, compiled=False)  # checksums, loading of every file, model.pt2 holds no pickle
             if program is not None:
@@ -221,12 +218,24 @@ def export_run(run_dir: str | Path, out_dir: str | Path, compile: bool = True) -
                 if not torch.allclose(a, b, atol=1e-5):
                     raise AppDistillError(f"export of '{run}': the torch.export program disagrees with the eager "
                                           f"student (max diff {float((a - b).abs().max()):.2e}); use --no-compile")
-            swap_in(stage, out)
-        finally:
-            os.close(fd)
-            if stage.exists():
-                shutil.rmtree(stage, ignore_errors=True)
     return out
+
+
+@contextlib.contextmanager
+def staged(out: Path) -> Iterator[Path]:
+    """A fresh staging directory beside ``out``, swapped in for ``out`` when the block ends without an
+    error and removed either way: how an export is written or changed (all files or none)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale(out)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    fd = claim_stage(stage)
+    try:
+        yield stage
+        swap_in(stage, out)
+    finally:
+        os.close(fd)
+        if stage.exists():
+            shutil.rmtree(stage, ignore_errors=True)
 
 
 def _write_artifact(out: Path, run_dir: Path, model: RankingModel, serving: ServingModel, feats: list[FeatureSpec],

@@ -18,16 +18,14 @@ Example:
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from appdistill.errors import AppDistillError
-from appdistill.export.artifact import claim_stage, clean_stale, swap_in
+from appdistill.export.artifact import staged
 from appdistill.export.format import CONTENT_FILES, MANIFEST
 from appdistill.export.ranker import Ranker
 from appdistill.features.content import CONTENT_DIR
@@ -99,10 +97,7 @@ def _refresh(out: Path, items: str | Path, store: str | Path | None, encoder_kwa
             values = [_resolve_image(v, root) for v in values]
         emb[f.name] = np.asarray(st.get_or_build(enc, f.name, keys, values).matrix, np.float32)
     new, added, updated = table.with_items(keys, emb)
-    clean_stale(out)
-    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    fd = claim_stage(stage)
-    try:
+    with staged(out) as stage:
         shutil.copytree(out, stage, dirs_exist_ok=True)
         shutil.rmtree(stage / CONTENT_DIR)
         new.save(stage / CONTENT_DIR)
@@ -111,9 +106,4 @@ def _refresh(out: Path, items: str | Path, store: str | Path | None, encoder_kwa
         man["content_refreshed"] = {"items_file": str(path), "added": added, "updated": updated}
         atomic_write_text(stage / MANIFEST, json.dumps(man, indent=1, default=str))
         Ranker(stage, compiled=False)  # the refreshed export loads like `score` loads it
-        swap_in(stage, out)
-    finally:
-        os.close(fd)
-        if stage.exists():
-            shutil.rmtree(stage, ignore_errors=True)
     return {"added": added, "updated": updated, "items": int(new.vocab.num_embeddings - 1)}
