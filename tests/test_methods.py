@@ -43,9 +43,6 @@ class FakeTeacher:
         self.num_leaves = 4
         self._head = None if leaves else OverArch(dim, [6])
 
-    def hidden_dims(self) -> dict[str, int]:
-        return {"leaves": self.dim} if self.leaves else {"h": self.dim}
-
     @property
     def kind(self) -> str:
         return "foundation" if self.key == "foundation" else "complementary"
