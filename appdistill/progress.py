@@ -25,7 +25,7 @@ def set_enabled(on: bool) -> None:
     _ENABLED[0] = bool(on)
 
 
-def enabled(requested: bool = True) -> bool:
+def draws(requested: bool = True) -> bool:
     """Whether a bar the caller ``requested`` draws here."""
     try:
         tty = sys.stderr.isatty()
@@ -34,9 +34,9 @@ def enabled(requested: bool = True) -> bool:
     return bool(requested and _ENABLED[0] and tty)
 
 
-def bar(iterable: Any = None, *, enabled: bool = True, **kwargs: Any) -> tqdm:  # noqa: A002 - tqdm's words
+def bar(iterable: Any = None, *, enabled: bool = True, **kwargs: Any) -> tqdm:
     """A ``tqdm`` bar over ``iterable`` (or a manual one with ``total=``), drawn only where it helps."""
-    return tqdm(iterable, disable=not globals()["enabled"](enabled), **kwargs)
+    return tqdm(iterable, disable=not draws(enabled), **kwargs)
 
 
 def write(line: str) -> None:
