@@ -10,6 +10,10 @@
 - :func:`sha256_verified`: a file's sha256, computed once per file per process (the teacher-output
   cache verifies its shards on every open with it).
 - :func:`run_lock`: one writer per run directory (train, distill, export).
+- The store kernel, shared by the teacher cache, the embedding store, saved teachers and exports:
+  :func:`staged_dir` (write a directory's files into a stage beside it, swap it in whole on success,
+  remove it on failure) and :func:`file_digests` / :func:`digest_problem` (the sha256 of each file,
+  recorded in a manifest when written and checked before anything is read).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import shutil
 import tempfile
 import threading
 import time
@@ -271,3 +276,127 @@ def run_lock(directory: str | Path, what: str = "write") -> Iterator[None]:
             if held[1] == 0:
                 del _HELD[key]
                 os.close(held[0])  # closing the descriptor releases the flock
+
+
+# ---------------------------------------------------------------------------------------- the store kernel
+def fsync_dir(d: str | Path) -> None:
+    """Make the renames inside ``d`` durable (best effort: not possible on every platform)."""
+    with contextlib.suppress(OSError, AttributeError):
+        fd = os.open(d, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _claim(d: Path) -> int:
+    """Open and ``flock`` a stage this process created: while the descriptor is open the stage is in use;
+    once its writer ends or dies the lock is gone and :func:`clean_stale` may remove it."""
+    fd = os.open(d, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    with contextlib.suppress(ImportError, OSError):
+        import fcntl
+
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return fd
+
+
+def clean_stale(final: str | Path) -> None:
+    """Remove the stages (``.<name>.*.tmp``) and replaced copies (``.<name>.*.old``) of ``final`` that a
+    killed writer left behind; one whose lock is held belongs to a live writer and is left alone."""
+    final = Path(final)
+    if not final.parent.is_dir():
+        return
+    try:
+        import fcntl
+    except ImportError:
+        return
+    for p in final.parent.iterdir():
+        if not (p.name.startswith(f".{final.name}.") and p.name.endswith((".tmp", ".old")) and p.is_dir()):
+            continue
+        try:
+            fd = os.open(p, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # a live writer holds it
+            os.close(fd)
+            continue
+        try:
+            shutil.rmtree(p, ignore_errors=True)
+        finally:
+            os.close(fd)
+
+
+def _fsync_tree(d: Path) -> None:
+    for p in d.rglob("*"):
+        if p.is_file():
+            with open(p, "rb+") as f:
+                os.fsync(f.fileno())
+        elif p.is_dir():
+            fsync_dir(p)
+    fsync_dir(d)
+
+
+def swap_dir(stage: Path, final: Path) -> None:
+    """Move the finished ``stage`` directory to ``final``, replacing what was there (two renames when
+    ``final`` is a non-empty directory: at no point does ``final`` hold a mix of old and new files)."""
+    _fsync_tree(stage)
+    if not final.exists():
+        os.rename(stage, final)
+    elif final.is_dir() and not any(final.iterdir()):
+        os.replace(stage, final)  # an empty directory is replaced atomically
+    else:
+        old = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".old", dir=final.parent))
+        fd = _claim(old)
+        try:
+            os.rename(final, old / "x")
+            os.rename(stage, final)
+            shutil.rmtree(old, ignore_errors=True)
+        finally:
+            os.close(fd)
+    fsync_dir(final.parent)
+
+
+@contextlib.contextmanager
+def staged_dir(final: str | Path) -> Iterator[Path]:
+    """A fresh stage beside ``final``; when the block ends without an error it replaces ``final`` whole,
+    and it is removed either way. How every store here writes a directory: a crash leaves the old
+    directory (or none), never half of a new one, and the stale stage is removed by the next writer.
+
+    Example:
+        >>> with staged_dir(run / "teachers" / "dlrm") as stage:
+        ...     teacher.save(stage)
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale(final)
+    stage = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    fd = _claim(stage)
+    try:
+        yield stage
+        swap_dir(stage, final)
+    finally:
+        os.close(fd)
+        if stage.exists():
+            shutil.rmtree(stage, ignore_errors=True)
+
+
+def file_digests(d: str | Path, names: Any) -> dict[str, str]:
+    """``{name: sha256}`` of the files ``names`` (paths relative to ``d``): what a manifest records."""
+    return {str(n): sha256_file(Path(d) / n) for n in names}
+
+
+def digest_problem(d: str | Path, digests: dict[str, str], sizes: dict[str, int] | None = None) -> str | None:
+    """The first file of a manifest's ``digests`` that is missing, of the wrong size or whose sha256
+    differs (``"file 'PATH' ..."``); ``None`` when all match. Hashes are memoised per process
+    (:func:`sha256_verified`)."""
+    for name, want in digests.items():
+        p = Path(d) / name
+        if not p.is_file():
+            return f"file '{p}' is missing"
+        if sizes and name in sizes and p.stat().st_size != sizes[name]:
+            return f"file '{p}' has {p.stat().st_size} bytes, not {sizes[name]} (truncated?)"
+        if sha256_verified(p) != want:
+            return f"file '{p}' does not match its checksum (sha256; edited, truncated or corrupted)"
+    return None

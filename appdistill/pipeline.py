@@ -32,14 +32,13 @@ import numpy as np
 from appdistill.config import ExperimentConfig
 from appdistill.errors import ConfigError
 from appdistill.features.dataset import Dataset
-from appdistill.io import atomic_write_text
+from appdistill.io import atomic_write_text, staged_dir
 from appdistill.progress import write as progress_write
 
 log = logging.getLogger("appdistill.pipeline")
 
 
-def text_embeddings_for(cfg: ExperimentConfig, ds: Dataset, run_dir: Path,
-                        names: list[str] | None = None) -> dict[str, Any] | None:
+def text_embeddings_for(cfg: ExperimentConfig, ds: Dataset, names: list[str] | None = None) -> dict[str, Any] | None:
     """Item text embeddings for teachers that read text (LightGBM), from the foundation store; the
     teachers in ``names`` (default: all) encode their items first (:meth:`Teacher.encode_items`)."""
     feats = [f for f in ds.spec.features if f.kind == "text"
@@ -56,6 +55,14 @@ def text_embeddings_for(cfg: ExperimentConfig, ds: Dataset, run_dir: Path,
     from appdistill.foundation.catalog import text_embeddings  # through the shared per-item store
 
     return text_embeddings(ds, feats)
+
+
+def _teacher_metrics(teacher: Any, ds: Dataset, cfg: ExperimentConfig, key: str, fit_seconds: float) -> dict[str, Any]:
+    """``metrics.json`` of a teacher: its evaluation on every split plus how it was fitted."""
+    from appdistill.teachers.fit import evaluate_teacher
+
+    return {**evaluate_teacher(teacher, ds, cfg.eval.k), "fit_seconds": fit_seconds, "key": key,
+            "identity_hash": teacher.identity_hash()}
 
 
 def fit_teachers(cfg: ExperimentConfig, run_dir: str | Path, names: list[str] | None = None,
@@ -76,7 +83,7 @@ def fit_teachers(cfg: ExperimentConfig, run_dir: str | Path, names: list[str] | 
     Returns:
         ``{name: metrics}`` with the ``metrics.json`` content plus ``reused`` and ``identity``.
     """
-    from appdistill.teachers.fit import (FIT_JSON, METRICS_JSON, TEACHER_JSON, build_teacher, evaluate_teacher,
+    from appdistill.teachers.fit import (FIT_JSON, METRICS_JSON, TEACHER_JSON, build_teacher,
                                          fit_fingerprint, jsonable, reuse_fitted, saved_identity, write_teacher_json)
 
     run_dir = Path(run_dir)
@@ -106,21 +113,22 @@ def fit_teachers(cfg: ExperimentConfig, run_dir: str | Path, names: list[str] | 
             t0 = time.perf_counter()
             teacher.fit(ds)
             fit_seconds = round(time.perf_counter() - t0, 3)
-            # fit.json goes first and comes back last: a crash mid-save leaves no directory to reuse
-            (path / FIT_JSON).unlink(missing_ok=True)
-            teacher.save(path)
-            if saved_identity(path / TEACHER_JSON) != teacher.identity_hash():  # teachers that do not write it
-                write_teacher_json(teacher, path)
+            metrics = _teacher_metrics(teacher, ds, cfg, block.key, fit_seconds)
+            # the whole directory is swapped in at once: a crash mid-save leaves the old one (or none)
+            with staged_dir(path) as stage:
+                teacher.save(stage)
+                if saved_identity(stage / TEACHER_JSON) != teacher.identity_hash():  # teachers that do not write it
+                    write_teacher_json(teacher, stage)
+                atomic_write_text(stage / METRICS_JSON, json.dumps(jsonable(metrics), indent=2))
+                atomic_write_text(stage / FIT_JSON, json.dumps({"fit_fingerprint": fp, "fit_seconds": fit_seconds,
+                                                                "identity_hash": teacher.identity_hash()}, indent=1))
         metrics_path = path / METRICS_JSON
-        if reused is not None and saved_identity(metrics_path) == teacher.identity_hash():
-            metrics = json.loads(metrics_path.read_text())
-        else:
-            metrics = {**evaluate_teacher(teacher, ds, cfg.eval.k), "fit_seconds": fit_seconds,
-                       "key": block.key, "identity_hash": teacher.identity_hash()}
-            atomic_write_text(metrics_path, json.dumps(jsonable(metrics), indent=2))
-        if reused is None:
-            atomic_write_text(path / FIT_JSON, json.dumps({"fit_fingerprint": fp, "fit_seconds": fit_seconds,
-                                                           "identity_hash": teacher.identity_hash()}, indent=1))
+        if reused is not None:
+            if saved_identity(metrics_path) == teacher.identity_hash():
+                metrics = json.loads(metrics_path.read_text())
+            else:
+                metrics = _teacher_metrics(teacher, ds, cfg, block.key, fit_seconds)
+                atomic_write_text(metrics_path, json.dumps(jsonable(metrics), indent=2))
         say(f"teacher {name}: test AUC {metrics['test']['auc']:.4f}, valid AUC {metrics['valid']['auc']:.4f}, "
             f"fit {metrics['fit_seconds']:.1f}s")
         results[name] = {**metrics, "reused": reused is not None, "identity": jsonable(teacher.identity())}
@@ -130,7 +138,7 @@ def fit_teachers(cfg: ExperimentConfig, run_dir: str | Path, names: list[str] | 
 def fit_committee(cfg: ExperimentConfig, run_dir: str | Path, names: list[str] | None = None,
                   ds: Dataset | None = None, force: bool = False, progress: bool = True) -> dict[str, Any]:
     ds = ds if ds is not None else Dataset.build(cfg.load_spec())
-    return fit_teachers(cfg, run_dir, names, ds, text_embeddings=text_embeddings_for(cfg, ds, Path(run_dir), names),
+    return fit_teachers(cfg, run_dir, names, ds, text_embeddings=text_embeddings_for(cfg, ds, names),
                         progress=progress, force=force)
 
 
@@ -185,7 +193,6 @@ def load_committee(cfg: ExperimentConfig, ds: Dataset, run_dir: str | Path, ctx:
     Teachers must already be fitted (``appdistill teachers fit`` or ``appdistill distill``) in
     :meth:`ExperimentConfig.teachers_path`. A plain student (``method: none``) gets the metrics only.
     """
-    from appdistill.cache import CacheJoin
     from appdistill.teachers.fit import METRICS_JSON, load_teacher
     from appdistill.train.loop import Committee
 
@@ -206,7 +213,7 @@ def load_committee(cfg: ExperimentConfig, ds: Dataset, run_dir: str | Path, ctx:
                           # one line per teacher on a terminal run; quiet under --no-progress and in `bench`,
                           # which prints one line per run itself
                           echo=print if ctx.is_main and not ctx.is_dist and progress else log.info)
-    return Committee(teachers, [CacheJoin(caches)], metrics)
+    return Committee(teachers, caches, metrics)
 
 
 def train(cfg: ExperimentConfig, run_dir: str | Path, *, dataset: Dataset | None = None, progress: bool = True,

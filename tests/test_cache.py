@@ -57,7 +57,7 @@ def _assert_same(a, b) -> None:  # noqa: ANN001 - TeacherOutput
 
 
 def _leftovers(root: Path) -> list[Path]:
-    return [p for p in root.rglob("*") if p.name.startswith((".tmp-", ".trash-"))]
+    return [p for p in root.rglob("*") if p.name.startswith(".") and p.name.endswith((".tmp", ".old"))]
 
 
 def _split_dir(cache: TeacherCache, split: str) -> Path:
@@ -294,10 +294,11 @@ def test_crash_mid_build_leaves_no_half_cache(ds, tmp_path):
 
 def test_leftover_temp_dirs_of_killed_builds_are_cleaned(ds, tmp_path):
     t = _teacher(ds)
-    junk = tmp_path / "lgbm" / ".tmp-deadbeef-train-xyz"
+    kdir = tmp_path / "lgbm" / f"{t.identity_hash()}-{ds.fingerprint}"
+    junk = kdir / ".train.deadbeef.tmp"  # the stage of a killed build, and a replaced split it left
     junk.mkdir(parents=True)
     (junk / "logits.npy").write_bytes(b"half")
-    (tmp_path / "lgbm" / ".trash-abc" / "train").mkdir(parents=True)
+    (kdir / ".train.abc.old" / "x").mkdir(parents=True)
     _build(t, ds, tmp_path)
     assert not _leftovers(tmp_path)
     # and the forced rebuild replaces a complete split without leaving anything behind

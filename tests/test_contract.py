@@ -152,7 +152,7 @@ def test_text_columns_and_foundation_layers_encode_each_item_once(tmp_path: Path
                             "teachers": {"gbdt": {"key": "lightgbm", "kwargs": {"use_text": True}},
                                          "fm": {"key": "foundation", "kwargs": {"layers": [3]}}}})
     ds = Dataset.build(cfg.load_spec())
-    emb = text_embeddings_for(cfg, ds, tmp_path)
+    emb = text_embeddings_for(cfg, ds)
     assert emb is not None and emb["text"].shape[0] == len(ds.tables["items"])
     first = sum(seen)
     assert 0 < first <= len(ds.tables["items"])

@@ -408,13 +408,13 @@ def test_lightgbm_model_file_is_verified_before_lightgbm_reads_it(tiny_spec, tmp
     text = model.read_bytes()
     for damaged in (text[: len(text) // 2], text.replace(b"leaf_value", b"leaf_valuX", 1)):  # truncated; same length
         model.write_bytes(damaged)
-        with pytest.raises(TeacherError, match=r"model\.txt' does not match the checksum"):
+        with pytest.raises(TeacherError, match=r"model\.txt' does not match its checksum"):
             load_teacher(tmp_path, "lgb", tiny_spec, ds)  # a SIGABRT in LightGBM before this fix
     # a save from before `files` was recorded: checked against the identity's artefact hash
     meta = json.loads((path / "teacher.json").read_text())
     meta.pop("files")
     (path / "teacher.json").write_text(json.dumps(meta))
-    with pytest.raises(TeacherError, match="does not match the checksum"):
+    with pytest.raises(TeacherError, match="does not match its checksum"):
         load_teacher(tmp_path, "lgb", tiny_spec, ds)
     model.write_bytes(text)
     load_teacher(tmp_path, "lgb", tiny_spec, ds)

@@ -152,7 +152,8 @@ def test_truncated_store_is_detected_and_rebuilt(store: EmbeddingStore) -> None:
     enc = CountingEncoder()
     with pytest.warns(StoreRebuildWarning, match="truncated"):
         e2 = store.get_or_build(enc, "title", ids, xs)
-    assert enc.encoded == 9 and e2.reason.startswith("corrupt")
+    # the view is rebuilt from the content pool: nothing is encoded again
+    assert enc.encoded == 0 and e2.n_reused == 9 and e2.reason.startswith("corrupt")
     np.testing.assert_array_equal(e2.matrix, good)
 
 
@@ -169,8 +170,9 @@ def test_edited_store_is_detected_by_checksum(store: EmbeddingStore) -> None:
         strict.load(CountingEncoder(), "title")
     enc = CountingEncoder()
     with pytest.warns(StoreRebuildWarning, match="sha256"):
-        assert store.get_or_build(enc, "title", ids, xs).n_encoded == 9
+        assert store.get_or_build(enc, "title", ids, xs).n_encoded == 0  # rebuilt from the pool
     assert store.load(CountingEncoder(), "title").matrix.shape == (9, 8)
+    np.testing.assert_allclose(store.load(CountingEncoder(), "title").matrix[2], enc.vector(xs[2]))
 
 
 def test_atomic_writes_leave_no_temp_files_even_when_encoding_fails(store: EmbeddingStore) -> None:
@@ -197,3 +199,48 @@ def test_float16_storage_and_registry_names(tmp_path: Path) -> None:
     assert {"minilm", "sentence_transformer", "clip"} <= set(ENCODERS.names())
     with pytest.raises(AppDistillError, match="no outputs"):
         s.get_or_build(CountingEncoder(), "title", [1], ["a"], layer="layer9")
+
+
+def test_alternating_data_sets_encode_nothing_already_encoded(store: EmbeddingStore) -> None:
+    """Two data sets that both have a ``title`` feature share its view; the content pool keeps every
+    vector, so switching back and forth only copies rows (and a text shared by both is encoded once)."""
+    a_ids, a_xs = list(range(10)), texts(10)
+    b_ids, b_xs = [f"m{i}" for i in range(8)], [f"another catalogue {i}" for i in range(7)] + [a_xs[3]]
+    enc = CountingEncoder()
+    store.get_or_build(enc, "title", a_ids, a_xs)
+    b = store.get_or_build(enc, "title", b_ids, b_xs)
+    assert enc.encoded == 17 and b.n_encoded == 7 and b.n_reused == 1  # a_xs[3] came from the pool
+    for _ in range(2):
+        enc2 = CountingEncoder()
+        a = store.get_or_build(enc2, "title", a_ids, a_xs)
+        b = store.get_or_build(enc2, "title", b_ids, b_xs)
+        assert enc2.encoded == 0 and enc2.calls == 0 and a.reason == "catalogue changed"
+    np.testing.assert_allclose(a.matrix[4], enc.vector(a_xs[4]))
+    np.testing.assert_allclose(b.matrix[7], enc.vector(a_xs[3]))
+    # another field with the same inputs reads the same pool; another model never does
+    assert store.get_or_build(CountingEncoder(), "description", a_ids, a_xs).n_encoded == 0
+    assert store.get_or_build(CountingEncoder("v2"), "title", a_ids, a_xs).n_encoded == 10
+
+
+def test_pool_segments_are_merged_and_a_corrupt_one_is_dropped(store: EmbeddingStore) -> None:
+    from appdistill.foundation.pool import MAX_SEGMENTS, ContentPool
+
+    enc = CountingEncoder()
+    for i in range(MAX_SEGMENTS + 2):  # every build that encodes adds one segment
+        store.get_or_build(enc, "title", [0, 1], [f"text {i}", f"other {i}"])
+    pool = ContentPool(store.root, enc.identity(), "float32", "final")
+    assert 1 <= len(pool.segments()) <= MAX_SEGMENTS
+    assert (pool.find(enc.input_keys(["text 0", "other 9"]))[0] >= 0).all()
+    # flip a byte of one segment: it is refused (strict) or dropped with a warning, its inputs encoded again
+    seg = pool.segments()[0]
+    data = bytearray((seg.path / "vectors.npy").read_bytes())
+    data[-1] ^= 0xFF
+    (seg.path / "vectors.npy").write_bytes(bytes(data))
+    strict = EmbeddingStore(store.root, dtype="float32", rebuild_corrupt=False, progress=False)
+    with pytest.raises(StoreError, match="vectors.npy' does not match its checksum"):
+        strict.get_or_build(CountingEncoder(), "title", [5], ["text 0"])
+    enc2 = CountingEncoder()
+    with pytest.warns(StoreRebuildWarning, match="does not match its checksum"):
+        e = store.get_or_build(enc2, "title", [5], ["text 0"])
+    assert not seg.path.exists()
+    np.testing.assert_allclose(e.matrix[0], enc2.vector("text 0"))

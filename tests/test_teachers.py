@@ -197,6 +197,33 @@ def test_fit_teachers_reuses_and_writes_metrics(tmp_path: Path, ds: Dataset, mon
     assert fits[3:] == ["gbdt"]
 
 
+
+def test_a_crash_while_saving_a_refit_teacher_leaves_the_previous_one(tmp_path: Path, ds: Dataset,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Teacher directories are written through the store kernel: all files swapped in at once or none."""
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(tiny_spec_dict()))
+    cfg = config_from_dict({"spec": str(tmp_path / "spec.yaml"),
+                            "teachers": {"gbdt": {"key": "lightgbm", "kwargs": SMALL_LGB}}})
+    fit_teachers(cfg, tmp_path / "run", ds=ds, progress=False)
+    tdir = tmp_path / "run" / "teachers" / "gbdt"
+    before = {p.name: p.read_bytes() for p in tdir.iterdir() if p.is_file()}
+    orig = LightGBMTeacher.save
+
+    def crash(self: LightGBMTeacher, path: Path) -> None:
+        orig(self, path)  # every file written, then the process dies before the directory is swapped in
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(LightGBMTeacher, "save", crash)
+    cfg.teachers["gbdt"].kwargs["num_leaves"] = 7
+    with pytest.raises(KeyboardInterrupt):
+        fit_teachers(cfg, tmp_path / "run", ds=ds, progress=False)
+    assert {p.name: p.read_bytes() for p in tdir.iterdir() if p.is_file()} == before
+    assert [p.name for p in tdir.parent.iterdir()] == ["gbdt"]  # no stage left behind
+    monkeypatch.setattr(LightGBMTeacher, "save", orig)
+    cfg.teachers["gbdt"].kwargs = dict(SMALL_LGB)
+    assert fit_teachers(cfg, tmp_path / "run", ds=ds, progress=False)["gbdt"]["reused"]
+
+
 def test_teachers_plug_into_method_ports(lgb_teacher: LightGBMTeacher, dlrm_teacher: DLRMTeacher,
                                          ds: Dataset) -> None:
     """The methods' view of a teacher (hidden taps, leaf table size, frozen head) fits these teachers."""

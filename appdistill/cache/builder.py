@@ -7,9 +7,6 @@ Layout and safety rules: :mod:`appdistill.cache.format`.
 from __future__ import annotations
 
 import logging
-import os
-import shutil
-import tempfile
 import time
 import warnings
 from collections.abc import Sequence
@@ -20,10 +17,10 @@ import numpy as np
 
 from appdistill.cache.format import (CacheCorruptError, CacheError, CacheManifest, CacheMismatchError,
                                      CacheMissingError, CacheRebuildWarning, DEFAULT_SPLITS, FORMAT_VERSION,
-                                     FloatDtype, IntDtype, MANIFEST, ShardInfo, SplitShards, Verify, _fsync_dir,
+                                     FloatDtype, IntDtype, MANIFEST, ShardInfo, SplitShards, Verify,
                                      _normalise, _open_split, _safe, _to_numpy, _version)
 from appdistill.cache.reader import TeacherCache
-from appdistill.io import locked, sha256_file
+from appdistill.io import atomic_write_text, file_digests, locked, staged_dir
 
 if TYPE_CHECKING:  # heavy / cyclic imports only for annotations
     from appdistill.features.dataset import Dataset
@@ -121,12 +118,9 @@ def _write_split(teacher: Teacher, ds: Dataset, split: str, tmp: Path, batch_siz
     logits_mm = None  # noqa: F841 - drop the memmaps before hashing/moving the files
     hidden_mm.clear()
     files = {"rows": "rows.npy", "logits": "logits.npy", **{f"hidden.{t}": f for t, f in hidden_files.items()}}
-    shards = {}
-    for key, fname in files.items():
-        p = tmp / fname
-        with open(p, "rb+") as f:
-            os.fsync(f.fileno())
-        shards[key] = ShardInfo(fname, list(shapes[key][0]), shapes[key][1], p.stat().st_size, sha256_file(p))
+    digests = file_digests(tmp, files.values())  # fsynced with the whole stage by staged_dir
+    shards = {key: ShardInfo(fname, list(shapes[key][0]), shapes[key][1], (tmp / fname).stat().st_size,
+                             digests[fname]) for key, fname in files.items()}
     return CacheManifest(
         format=FORMAT_VERSION, teacher=name, identity=_normalise(teacher.identity()),
         identity_hash=teacher.identity_hash(), fingerprint=ds.fingerprint, split=split, n_rows=n, shards=shards,
@@ -134,36 +128,12 @@ def _write_split(teacher: Teacher, ds: Dataset, split: str, tmp: Path, batch_siz
         build_seconds=round(time.perf_counter() - t0, 3))
 
 
-def _build_split(teacher: Teacher, ds: Dataset, tdir: Path, kdir: Path, split: str, batch_size: int,
+def _build_split(teacher: Teacher, ds: Dataset, kdir: Path, split: str, batch_size: int,
                  float_dtype: FloatDtype, int_dtype: IntDtype, progress: bool) -> None:
-    """Write one split into a temp directory, then move it into ``kdir/split`` in one ``os.replace``."""
-    kdir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=tdir, prefix=f".tmp-{kdir.name}-{split}-"))
-    trash: Path | None = None
-    try:
+    """Write one split into a stage beside ``kdir/split`` and swap it in whole (:func:`staged_dir`)."""
+    with staged_dir(kdir / split) as tmp:
         man = _write_split(teacher, ds, split, tmp, batch_size, float_dtype, int_dtype, progress)
-        (tmp / MANIFEST).write_text(man.to_json())
-        with open(tmp / MANIFEST, "rb+") as f:
-            os.fsync(f.fileno())
-        _fsync_dir(tmp)
-        final = kdir / split
-        if final.exists():  # a directory cannot replace a non-empty one: move the old one aside first
-            trash = Path(tempfile.mkdtemp(dir=tdir, prefix=".trash-"))
-            os.replace(final, trash / split)
-        os.replace(tmp, final)
-        _fsync_dir(kdir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if trash is not None:
-            shutil.rmtree(trash, ignore_errors=True)
-
-
-def _clean_leftovers(tdir: Path) -> None:
-    """Remove temp/trash directories of crashed builds (call with the teacher lock held)."""
-    if tdir.is_dir():
-        for p in tdir.iterdir():
-            if p.is_dir() and (p.name.startswith(".tmp-") or p.name.startswith(".trash-")):
-                shutil.rmtree(p, ignore_errors=True)
+        atomic_write_text(tmp / MANIFEST, man.to_json())
 
 
 def _check_args(teacher: Teacher, ds: Dataset, splits: Sequence[str], batch_size: int, float_dtype: str,
@@ -241,11 +211,9 @@ def _get_or_build(teacher: Teacher, ds: Dataset, root_dir: str | Path, splits: S
     built: list[str] = []
     rebuilt: dict[str, str] = {}
     with locked(tdir):
-        _clean_leftovers(tdir)
         shards: dict[str, SplitShards] = {}
         for s in splits:
             if not force:
-                reason = None
                 try:
                     sh = _open_split(kdir / s, name, ident, ds.fingerprint, s, verify)
                     if not np.array_equal(sh.rows, _split_rows(ds, s)):
@@ -263,7 +231,7 @@ def _get_or_build(teacher: Teacher, ds: Dataset, root_dir: str | Path, splits: S
                     warnings.warn(f"{e}; rebuilding", CacheRebuildWarning, stacklevel=3)
                     log.warning("%s; rebuilding", e)
                     rebuilt[s] = str(e)
-            _build_split(teacher, ds, tdir, kdir, s, batch_size, float_dtype, int_dtype, progress)
+            _build_split(teacher, ds, kdir, s, batch_size, float_dtype, int_dtype, progress)
             built.append(s)
             shards[s] = _open_split(kdir / s, name, ident, ds.fingerprint, s, "size")
     cache = TeacherCache(name, ident, ds.fingerprint, kdir, shards)

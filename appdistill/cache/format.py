@@ -20,9 +20,10 @@ dtype, byte size and sha256 of every ``.npy`` file (plus creation time and appdi
 
 Safety:
 
-- A split is written into a temporary directory next to its final place and moved there with one
-  ``os.replace`` (manifest included), so a crash leaves either no split directory or a complete one;
-  leftovers (``.tmp-*``) are removed by the next build of that teacher.
+- A split is written into a stage next to its final place and swapped in whole, manifest included
+  (:func:`appdistill.io.staged_dir`, the store kernel every store here shares), so a crash leaves
+  either the old split directory or a complete new one; a killed build's stage (``.<split>.*.tmp``)
+  is removed by the next build of that split.
 - :meth:`TeacherCache.open` refuses a cache whose identity or fingerprint differs from the expected
   ones (:class:`CacheMismatchError`, naming the teacher and each differing field) and a shard whose
   size, sha256 or ``.npy`` header is wrong (:class:`CacheCorruptError`, naming the file).
@@ -52,7 +53,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -175,15 +175,6 @@ def _version() -> str:
         return version("appdistill")
     except Exception:  # noqa: BLE001 - not installed (source checkout): still build the cache
         return "0+unknown"
-
-
-def _fsync_dir(d: Path) -> None:
-    with contextlib.suppress(OSError, AttributeError):  # not possible on every platform
-        fd = os.open(d, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def _field_label(path: str) -> str:
@@ -327,7 +318,7 @@ def _closest_sibling(tdir: Path, key: str, fingerprint: str) -> tuple[Path, Cach
     cands.sort(key=lambda p: (not p.name.endswith(f"-{fingerprint}"), not p.name.startswith(f"{ihash}-"),
                               -p.stat().st_mtime))
     for p in cands:
-        for sd in sorted(p.iterdir()):
+        for sd in sorted(x for x in p.iterdir() if not x.name.startswith(".")):
             with contextlib.suppress(CacheError, OSError):
                 if (sd / MANIFEST).is_file():
                     return sd, CacheManifest.read(sd / MANIFEST)

@@ -36,14 +36,9 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
-import os
 import platform
-import shutil
-import tempfile
-from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -59,7 +54,7 @@ from appdistill.features.content import CONTENT_DIR, ContentTable
 from appdistill.features.processor import FeatureProcessor
 from appdistill.features.row_encoder import RowEncoder
 from appdistill.features.spec import FeatureSpec
-from appdistill.io import atomic_write_bytes, atomic_write_text, load_checkpoint, run_lock, sha256_file
+from appdistill.io import atomic_write_bytes, atomic_write_text, file_digests, load_checkpoint, run_lock, staged_dir
 from appdistill.student.model import RankingModel, StudentConfig
 
 # ---------------------------------------------------------------------------------------- export
@@ -139,63 +134,6 @@ def _check_out_dir(out: Path) -> None:
                               f"(it may hold only {[*FILES, MANIFEST]}); choose a new or empty directory")
 
 
-def claim_stage(d: Path) -> int:
-    """Open and ``flock`` a staging directory this export created: while the descriptor is open the
-    directory is in use; once the export ends or dies the lock is gone and :func:`clean_stale` may
-    remove it."""
-    fd = os.open(d, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    with contextlib.suppress(ImportError, OSError):
-        import fcntl
-
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    return fd
-
-
-def clean_stale(out: Path) -> None:
-    """Remove staging (``.tmp``) and replaced-export (``.old``) directories of ``out`` that a killed export
-    left behind; one whose lock is held belongs to a running export and is left alone."""
-    if not out.parent.is_dir():
-        return
-    try:
-        import fcntl
-    except ImportError:
-        return
-    for p in out.parent.iterdir():
-        if not (p.name.startswith(f".{out.name}.") and p.name.endswith((".tmp", ".old")) and p.is_dir()):
-            continue
-        try:
-            fd = os.open(p, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-        except OSError:
-            continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:  # a live export holds it
-            os.close(fd)
-            continue
-        try:
-            shutil.rmtree(p, ignore_errors=True)
-        finally:
-            os.close(fd)
-
-
-def swap_in(stage: Path, out: Path) -> None:
-    """Move the finished ``stage`` directory to ``out`` (replacing an earlier export there)."""
-    if not out.exists():
-        os.rename(stage, out)
-        return
-    if not any(out.iterdir()):
-        os.replace(stage, out)  # an empty directory is replaced atomically
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-    fd = claim_stage(old)
-    try:
-        os.rename(out, old / "x")  # two renames: at no point is a half-written export at `out`
-        os.rename(stage, out)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        os.close(fd)
-
-
 def export_run(run_dir: str | Path, out_dir: str | Path, compile: bool = True) -> Path:
     """Write the serving artefact of ``run_dir`` into ``out_dir`` (all files or none; see module doc)."""
     out, run = Path(out_dir), Path(run_dir)
@@ -208,7 +146,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, compile: bool = True) -
         names = {n for n, _ in serving.named_parameters()}
         assert all(n.startswith(("tables.", "dense_arch.", "interaction.", "over_arch.", "content_proj."))
                    for n in names), names
-        with staged(out) as stage:
+        with staged_dir(out) as stage:
             program = _write_artifact(stage, run, model, serving, feats, proc, ck, compile)
             check = Ranker(stage, compiled=False)  # checksums, loading of every file, model.pt2 holds no pickle
             if program is not None:
@@ -219,23 +157,6 @@ def export_run(run_dir: str | Path, out_dir: str | Path, compile: bool = True) -
                     raise AppDistillError(f"export of '{run}': the torch.export program disagrees with the eager "
                                           f"student (max diff {float((a - b).abs().max()):.2e}); use --no-compile")
     return out
-
-
-@contextlib.contextmanager
-def staged(out: Path) -> Iterator[Path]:
-    """A fresh staging directory beside ``out``, swapped in for ``out`` when the block ends without an
-    error and removed either way: how an export is written or changed (all files or none)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    clean_stale(out)
-    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    fd = claim_stage(stage)
-    try:
-        yield stage
-        swap_in(stage, out)
-    finally:
-        os.close(fd)
-        if stage.exists():
-            shutil.rmtree(stage, ignore_errors=True)
 
 
 def _write_artifact(out: Path, run_dir: Path, model: RankingModel, serving: ServingModel, feats: list[FeatureSpec],
@@ -270,7 +191,7 @@ def _write_artifact(out: Path, run_dir: Path, model: RankingModel, serving: Serv
         "data_fingerprint": ck.get("data_fingerprint"), "teachers": ck.get("teachers", {}),
         "metrics": json.loads(metrics_path.read_text()) if metrics_path.is_file() else {},
         "params": model.size(), "compiled": "torch.export" if compile else None,
-        "files": {f: sha256_file(out / f) for f in (*FILES, *CONTENT_FILES) if (out / f).is_file()},
+        "files": file_digests(out, [f for f in (*FILES, *CONTENT_FILES) if (out / f).is_file()]),
     }
     atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1, default=str))
     return program

@@ -25,14 +25,13 @@ from typing import Any
 import numpy as np
 
 from appdistill.errors import AppDistillError
-from appdistill.export.artifact import staged
 from appdistill.export.format import CONTENT_FILES, MANIFEST
 from appdistill.export.ranker import Ranker
 from appdistill.features.content import CONTENT_DIR
 from appdistill.features.tables import _read_file
 from appdistill.foundation.catalog import _resolve_image, make_encoder
 from appdistill.foundation.store import EmbeddingStore
-from appdistill.io import atomic_write_text, locked, sha256_file
+from appdistill.io import atomic_write_text, file_digests, locked, staged_dir
 
 
 def refresh_content(export_dir: str | Path, items: str | Path, store: str | Path | None = None,
@@ -97,12 +96,12 @@ def _refresh(out: Path, items: str | Path, store: str | Path | None, encoder_kwa
             values = [_resolve_image(v, root) for v in values]
         emb[f.name] = np.asarray(st.get_or_build(enc, f.name, keys, values).matrix, np.float32)
     new, added, updated = table.with_items(keys, emb)
-    with staged(out) as stage:
+    with staged_dir(out) as stage:
         shutil.copytree(out, stage, dirs_exist_ok=True)
         shutil.rmtree(stage / CONTENT_DIR)
         new.save(stage / CONTENT_DIR)
         man = json.loads((stage / MANIFEST).read_text())
-        man["files"].update({f: sha256_file(stage / f) for f in CONTENT_FILES})
+        man["files"].update(file_digests(stage, CONTENT_FILES))
         man["content_refreshed"] = {"items_file": str(path), "added": added, "updated": updated}
         atomic_write_text(stage / MANIFEST, json.dumps(man, indent=1, default=str))
         Ranker(stage, compiled=False)  # the refreshed export loads like `score` loads it

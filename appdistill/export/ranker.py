@@ -19,7 +19,7 @@ from appdistill.features.content import CONTENT_DIR, ContentTable
 from appdistill.features.processor import FeatureProcessor
 from appdistill.features.row_encoder import RowEncoder
 from appdistill.features.spec import FeatureSpec
-from appdistill.io import sha256_file
+from appdistill.io import digest_problem
 from appdistill.student.model import RankingModel, StudentConfig
 
 # ---------------------------------------------------------------------------------------- serving
@@ -51,13 +51,9 @@ class Ranker:
         unlisted = [f for f in REQUIRED if f not in files]
         if unlisted:
             raise AppDistillError(f"file '{man_path}': lists no checksum for {unlisted} (manifest edited or corrupt)")
-        for f, digest in files.items():
-            p = self.path / f
-            if not p.is_file():
-                raise AppDistillError(f"export directory '{self.path}': missing file '{f}'")
-            if sha256_file(p) != digest:
-                raise AppDistillError(f"export directory '{self.path}': file '{f}' does not match its checksum "
-                                      "in manifest.json (edited or corrupt); re-run `appdistill export`")
+        problem = digest_problem(self.path, files)
+        if problem:
+            raise AppDistillError(f"export directory '{self.path}': {problem}; re-run `appdistill export`")
         try:
             self.features = [FeatureSpec.model_validate(d) for d in read_json(self.path / "features.json", "features")]
             self.processor = FeatureProcessor.from_json((self.path / "processor.json").read_text())

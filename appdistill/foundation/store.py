@@ -15,7 +15,10 @@ valid. On the next call:
 - identity, fingerprint and checksum all match: the store is opened, nothing is encoded (and the
   model is never loaded);
 - only the catalogue changed: rows whose input key is unchanged are copied, only new or edited
-  inputs are encoded (duplicate inputs are encoded once);
+  inputs are encoded (duplicate inputs are encoded once). Every encoded vector is also kept in the
+  content pool (:mod:`appdistill.foundation.pool`), keyed by its input's content: an input encoded
+  for any field or catalogue before (another data set with a ``title`` feature, the previous
+  catalogue of this one) is copied from there, so switching between data sets encodes nothing twice;
 - the model changed: that store is rebuilt from scratch; other fields/encoders are untouched;
 - a file is truncated or edited: a warning and a rebuild, or :class:`StoreError` with
   ``rebuild_corrupt=False``.
@@ -48,6 +51,7 @@ import numpy as np
 
 from appdistill.errors import AppDistillError
 from appdistill.foundation.base import Encoder
+from appdistill.foundation.pool import ContentPool
 from appdistill.io import locked, sha256_file
 
 log = logging.getLogger("appdistill.foundation")
@@ -306,8 +310,10 @@ class EmbeddingStore:
 
         n = len(ids)
         uniq, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
-        # per output: row of each unique input in the old matrix (-1 = must encode)
+        # per output: where each unique input's vector already is -- the old view (-1 = not there), else
+        # the content pool (every input this encoder ever encoded, any field or catalogue)
         reuse: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
+        pooled: dict[str, tuple[ContentPool, np.ndarray, np.ndarray]] = {}
         need = np.zeros(len(uniq), bool)
         for layer, (_, old) in stale.items():
             old_rows = np.full(len(uniq), -1, np.int64)
@@ -319,10 +325,18 @@ class EmbeddingStore:
                 at = np.minimum(np.searchsorted(old_keys[order], uniq), len(order) - 1)
                 hit = old_keys[order][at] == uniq
                 old_rows[hit] = order[at][hit]
-            need |= old_rows < 0
+            pool = ContentPool(self.root, ident, self.dtype, layer, self.verify,
+                               lambda path, problem: self._corrupt(path, problem, quiet=False))
+            seg, prow = pool.find(uniq)
+            seg[old_rows >= 0] = -1  # the old view is read first
+            need |= (old_rows < 0) & (seg < 0)
             reuse[layer] = (old_rows, old_mat)
+            pooled[layer] = (pool, seg, prow)
         need_u = np.flatnonzero(need)
-        dims = encoder.output_dims() if len(need_u) else {x: stale[x][1].dim for x in stale}  # type: ignore[union-attr]
+        # nothing to encode: the dims are those of the vectors being copied (the model is never loaded)
+        dims = encoder.output_dims() if len(need_u) else {
+            x: stale[x][1].dim if stale[x][1] is not None else pooled[x][0].segments()[0].vectors.shape[1]  # type: ignore[union-attr]
+            for x in stale}
         tmps: dict[str, Path] = {}
         try:
             mats = {}
@@ -334,16 +348,22 @@ class EmbeddingStore:
                 hit = np.flatnonzero((old_rows >= 0) & ~need)  # rows encoded anyway are not copied
                 if len(hit):
                     mats[layer][first[hit]] = old_mat[old_rows[hit]]
+                pool, seg, prow = pooled[layer]
+                hit = np.flatnonzero((seg >= 0) & ~need)
+                if len(hit):
+                    mats[layer][first[hit]] = pool.gather(seg[hit], prow[hit])
             t0 = time.perf_counter()
             todo = [inputs[i] for i in first[need_u]]
             with progress_bar(total=len(todo), desc=f"{field}: encode ({encoder.name})", unit="item",
                               enabled=self.progress and bool(todo)) as bar:
-                for pos, vals in encoder.encode_batches(todo):
+                for pos, vals in (encoder.encode_batches(todo) if todo else ()):  # no model load for nothing
                     rows = first[need_u[pos]]
                     for layer in stale:
                         mats[layer][rows] = vals[layer]
                     bar.update(len(pos))
             secs = time.perf_counter() - t0
+            for layer, m in mats.items():  # the pool keeps what was encoded, for any later catalogue
+                pooled[layer][0].add(uniq[need_u], m[first[need_u]])
             dup = np.flatnonzero(first[inverse] != np.arange(n))  # repeated inputs: copy the first row
             zero_rows = {}
             for layer, m in mats.items():
@@ -358,7 +378,7 @@ class EmbeddingStore:
                 e = self._commit(d, layer, tmps[layer], keys, ids, fingerprint, ident, field, dims[layer],
                                  zero_rows[layer])
                 e.n_encoded = len(need_u)
-                e.n_reused = int(np.count_nonzero(((reuse[layer][0] >= 0) & ~need)[inverse]))
+                e.n_reused = int(np.count_nonzero((((reuse[layer][0] >= 0) | (pooled[layer][1] >= 0)) & ~need)[inverse]))
                 e.reason = stale[layer][0]
                 entries[layer] = e
                 log.info("store %s/%s: %s; encoded %d inputs in %.1fs, reused %d rows", field, layer,

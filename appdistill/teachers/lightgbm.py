@@ -39,7 +39,7 @@ from appdistill.features.batch import TeacherOutput
 from appdistill.features.content import pca_projection
 from appdistill.features.dataset import Dataset
 from appdistill.features.spec import FeatureSpec, FeatureSpecSet
-from appdistill.io import atomic_write_bytes, atomic_write_text, sha256_file
+from appdistill.io import atomic_write_bytes, atomic_write_text, digest_problem, file_digests
 from appdistill.teachers.base import TEACHERS, Tap, Teacher
 from appdistill.teachers.fit import TeacherError, encoding_fingerprint, jsonable, restore, write_teacher_json
 
@@ -286,8 +286,7 @@ class LightGBMTeacher(Teacher):
             np.savez(buf, **t)
             atomic_write_bytes(path / f"text_{fname}.npz", buf.getvalue())
         # the sha256 of every artefact, checked before LightGBM parses anything (see load)
-        files = {MODEL_FILE: hashlib.sha256(self.model_text.encode()).hexdigest(),
-                 **{f"text_{f}.npz": sha256_file(path / f"text_{f}.npz") for f in self.text}}
+        files = file_digests(path, [MODEL_FILE, *(f"text_{f}.npz" for f in self.text)])
         write_teacher_json(self, path, columns=self.columns, best_iteration=self.best_iteration,
                            encoding=self.encoding, fitted_on=self.data_fingerprint, files=files)
 
@@ -319,13 +318,9 @@ def _verify_files(path: Path, meta: dict[str, Any], name: str) -> None:
     if MODEL_FILE not in want:
         raise TeacherError(f"teacher '{name}': '{path / 'teacher.json'}' records no checksum of {MODEL_FILE}; "
                            "refit it with 'appdistill teachers fit'")
-    for fname, digest in want.items():
-        f = path / fname
-        if not f.is_file():
-            raise TeacherError(f"teacher '{name}': file '{f}' is missing; refit it with 'appdistill teachers fit'")
-        if sha256_file(f) != digest:
-            raise TeacherError(f"teacher '{name}': file '{f}' does not match the checksum recorded when it was "
-                               "saved (truncated, edited or corrupted); refit it with 'appdistill teachers fit'")
+    problem = digest_problem(path, want)
+    if problem:
+        raise TeacherError(f"teacher '{name}': {problem}; refit it with 'appdistill teachers fit'")
 
 
 _DEFAULTS = {k: p.default for k, p in inspect.signature(LightGBMTeacher.__init__).parameters.items()

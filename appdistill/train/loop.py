@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from appdistill.cache import CacheJoin
 from appdistill.config import ExperimentConfig
 from appdistill.distributed import (DistContext, adam, all_gather_varlen, full_state_dict, init_distributed,
                                     load_full_state_dict, shard_model, unwrap)
@@ -160,12 +161,13 @@ class Committee:
 
     Attributes:
         teachers: ``{name: Teacher}`` loaded once, in config order.
-        hooks: batch hooks that join the teachers' cached outputs to each batch (``CacheJoin``).
+        caches: ``{name: TeacherCache}`` of every split the run reads; the loop joins to each batch
+            only the teachers and taps the method declares (``Method.cache_taps()``).
         metrics: ``{name: the teacher's own metrics.json}``, reported beside the student's.
     """
 
     teachers: dict[str, Any] = field(default_factory=dict)
-    hooks: list[Any] = field(default_factory=list)
+    caches: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
 
 
@@ -251,9 +253,10 @@ def _train(cfg: ExperimentConfig, run_dir: str | Path, trackers: list[Tracker], 
         raise ConfigError(f"method '{cfg.method.key}' distils from the configured teachers; train through "
                           "appdistill.pipeline.train (or `appdistill train`), which loads them")
     parts = committee(ds, ctx) if committee is not None and cfg.teachers else Committee()
-    hooks = parts.hooks
     method = build_method(cfg, parts.teachers, unwrap(model).over_arch.in_dim, ds).to(ctx.device)
-    hooks = [h.select(method.cache_taps()) if hasattr(h, "select") else h for h in hooks]
+    taps = method.cache_taps()  # the join reads only the teachers and taps the method declares
+    joined = {n: c for n, c in parts.caches.items() if n in taps}
+    hooks = [CacheJoin(joined, taps=taps)] if taps and parts.caches else []
     model, opt = shard_model(model, ctx, cfg.train.lr, cfg.train.embedding_lr, cfg.train.weight_decay,
                              cfg.train.sharding)
     method_opt = method_optimizer(method, cfg.train.lr)

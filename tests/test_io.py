@@ -1,0 +1,66 @@
+"""The store kernel every store writes through (teacher cache, embedding store and its pool, saved
+teachers, exports): a directory is replaced whole or not at all, and its files are checked against the
+sha256 recorded when they were written."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from pathlib import Path
+
+import pytest
+
+from appdistill.io import digest_problem, file_digests, staged_dir
+
+
+def _tree(d: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def test_staged_dir_replaces_a_directory_whole_or_not_at_all(tmp_path: Path) -> None:
+    final = tmp_path / "store"
+    with staged_dir(final) as stage:
+        (stage / "a.npy").write_bytes(b"one")
+        (stage / "sub").mkdir()
+        (stage / "sub" / "b.json").write_text("{}")
+    assert _tree(final) == {"a.npy": b"one", "sub/b.json": b"{}"}
+    with pytest.raises(RuntimeError), staged_dir(final) as stage:
+        (stage / "a.npy").write_bytes(b"two")
+        raise RuntimeError("killed half way")
+    assert _tree(final) == {"a.npy": b"one", "sub/b.json": b"{}"}  # the old directory, untouched
+    with staged_dir(final) as stage:
+        (stage / "c.txt").write_text("new")
+    assert _tree(final) == {"c.txt": b"new"}  # no file of the old directory survives a replace
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["store"]
+
+
+def test_stages_of_killed_writers_are_removed_but_a_live_one_is_not(tmp_path: Path) -> None:
+    final = tmp_path / "store"
+    dead, old = tmp_path / ".store.k1ll3d.tmp", tmp_path / ".store.0ld.old"
+    live = tmp_path / ".store.l1ve.tmp"
+    for d in (dead, old, live):
+        (d / "x").mkdir(parents=True)
+    fd = os.open(live, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # another process still writing
+    try:
+        with staged_dir(final) as stage:
+            (stage / "f").write_text("ok")
+        assert not dead.exists() and not old.exists() and live.exists()
+    finally:
+        os.close(fd)
+    with staged_dir(final) as stage:
+        (stage / "f").write_text("again")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["store"]
+
+
+def test_file_digests_and_digest_problem_name_the_file(tmp_path: Path) -> None:
+    (tmp_path / "a.bin").write_bytes(b"abc")
+    (tmp_path / "b.bin").write_bytes(b"def")
+    digests = file_digests(tmp_path, ["a.bin", "b.bin"])
+    assert digest_problem(tmp_path, digests) is None
+    (tmp_path / "b.bin").write_bytes(b"deF")  # same size, one byte changed
+    assert "b.bin' does not match its checksum" in digest_problem(tmp_path, digests)
+    (tmp_path / "a.bin").write_bytes(b"ab")
+    assert "a.bin' has 2 bytes, not 3 (truncated?)" in digest_problem(tmp_path, digests, {"a.bin": 3})
+    (tmp_path / "a.bin").unlink()
+    assert "a.bin' is missing" in digest_problem(tmp_path, digests)
