@@ -388,15 +388,16 @@ def file_digests(d: str | Path, names: Any) -> dict[str, str]:
 
 
 def digest_problem(d: str | Path, digests: dict[str, str], sizes: dict[str, int] | None = None) -> str | None:
-    """The first file of a manifest's ``digests`` that is missing, of the wrong size or whose sha256
-    differs (``"file 'PATH' ..."``); ``None`` when all match. Hashes are memoised per process
-    (:func:`sha256_verified`)."""
-    for name, want in digests.items():
+    """The first file named in ``digests`` or ``sizes`` (a manifest's records) that is missing, of the
+    wrong size or whose sha256 differs (``"file 'PATH' ..."``); ``None`` when all match. Hashes are
+    memoised per process (:func:`sha256_verified`)."""
+    sizes = sizes or {}
+    for name in {**sizes, **digests}:
         p = Path(d) / name
         if not p.is_file():
             return f"file '{p}' is missing"
-        if sizes and name in sizes and p.stat().st_size != sizes[name]:
+        if name in sizes and p.stat().st_size != sizes[name]:
             return f"file '{p}' has {p.stat().st_size} bytes, not {sizes[name]} (truncated?)"
-        if sha256_verified(p) != want:
+        if name in digests and sha256_verified(p) != digests[name]:
             return f"file '{p}' does not match its checksum (sha256; edited, truncated or corrupted)"
     return None

@@ -454,17 +454,18 @@ def test_tampered_embedding_store_keys_give_a_clear_error(tmp_path: Path) -> Non
     store = EmbeddingStore(tmp_path, rebuild_corrupt=False, progress=False)
     ids, texts = list(range(6)), [f"t{i}" for i in range(6)]
     store.get_or_build(enc, "title", ids, texts)
-    keys = store.store_dir(enc, "title") / "final.keys.npy"
-    manifest = store.store_dir(enc, "title") / "final.json"
+    keys = store.store_dir(enc, "title") / "final" / "keys.npy"
+    manifest = store.store_dir(enc, "title") / "final" / "manifest.json"
     for bad in (b"not an array at all", None):
         if bad is None:
             np.save(keys, np.arange(3, dtype=np.uint64))  # a well-formed array of the wrong length
         else:
             keys.write_bytes(bad)
         man = json.loads(manifest.read_text())
-        man["keys_sha256"] = sha256_file(keys)  # checksum rewritten along with the file
+        man["files"]["keys.npy"] = sha256_file(keys)  # checksum rewritten along with the file
+        man["bytes"]["keys.npy"] = keys.stat().st_size
         manifest.write_text(json.dumps(man))
-        with pytest.raises(StoreError, match=r"final\.keys\.npy'"):
+        with pytest.raises(StoreError, match=r"final/keys\.npy'"):
             store.get_or_build(enc, "title", ids, texts)
 
 

@@ -90,10 +90,10 @@ def test_first_build_then_second_build_encodes_nothing(store: EmbeddingStore) ->
 def test_manifest_records_identity_ids_fingerprint_and_checksum(store: EmbeddingStore) -> None:
     enc = CountingEncoder()
     e = store.get_or_build(enc, "title", ["a", "b", "c"], ["x", "y", "z"])
-    man = json.loads((e.path.with_suffix(".json")).read_text())
+    man = json.loads((e.path.parent / "manifest.json").read_text())
     assert man["encoder"] == enc.identity() and man["field"] == "title" and man["layer"] == "final"
     assert man["item_ids"] == ["a", "b", "c"] and man["dim"] == 8 and man["dtype"] == "float32"
-    assert man["matrix_sha256"] == hashlib.sha256(e.path.read_bytes()).hexdigest()
+    assert man["files"]["matrix.npy"] == hashlib.sha256(e.path.read_bytes()).hexdigest()
     assert len(man["data_fingerprint"]) == 64
     np.testing.assert_array_equal(e.rows(["c", "zz"]), [2, -1])
     assert not e.lookup(["zz"]).any()
@@ -133,12 +133,12 @@ def test_changed_model_rebuilds_only_its_store(store: EmbeddingStore) -> None:
     ids, xs = list(range(6)), texts(6)
     store.get_or_build(CountingEncoder("v1"), "title", ids, xs)
     other = store.get_or_build(CountingEncoder("v1"), "description", ids, xs)
-    other_manifest = other.path.with_suffix(".json").read_bytes()
+    other_manifest = (other.path.parent / "manifest.json").read_bytes()
     enc2 = CountingEncoder("v2")  # same config, different weights
     e = store.get_or_build(enc2, "title", ids, xs)
     assert e.reason == "encoder changed" and enc2.encoded == 6 and e.n_reused == 0
     np.testing.assert_allclose(e.matrix[0], enc2.vector(xs[0]))
-    assert other.path.with_suffix(".json").read_bytes() == other_manifest
+    assert (other.path.parent / "manifest.json").read_bytes() == other_manifest
     enc3 = CountingEncoder("v1")
     assert store.get_or_build(enc3, "description", ids, xs).n_encoded == 0 and enc3.calls == 0
 
@@ -164,7 +164,7 @@ def test_edited_store_is_detected_by_checksum(store: EmbeddingStore) -> None:
     data[-5] ^= 0xFF  # same size, one byte flipped
     e.path.write_bytes(bytes(data))
     strict = EmbeddingStore(store.root, dtype="float32", rebuild_corrupt=False, progress=False)
-    with pytest.raises(StoreError, match="sha256 mismatch"):
+    with pytest.raises(StoreError, match="does not match its checksum"):
         strict.get_or_build(CountingEncoder(), "title", ids, xs)
     with pytest.raises(StoreError, match="not usable"):
         strict.load(CountingEncoder(), "title")
@@ -178,13 +178,14 @@ def test_edited_store_is_detected_by_checksum(store: EmbeddingStore) -> None:
 def test_atomic_writes_leave_no_temp_files_even_when_encoding_fails(store: EmbeddingStore) -> None:
     ids, xs = list(range(12)), texts(12)
     e = store.get_or_build_all(CountingEncoder(), "title", ids, xs)
-    d = e["final"].path.parent
-    assert sorted(p.name for p in d.iterdir()) == [
-        ".lock", "final.json", "final.keys.npy", "final.npy", "layer1.json", "layer1.keys.npy", "layer1.npy"]
+    d = e["final"].path.parent.parent
+    assert sorted(str(p.relative_to(d)) for p in d.rglob("*")) == [
+        ".lock", "final", "final/keys.npy", "final/manifest.json", "final/matrix.npy",
+        "layer1", "layer1/keys.npy", "layer1/manifest.json", "layer1/matrix.npy"]
     before = e["final"].path.read_bytes()
     with pytest.raises(RuntimeError, match="crashed"):
         store.get_or_build_all(CountingEncoder(fail_after=3), "title", ids, [x + "!" for x in xs])
-    assert not [p for p in d.iterdir() if p.suffix == ".tmp"]
+    assert not [p for p in d.rglob("*") if p.name.endswith(".tmp")]
     assert e["final"].path.read_bytes() == before  # the old store is intact and still valid
     assert store.get_or_build(CountingEncoder(), "title", ids, xs).n_encoded == 0
 

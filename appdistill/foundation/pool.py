@@ -98,7 +98,7 @@ class ContentPool:
             return None, f"unreadable manifest ({type(e).__name__})"
         if not ok:
             return None, "manifest of another encoder, output or dtype"
-        problem = digest_problem(d, digests, sizes) if self.verify == "checksum" else _sizes_problem(d, sizes)
+        problem = digest_problem(d, digests if self.verify == "checksum" else {}, sizes)
         if problem:
             return None, problem
         try:
@@ -164,11 +164,3 @@ class ContentPool:
         for s in segments:
             shutil.rmtree(s.path, ignore_errors=True)
         self._segments = None
-
-
-def _sizes_problem(d: Path, sizes: dict[str, int]) -> str | None:
-    for f, size in sizes.items():
-        p = d / f
-        if not p.is_file() or p.stat().st_size != size:
-            return f"file '{p}' is missing or has the wrong size (truncated?)"
-    return None

@@ -1,16 +1,17 @@
 """The per-item embedding store: encode each item once per (encoder, field, output), memory-map it.
 
-Layout under the store root, one directory per (field, encoder) and three files per output::
+Layout under the store root, one directory per (field, encoder, output)::
 
-    <root>/<field>/<encoder.slug>/final.npy        [n_items, dim] float16|float32 (np.save format)
-                                 /final.keys.npy   [n_items] uint64 content key of each row's input
-                                 /final.json       manifest (StoreManifest)
+    <root>/<field>/<encoder.slug>/<output>/matrix.npy     [n_items, dim] float16|float32 (np.save format)
+                                          /keys.npy       [n_items] uint64 content key of each row's input
+                                          /manifest.json  StoreManifest
+    <root>/_pool/...                                      the content pool (appdistill.foundation.pool)
 
 The manifest records the encoder identity (name, config, hash of the weight files), field, output,
 dim, dtype, the item ids in row order, the data fingerprint (item ids + input keys; an image's key
-is its path + mtime + size) and the sha256 of both arrays. Files are written to a temp file in the
-same directory and ``os.replace``d, the manifest last, so a crash never leaves a store that looks
-valid. On the next call:
+is its path + mtime + size) and the sha256 and size of both arrays. Each output's directory is
+written through the store kernel (:func:`appdistill.io.staged_dir`): built in a stage beside it and
+swapped in whole, so a crash never leaves a store that looks valid. On the next call:
 
 - identity, fingerprint and checksum all match: the store is opened, nothing is encoded (and the
   model is never loaded);
@@ -33,11 +34,10 @@ Example:
 from __future__ import annotations
 
 import hashlib
+import contextlib
 import json
 import logging
-import os
 import re
-import tempfile
 import time
 import warnings
 from collections import Counter
@@ -52,10 +52,11 @@ import numpy as np
 from appdistill.errors import AppDistillError
 from appdistill.foundation.base import Encoder
 from appdistill.foundation.pool import ContentPool
-from appdistill.io import locked, sha256_file
+from appdistill.io import atomic_write_text, digest_problem, file_digests, locked, staged_dir
 
 log = logging.getLogger("appdistill.foundation")
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+MATRIX, KEYS, MANIFEST = "matrix.npy", "keys.npy", "manifest.json"
 
 
 class StoreError(AppDistillError):
@@ -79,9 +80,8 @@ class StoreManifest:
     n_rows: int
     item_ids: list[Any]
     data_fingerprint: str
-    matrix_sha256: str
-    matrix_bytes: int
-    keys_sha256: str
+    files: dict[str, str]
+    bytes: dict[str, int]
     zero_rows: int
     created: str
 
@@ -154,12 +154,6 @@ def _npy_problem(path: Path, shape: tuple[int, ...], dtype: str) -> str | None:
         got = f"{getattr(a, 'shape', '?')} {getattr(a, 'dtype', type(a).__name__)}"
         return f"holds {got}, its manifest says {tuple(shape)} {dtype}"
     return None
-
-
-def _tmp_path(d: Path, stem: str) -> Path:
-    fd, name = tempfile.mkstemp(dir=d, prefix=f".{stem}.", suffix=".tmp")
-    os.close(fd)
-    return Path(name)
 
 
 class EmbeddingStore:
@@ -256,7 +250,8 @@ class EmbeddingStore:
     def _check(self, d: Path, layer: str, ident: dict[str, Any], field: str,
                quiet: bool = False) -> tuple[StoreManifest | None, str | None]:
         """``(manifest, None)`` when the files are intact and made by ``ident``; else ``(_, reason)``."""
-        mpath = d / f"{layer}.json"
+        vdir = d / layer
+        mpath = vdir / MANIFEST
         if not mpath.exists():
             return None, "new store"
         man = StoreManifest.read(mpath)
@@ -268,24 +263,21 @@ class EmbeddingStore:
             return None, "encoder changed"
         if man.dtype != self.dtype:
             return None, f"dtype changed ({man.dtype} -> {self.dtype})"
-        npy, kpy = d / f"{layer}.npy", d / f"{layer}.keys.npy"
-        for p, sha, size in ((npy, man.matrix_sha256, man.matrix_bytes), (kpy, man.keys_sha256, None)):
-            if not p.is_file():
-                return None, self._corrupt(p, "file missing", quiet)
-            if size is not None and p.stat().st_size != size:
-                return None, self._corrupt(p, f"size {p.stat().st_size} != {size} bytes (truncated?)", quiet)
-            if (self.verify == "checksum" or size is None) and sha256_file(p) != sha:
-                return None, self._corrupt(p, "sha256 mismatch (edited?)", quiet)
+        # keys are always hashed (small); the matrix too unless verify="size"
+        hashed = (MATRIX, KEYS) if self.verify == "checksum" else (KEYS,)
+        problem = digest_problem(vdir, {f: man.files.get(f, "") for f in hashed}, man.bytes)
+        if problem:
+            return None, self._corrupt(vdir, problem, quiet)
         # the checksums can be rewritten along with the files (a tool, a hand edit of the manifest): the
         # arrays must still be what the manifest describes before any row is copied from them
-        for p, shape, dtype in ((kpy, (man.n_rows,), "uint64"), (npy, (man.n_rows, man.dim), man.dtype)):
-            problem = _npy_problem(p, shape, dtype)
+        for f, shape, dtype in ((KEYS, (man.n_rows,), "uint64"), (MATRIX, (man.n_rows, man.dim), man.dtype)):
+            problem = _npy_problem(vdir / f, shape, dtype)
             if problem:
-                return None, self._corrupt(p, problem, quiet)
+                return None, self._corrupt(vdir / f, problem, quiet)
         return man, None
 
     def _corrupt(self, path: Path, problem: str, quiet: bool) -> str:
-        msg = f"embedding store file '{path}': {problem}"
+        msg = f"embedding store '{path}': {problem}"
         if quiet:
             return msg
         if not self.rebuild_corrupt:
@@ -295,11 +287,11 @@ class EmbeddingStore:
         return f"corrupt: {problem}"
 
     def _open(self, d: Path, layer: str, man: StoreManifest, **info: Any) -> StoreEntry:
-        m = np.load(d / f"{layer}.npy", mmap_mode="r")
+        m = np.load(d / layer / MATRIX, mmap_mode="r")
         if m.shape != (man.n_rows, man.dim) or str(m.dtype) != man.dtype:
-            raise StoreError(f"embedding store '{d / layer}.npy': shape {m.shape} {m.dtype} does not match its "
-                             f"manifest ({man.n_rows}, {man.dim}) {man.dtype}")
-        return StoreEntry(m, man, d / f"{layer}.npy", **info)
+            raise StoreError(f"embedding store '{d / layer / MATRIX}': shape {m.shape} {m.dtype} does not match "
+                             f"its manifest ({man.n_rows}, {man.dim}) {man.dtype}")
+        return StoreEntry(m, man, d / layer / MATRIX, **info)
 
     # ----------------------------------------------------------------- building
     def _build(self, d: Path, encoder: Encoder, field: str, ids: list[Any], inputs: Sequence[Any],
@@ -319,8 +311,8 @@ class EmbeddingStore:
             old_rows = np.full(len(uniq), -1, np.int64)
             old_mat = None
             if old is not None:
-                old_keys = np.load(d / f"{layer}.keys.npy")
-                old_mat = np.load(d / f"{layer}.npy", mmap_mode="r")
+                old_keys = np.load(d / layer / KEYS)
+                old_mat = np.load(d / layer / MATRIX, mmap_mode="r")
                 order = np.argsort(old_keys, kind="stable")
                 at = np.minimum(np.searchsorted(old_keys[order], uniq), len(order) - 1)
                 hit = old_keys[order][at] == uniq
@@ -337,12 +329,11 @@ class EmbeddingStore:
         dims = encoder.output_dims() if len(need_u) else {
             x: stale[x][1].dim if stale[x][1] is not None else pooled[x][0].segments()[0].vectors.shape[1]  # type: ignore[union-attr]
             for x in stale}
-        tmps: dict[str, Path] = {}
-        try:
+        with contextlib.ExitStack() as stages:  # one stage per output, swapped in only if all succeed
+            stage = {layer: stages.enter_context(staged_dir(d / layer)) for layer in stale}
             mats = {}
             for layer in stale:
-                tmps[layer] = _tmp_path(d, layer)
-                mats[layer] = np.lib.format.open_memmap(tmps[layer], mode="w+", dtype=self.dtype,
+                mats[layer] = np.lib.format.open_memmap(stage[layer] / MATRIX, mode="w+", dtype=self.dtype,
                                                         shape=(n, dims[layer]))
                 old_rows, old_mat = reuse[layer]
                 hit = np.flatnonzero((old_rows >= 0) & ~need)  # rows encoded anyway are not copied
@@ -365,52 +356,38 @@ class EmbeddingStore:
             for layer, m in mats.items():  # the pool keeps what was encoded, for any later catalogue
                 pooled[layer][0].add(uniq[need_u], m[first[need_u]])
             dup = np.flatnonzero(first[inverse] != np.arange(n))  # repeated inputs: copy the first row
-            zero_rows = {}
+            mans = {}
             for layer, m in mats.items():
                 if len(dup):
                     m[dup] = m[first[inverse[dup]]]
-                # no msync here: the pages are in the page cache, and _commit fsyncs the file anyway
-                zero_rows[layer] = int(np.count_nonzero(~np.asarray(m).any(axis=1)))
+                zero_rows = int(np.count_nonzero(~np.asarray(m).any(axis=1)))
+                m.flush()
+                mans[layer] = self._write_view(stage[layer], layer, keys, ids, fingerprint, ident, field,
+                                               dims[layer], zero_rows)
             del m
-            mats.clear()  # close the memmaps before their files are moved
-            entries = {}
-            for layer in stale:
-                e = self._commit(d, layer, tmps[layer], keys, ids, fingerprint, ident, field, dims[layer],
-                                 zero_rows[layer])
-                e.n_encoded = len(need_u)
-                e.n_reused = int(np.count_nonzero((((reuse[layer][0] >= 0) | (pooled[layer][1] >= 0)) & ~need)[inverse]))
-                e.reason = stale[layer][0]
-                entries[layer] = e
-                log.info("store %s/%s: %s; encoded %d inputs in %.1fs, reused %d rows", field, layer,
-                         e.reason, e.n_encoded, secs, e.n_reused)
-        finally:
-            for p in tmps.values():
-                p.unlink(missing_ok=True)
+            mats.clear()  # close the memmaps before their directories are moved
+        entries = {}
+        for layer in stale:
+            e = self._open(d, layer, mans[layer])
+            e.n_encoded = len(need_u)
+            e.n_reused = int(np.count_nonzero((((reuse[layer][0] >= 0) | (pooled[layer][1] >= 0)) & ~need)[inverse]))
+            e.reason = stale[layer][0]
+            entries[layer] = e
+            log.info("store %s/%s: %s; encoded %d inputs in %.1fs, reused %d rows", field, layer,
+                     e.reason, e.n_encoded, secs, e.n_reused)
         self.stats["encoded"] += len(need_u)
         self.stats["built"] += len(stale)
         self.stats["reused"] += sum(e.n_reused for e in entries.values())
         return entries
 
-    def _commit(self, d: Path, layer: str, tmp: Path, keys: np.ndarray, ids: list[Any], fingerprint: str,
-                ident: dict[str, Any], field: str, dim: int, zero_rows: int) -> StoreEntry:
-        """Move the finished matrix into place, then its keys, then (last) the manifest."""
-        ktmp, mtmp = _tmp_path(d, f"{layer}.keys"), _tmp_path(d, f"{layer}.manifest")
-        try:
-            with open(ktmp, "wb") as f:
-                np.save(f, keys.astype(np.uint64))
-            man = StoreManifest(
-                format=FORMAT_VERSION, encoder=ident, field=field, layer=layer, dim=dim, dtype=self.dtype,
-                n_rows=len(ids), item_ids=ids, data_fingerprint=fingerprint, matrix_sha256=sha256_file(tmp),
-                matrix_bytes=tmp.stat().st_size, keys_sha256=sha256_file(ktmp), zero_rows=zero_rows,
-                created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-            mtmp.write_text(json.dumps(asdict(man)))
-            for p in (tmp, ktmp, mtmp):
-                with open(p, "rb+") as f:
-                    os.fsync(f.fileno())
-            os.replace(tmp, d / f"{layer}.npy")
-            os.replace(ktmp, d / f"{layer}.keys.npy")
-            os.replace(mtmp, d / f"{layer}.json")
-        finally:
-            ktmp.unlink(missing_ok=True)
-            mtmp.unlink(missing_ok=True)
-        return self._open(d, layer, man)
+    def _write_view(self, stage: Path, layer: str, keys: np.ndarray, ids: list[Any], fingerprint: str,
+                    ident: dict[str, Any], field: str, dim: int, zero_rows: int) -> StoreManifest:
+        """Write the keys and (last) the manifest beside the finished matrix in ``stage``."""
+        np.save(stage / KEYS, keys.astype(np.uint64), allow_pickle=False)
+        man = StoreManifest(
+            format=FORMAT_VERSION, encoder=ident, field=field, layer=layer, dim=dim, dtype=self.dtype,
+            n_rows=len(ids), item_ids=ids, data_fingerprint=fingerprint, files=file_digests(stage, (MATRIX, KEYS)),
+            bytes={f: (stage / f).stat().st_size for f in (MATRIX, KEYS)}, zero_rows=zero_rows,
+            created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        atomic_write_text(stage / MANIFEST, json.dumps(asdict(man)))
+        return man
