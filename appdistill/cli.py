@@ -13,7 +13,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from appdistill.errors import AppDistillError
+from appdistill.errors import AppDistillError, ConfigError
 
 DEMO_CONFIG = "configs/ml100k_committee.yaml"
 
@@ -63,16 +63,17 @@ def _cold_row(cold: dict[str, Any]) -> list[tuple[str, Any]]:
     return [(f"cold-item AUC (n={cold['n']:,}, {cold.get('share', 0):.1%} of test)", cold["auc"])]
 
 
-def _spec_of(path: str) -> Any:
-    """The feature spec of ``path``: a spec file, or a config file (fully checked first: sections,
-    ranges, method and teacher kwargs) whose ``spec:`` is then validated with its data."""
+def _spec_of(path: str, overrides: list[str] | None = None) -> Any:
+    """The feature spec of ``path``: a spec file, or a config file (fully checked first, after
+    ``overrides``: sections, ranges, method and teacher kwargs) whose ``spec:`` is then validated with
+    its data."""
     from appdistill.config import load_config
     from appdistill.features.spec import FeatureSpecSet, load_yaml
 
     p = Path(path)
     raw = load_yaml(p.read_text(), path) if p.is_file() else None
     if isinstance(raw, dict) and "spec" in raw and "features" not in raw:
-        cfg = load_config(p)
+        cfg = load_config(p, overrides)
         teachers = ", ".join(f"{n} ({b.key})" for n, b in cfg.teachers.items()) or "none"
         print(f"config '{cfg.name}' ({path}): OK  method={cfg.method.key}  teachers: {teachers}  "
               f"epochs={cfg.train.epochs}  transfer={'on' if cfg.transfer.enabled else 'off'}")
@@ -83,6 +84,8 @@ def _spec_of(path: str) -> Any:
             feats = content_features(list(cfg.student.content.features), spec)
             print(f"  content table: {', '.join(f.name for f in feats)} x {cfg.student.content.dim} dims")
         return spec
+    if overrides:
+        raise ConfigError(f"--set applies to a config file; '{path}' is a feature spec")
     return FeatureSpecSet.from_yaml(path)
 
 
@@ -90,7 +93,7 @@ def cmd_validate(a: argparse.Namespace) -> int:
     from appdistill.features.dataset import Dataset
     from appdistill.features.tables import table_location
 
-    spec = _spec_of(a.spec)
+    spec = _spec_of(a.spec, a.set)
     ds = Dataset.build(spec)
     s = ds.summary()
     print(f"spec '{spec.name}' ({a.spec}): OK")
@@ -285,6 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("validate", help="check a feature spec (or a whole config and its spec) and the tables; "
                                         "print a summary")
     v.add_argument("spec")
+    v.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value (config files only), as train and distill take it")
     v.set_defaults(fn=cmd_validate)
     t = sub.add_parser("train", help="train the student with the configured method")
     t.add_argument("config")
