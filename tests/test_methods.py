@@ -16,7 +16,7 @@ from appdistill.features.batch import Batch, TeacherOutput
 from appdistill.methods import METHODS
 from appdistill.methods.taid import TAIDSchedule
 from appdistill.student.model import OverArch, StudentOutput
-from appdistill.teachers.base import Tap
+from appdistill.teachers.base import Head, Tap
 
 Z_S = torch.tensor([0.5, -1.0, 2.0, 0.0])
 Y = torch.tensor([1.0, 0.0, 1.0, 0.0])
@@ -41,7 +41,8 @@ class FakeTeacher:
         self.key, self.leaves = key, leaves
         self.dim = dim
         self.num_leaves = 4
-        self._head = None if leaves else OverArch(dim, [6])
+        over = OverArch(dim, [6])
+        self._head = None if leaves else Head(over.out, body=over.body)
 
     @property
     def kind(self) -> str:
@@ -51,7 +52,7 @@ class FakeTeacher:
         return {"leaves": Tap("leaves", self.dim, "leaves", self.num_leaves)} if self.leaves \
             else {"h": Tap("h", self.dim, has_head=True)}
 
-    def head(self, tap: str) -> nn.Module | None:
+    def head(self, tap: str) -> Head | None:
         return self._head
 
 

@@ -15,12 +15,7 @@ from torch import nn
 
 from appdistill.errors import ConfigError
 from appdistill.features.batch import Batch
-
-
-def freeze(m: nn.Module) -> nn.Module:
-    for p in m.parameters():
-        p.requires_grad_(False)
-    return m.eval()
+from appdistill.teachers.base import Head
 
 
 class TeacherPort(nn.Module):
@@ -57,7 +52,8 @@ class TeacherPort(nn.Module):
             raise ConfigError(f"teacher '{name}': unknown tap '{tap}' (taps: {sorted(taps)})")
         self.name, self.tap = name, tap
         head = teacher.head(tap) if taps[tap].has_head else None
-        self.head = freeze(head) if head is not None else None
+        # the contract is a frozen Head; a plain module (a plugin's) is taken as its whole head
+        self.head = head if head is None or isinstance(head, Head) else Head(head)
         self.is_leaves = taps[tap].kind == "leaves"
         if self.is_leaves:
             n_trees = taps[tap].width
@@ -73,8 +69,7 @@ class TeacherPort(nn.Module):
         else:
             self.dim = taps[tap].width
         self.has_head = self.head is not None
-        body = _body(self.head)
-        self.answer_dim = (_out_dim(body, self.dim) + 1) if body is not None else (self.dim + 1)
+        self.answer_dim = self.head.answer_dim(self.dim) if self.head is not None else self.dim + 1
 
     def state(self, batch: Batch, idx: torch.Tensor | None = None) -> torch.Tensor:
         """``H_i`` ``[B', d_i]`` for batch rows ``idx`` (all rows when None)."""
@@ -101,32 +96,10 @@ class TeacherPort(nn.Module):
         """
         if self.head is None:
             return torch.cat([x, x.new_zeros(x.shape[0], 1)], 1)
-        body = _body(self.head)
-        if body is not None:
-            z = body(x)
-            return torch.cat([z, _inner(self.head).out(z).reshape(-1, 1)], 1)
-        return torch.cat([x, self.head(x).reshape(-1, 1)], 1)
+        return self.head.answer(x)
 
     def logit(self, batch: Batch) -> torch.Tensor:
         return batch.teacher[self.name].logits.float()
-
-
-def _inner(head: nn.Module | None) -> nn.Module | None:
-    """The head itself, or the module a frozen wrapper (``FrozenHead.module``) holds."""
-    if head is not None and not hasattr(head, "body") and isinstance(getattr(head, "module", None), nn.Module):
-        return head.module
-    return head
-
-
-def _body(head: nn.Module | None) -> nn.Module | None:
-    """The hidden layers of an over-arch-like head (``body`` then ``out``), when it has them."""
-    inner = _inner(head)
-    return getattr(inner, "body", None) if inner is not None and hasattr(inner, "out") else None
-
-
-def _out_dim(body: nn.Module, in_dim: int) -> int:
-    with torch.no_grad():
-        return int(body(torch.zeros(1, in_dim)).shape[-1])
 
 
 def build_ports(committee: dict[str, Any], names: list[str], taps: dict[str, str] | None = None,

@@ -55,6 +55,49 @@ class Tap:
     has_head: bool = False
 
 
+class Head(nn.Module):
+    """A teacher's frozen upper layers from one hidden tap to its logit: ``out(body(x))``.
+
+    What :meth:`Teacher.head` returns. Gradients reach the input, never the parameters, and it stays
+    in eval mode even when a method holding it calls ``.train()``, so ``head(H)`` always equals the
+    teacher's own prediction from ``H``.
+
+    Args:
+        out: the last layer(s), ``[B, d']`` -> ``[B]`` or ``[B, 1]`` (copied and frozen).
+        body: hidden layers before ``out`` (``[B, d]`` -> ``[B, d']``; ``None`` = none), exposed so a
+            method can read the teacher's last hidden activation (:meth:`answer`).
+
+    Example:
+        >>> head = Head(over_arch.out, body=over_arch.body)
+        >>> head(h).shape, head.answer(h).shape      # [B], [B, d' + 1]
+    """
+
+    def __init__(self, out: nn.Module, body: nn.Module | None = None) -> None:
+        import copy
+
+        super().__init__()
+        self.out = copy.deepcopy(out).requires_grad_(False)
+        self.body = copy.deepcopy(body).requires_grad_(False) if body is not None else None
+        self.train(False)
+
+    def train(self, mode: bool = True) -> Head:  # noqa: ARG002 - frozen: always eval
+        return super().train(False)
+
+    def answer(self, x: torch.Tensor) -> torch.Tensor:
+        """``[last hidden activation ; logit]`` ``[B, d' + 1]`` for tap states ``x`` ``[B, d]``."""
+        z = self.body(x) if self.body is not None else x
+        return torch.cat([z, self.out(z).reshape(-1, 1)], 1)
+
+    def answer_dim(self, in_dim: int) -> int:
+        with torch.no_grad():
+            return int(self.answer(torch.zeros(1, in_dim)).shape[-1])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` ``[B, d]`` -> logit ``[B]``."""
+        z = self.body(x) if self.body is not None else x
+        return self.out(z).reshape(-1)
+
+
 class Teacher(ABC):
     """Base class of every teacher.
 
@@ -113,11 +156,10 @@ class Teacher(ABC):
         """The declared taps of the fitted teacher (float taps of :meth:`hidden_dims` by default)."""
         return {n: Tap(n, int(d), has_head=self.head(n) is not None) for n, d in self.hidden_dims().items()}
 
-    def head(self, tap: str) -> nn.Module | None:
-        """Frozen, differentiable upper layers mapping hidden tap ``tap`` ``[B, d]`` to a logit ``[B]``.
-
-        ``None`` when the teacher has none (LightGBM); methods then learn an answer net instead.
-        """
+    def head(self, tap: str) -> Head | None:
+        """Frozen, differentiable upper layers mapping hidden tap ``tap`` ``[B, d]`` to a logit ``[B]``
+        (a :class:`Head`). ``None`` when the teacher has none (LightGBM); methods then learn an answer
+        net instead."""
         return None
 
     def identity(self) -> dict[str, Any]:

@@ -23,7 +23,6 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import copy
 import hashlib
 import inspect
 import math
@@ -44,33 +43,11 @@ from appdistill.features.spec import FeatureSpecSet
 from appdistill.io import load_checkpoint, save_checkpoint
 from appdistill.progress import bar as progress_bar, write as progress_write
 from appdistill.student.model import RankingModel, StudentConfig
-from appdistill.teachers.base import TEACHERS, Teacher
+from appdistill.teachers.base import TEACHERS, Head, Teacher
 from appdistill.teachers.fit import TeacherError, encoding_fingerprint, jsonable, restore, write_teacher_json
 
 MODEL_FILE = "model.pt"
 TAPS = ("h", "over")
-
-
-class FrozenHead(nn.Module):
-    """A frozen copy of upper layers: gradients reach its input, never its parameters.
-
-    It stays in eval mode even when a method that holds it calls ``.train()`` (dropout off), so
-    ``head(H)`` always equals the teacher's own prediction from ``H``.
-    """
-
-    def __init__(self, module: nn.Module, squeeze: bool = False) -> None:
-        super().__init__()
-        self.module = copy.deepcopy(module).requires_grad_(False)
-        self.squeeze = squeeze
-        self.train(False)
-
-    def train(self, mode: bool = True) -> FrozenHead:  # noqa: ARG002 - frozen: always eval
-        return super().train(False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x`` ``[B, d]`` -> logit ``[B]``."""
-        y = self.module(x)
-        return y.squeeze(-1) if self.squeeze else y
 
 
 @TEACHERS.register("dlrm")
@@ -240,14 +217,14 @@ class DLRMTeacher(Teacher):
                 if self.config["over_arch"] else self.model.over_arch.in_dim}
         return {k: dims[k] for k in self.config["taps"]}
 
-    def head(self, tap: str) -> nn.Module | None:
+    def head(self, tap: str) -> Head | None:
         """Frozen upper layers from tap ``tap`` ``[B, d]`` to the logit ``[B]`` (on the teacher's device)."""
         if self.model is None:
             raise TeacherError(f"teacher '{self.name}' is not fitted")
         if tap == "h":
-            return FrozenHead(self.model.over_arch)
+            return Head(self.model.over_arch.out, body=self.model.over_arch.body)
         if tap == "over":
-            return FrozenHead(self.model.over_arch.out, squeeze=True)
+            return Head(self.model.over_arch.out)
         raise KeyError(f"teacher '{self.name}' has no tap '{tap}' (taps: {list(TAPS)})")
 
     def identity(self) -> dict[str, Any]:

@@ -24,11 +24,8 @@ import importlib
 import importlib.util
 import json
 import logging
-import time
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from appdistill.errors import AppDistillError, ConfigError
 from appdistill.eval.metrics import evaluate_rows

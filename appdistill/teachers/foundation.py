@@ -41,7 +41,7 @@ from appdistill.features.spec import FeatureSpecSet
 from appdistill.io import atomic_write_bytes, load_checkpoint
 from appdistill.progress import bar as progress_bar
 from appdistill.student.model import OverArch
-from appdistill.teachers.base import TEACHERS, Teacher
+from appdistill.teachers.base import TEACHERS, Head, Teacher
 from appdistill.teachers.fit import TeacherError, encoding_fingerprint, restore, write_teacher_json
 
 MODEL_FILE = "model.pt"
@@ -279,13 +279,11 @@ class FoundationTeacher(Teacher):
     def hidden_dims(self) -> dict[str, int]:
         return {n: self.kwargs["d_a"] for n in self.layer_names}
 
-    def head(self, tap: str) -> nn.Module | None:
+    def head(self, tap: str) -> Head | None:
         if self.net is None or tap not in self.layer_names:
             return None
-        import copy
-
-        h = copy.deepcopy(self.net.heads[self.layer_names.index(tap)]).requires_grad_(False)
-        return h.eval()
+        h = self.net.heads[self.layer_names.index(tap)]
+        return Head(h.out, body=h.body)
 
     # ------------------------------------------------------------------ size / identity / io
     def params(self) -> int:
