@@ -160,3 +160,31 @@ def test_bench_store(tmp_path: Path) -> None:
     assert res["second_build"] == {**res["second_build"], "encoded": 0, "model_loaded": False}
     assert res["incremental_10_edits"]["encoded"] == 10 and res["incremental_10_edits"]["reused"] == 22
     assert not (out / "scratch").exists()
+
+
+# ------------------------------------------------------------------------------------- bench_scale
+def test_bench_scale_report_states_growth_per_stage(tmp_path: Path) -> None:
+    mod = load_bench("bench_scale")
+
+    def fake(rows: int, k: float) -> dict[str, Any]:
+        return {"rows": rows, "train_rows": rows * 8 // 10, "test_auc": 0.7, "samples_per_s": 1000.0,
+                "teachers": {}, "budget": {"epochs": 1, "lightgbm_rounds": 200, "overrides": []},
+                "stages": {s: {"seconds": k * (i + 1), "peak_rss_gb": 0.5 * k, "disk_gb": 0.1 * k}
+                           for i, s in enumerate(mod.STAGES)}}
+
+    md = mod.report([fake(10_000_000, 9.0), fake(1_000_000, 1.0)], tmp_path)  # any order in
+    assert "| stage | 1,000,000 rows" in md and "| train | 8.0 / 0.50 / 0.10 | 72.0 / 4.50 / 0.90 | 9.0x |" in md
+    assert "rows x10" in md and (tmp_path / "results.json").is_file() and (tmp_path / "scale.png").is_file()
+    assert [r["rows"] for r in json.loads((tmp_path / "results.json").read_text())] == [1_000_000, 10_000_000]
+
+
+@pytest.mark.slow
+def test_bench_scale_runs_the_whole_pipeline_at_a_tiny_size(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    mod = load_bench("bench_scale")
+    monkeypatch.setenv("APPDISTILL_CACHE", str(tmp_path / "store"))
+    res = mod.run_one(4000, tmp_path, epochs=1, trees=5, overrides=[
+        "teachers.dlrm.kwargs.over_arch=[16]", "teachers.foundation.kwargs.d_a=16"])
+    assert set(res["stages"]) == set(mod.STAGES)
+    assert all(v["seconds"] >= 0 and v["peak_rss_gb"] > 0 for v in res["stages"].values())
+    assert res["stages"]["cache"]["disk_gb"] > 0 and 0.3 < res["test_auc"] < 1
+    assert (tmp_path / "rows-4000" / "export" / "manifest.json").is_file()

@@ -1,0 +1,225 @@
+"""The whole pipeline at growing sizes: wall time, peak memory and disk per stage.
+
+Runs the committee of ``configs/synthetic_committee.yaml`` on the synthetic multimodal data at each
+``--rows N`` (users N/20, items N/50, as the shipped 1M spec) and records, per stage:
+
+    data        generate the tables (the spec's built-in source)
+    encode      vocabularies, split, encoding of every feature (``Dataset.build``)
+    store       MiniLM over every item text (the per-item embedding store)
+    fit:<name>  each teacher's fit (LightGBM, DLRM, foundation) and its own evaluation
+    cache       every teacher's outputs for every row (train, valid, test)
+    train       DiverseDistill, ``--epochs`` epochs (the method's step, batches, cache join)
+    evaluate    per-epoch validation, the test split and the best-epoch reload (train() minus train)
+    export      the serving artefact (student only)
+
+wall seconds, peak RSS of the process during the stage (sampled every 50 ms from /proc) and bytes
+written under the run directory and the embedding store. Each size runs in a fresh subprocess, so one
+size's memory never counts towards the next. Results go to ``OUT/results.json``, ``OUT/results.md``
+and ``OUT/scale.png`` (time and memory against rows, one line per stage); the growth column of the
+table is time(N_last) / time(N_first) per stage, against N_last / N_first.
+
+The budget is stated in the report: teachers and student train ``--epochs`` epochs (default 1) and
+LightGBM ``--trees`` rounds at most, so that 10M rows fit a session on a 2-core machine; the shape of
+the cost (what grows how) is what this measures, not the best AUC.
+
+Usage:
+    python benchmarks/bench_scale.py --rows 1000000 10000000 --out DIR [--epochs 1] [--trees 200]
+        [--store DIR] [--set KEY=VALUE ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+STAGES = ["data", "encode", "store", "fit:lightgbm", "fit:dlrm", "fit:foundation", "cache", "train", "evaluate",
+          "export"]
+
+
+# ------------------------------------------------------------------------------------------- measuring
+def _rss() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _du(paths: list[Path]) -> int:
+    total = 0
+    for root in paths:
+        if root.is_dir():
+            for dirpath, _, files in os.walk(root):
+                for f in files:
+                    try:
+                        total += os.lstat(os.path.join(dirpath, f)).st_size
+                    except OSError:
+                        pass
+    return total
+
+
+class Meter:
+    """Per-stage wall seconds, peak RSS (a 50 ms sampler thread) and bytes added under ``paths``."""
+
+    def __init__(self, paths: list[Path]) -> None:
+        self.paths, self.stages, self._peak, self._stop = paths, {}, 0, threading.Event()
+        threading.Thread(target=self._sample, daemon=True).start()
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.05):
+            self._peak = max(self._peak, _rss())
+
+    @contextmanager
+    def stage(self, name: str):
+        disk0, self._peak = _du(self.paths), _rss()
+        t0 = time.perf_counter()
+        yield
+        secs = time.perf_counter() - t0
+        self._peak = max(self._peak, _rss())
+        self.stages[name] = {"seconds": round(secs, 2), "peak_rss_gb": round(self._peak / 2**30, 3),
+                             "disk_gb": round((_du(self.paths) - disk0) / 2**30, 3)}
+        print(f"  {name:<16} {secs:8.1f} s  peak RSS {self._peak / 2**30:6.2f} GB  "
+              f"disk +{self.stages[name]['disk_gb']:.3f} GB", flush=True)
+
+
+# ------------------------------------------------------------------------------------------- one size
+def run_one(rows: int, out: Path, epochs: int, trees: int, overrides: list[str]) -> dict[str, Any]:
+    """The whole pipeline at ``rows`` interactions, in this process; returns the stage table."""
+    from appdistill.config import REPO_ROOT, load_config
+    from appdistill.export.artifact import export_run
+    from appdistill.features.dataset import Dataset
+    from appdistill.features.tables import load_tables
+    from appdistill.pipeline import build_caches, fit_teachers, text_embeddings_for, train
+
+    run = out / f"rows-{rows}"
+    store = Path(os.environ["APPDISTILL_CACHE"])
+    src = {"n_users": max(100, rows // 20), "n_items": max(50, rows // 50), "n_interactions": rows}
+    sets = [f"train.epochs={epochs}", "teachers.dlrm.kwargs.epochs=" + str(epochs),
+            "teachers.foundation.kwargs.epochs=" + str(epochs), f"teachers.lightgbm.kwargs.num_boost_round={trees}",
+            *overrides]
+    raw = yaml.safe_load((REPO_ROOT / "feature_specs/synthetic_1m.yaml").read_text())
+    raw["name"], raw["source"]["kwargs"] = f"synthetic-{rows}", {**raw["source"]["kwargs"], **src}
+    spec_path = (out / f"spec-{rows}.yaml").resolve()
+    spec_path.write_text(yaml.safe_dump(raw))  # the shipped 1M spec, resized
+    cfg = load_config(REPO_ROOT / "configs/synthetic_committee.yaml", [*sets, f"spec={spec_path}"])
+    spec = cfg.load_spec()
+    meter = Meter([run, store])
+    with meter.stage("data"):
+        tables = load_tables(spec)
+    with meter.stage("encode"):
+        ds = Dataset.build(spec, tables)
+    del tables
+    with meter.stage("store"):
+        emb = text_embeddings_for(cfg, ds)
+    for name in cfg.teachers:
+        with meter.stage(f"fit:{name}"):
+            fit_teachers(cfg, run, [name], ds, text_embeddings=emb, progress=False)
+    with meter.stage("cache"):
+        build_caches(cfg, run, ds, progress=False, echo=lambda *_: None)
+    t0 = time.perf_counter()
+    with meter.stage("train"):
+        metrics = train(cfg, run, dataset=ds, progress=False)
+    total = time.perf_counter() - t0
+    # train() validates every epoch and evaluates test at the end: split its wall time accordingly
+    fit_s = metrics["train"]["seconds"]
+    meter.stages["evaluate"] = {**meter.stages["train"], "seconds": round(total - fit_s, 2), "disk_gb": 0.0}
+    meter.stages["train"]["seconds"] = round(fit_s, 2)
+    with meter.stage("export"):
+        export_run(run, run / "export")
+    return {"rows": rows, "train_rows": int(len(ds.splits["train"])), "stages": meter.stages,
+            "test_auc": metrics["test"]["auc"], "samples_per_s": metrics["train"]["samples_per_s"],
+            "teachers": {n: m["test"]["auc"] for n, m in metrics["teachers"].items()},
+            "budget": {"epochs": epochs, "lightgbm_rounds": trees, "overrides": overrides}}
+
+
+# ------------------------------------------------------------------------------------------- report
+def report(results: list[dict[str, Any]], out: Path) -> str:
+    results = sorted(results, key=lambda r: r["rows"])
+    first, last = results[0], results[-1]
+    stages = [s for s in STAGES if all(s in r["stages"] for r in results)]
+    head = "| stage | " + " | ".join(f"{r['rows']:,} rows: s / peak GB / disk GB" for r in results)
+    lines = [head + (" | growth |" if len(results) > 1 else " |"),
+             "|---|" + "---:|" * len(results) + ("---:|" if len(results) > 1 else "")]
+    for s in stages:
+        cells = [f"{r['stages'][s]['seconds']:.1f} / {r['stages'][s]['peak_rss_gb']:.2f} / "
+                 f"{r['stages'][s]['disk_gb']:.2f}" for r in results]
+        growth = ""
+        if len(results) > 1:
+            a, b = first["stages"][s]["seconds"], last["stages"][s]["seconds"]
+            growth = f" {b / a:.1f}x |" if a > 0 else " - |"
+        lines.append(f"| {s} | " + " | ".join(cells) + " |" + growth)
+    tot = [sum(r["stages"][s]["seconds"] for s in stages) for r in results]
+    peak = [max(r["stages"][s]["peak_rss_gb"] for s in stages) for r in results]
+    lines.append("| **total** | " + " | ".join(f"**{t / 60:.1f} min / {p:.2f} GB**" for t, p in zip(tot, peak))
+                 + " |" + (f" {tot[-1] / tot[0]:.1f}x |" if len(results) > 1 else ""))
+    md = "\n".join(lines)
+    notes = [f"rows x{last['rows'] / first['rows']:.0f}" if len(results) > 1 else "",
+             "; ".join(f"{r['rows']:,} rows: student test AUC {r['test_auc']:.4f}, "
+                       f"{r['samples_per_s']:,.0f} samples/s" for r in results),
+             f"budget: {first['budget']}"]
+    md += "\n\n" + "\n".join(n for n in notes if n) + "\n"
+    (out / "results.md").write_text(md)
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+        xs = [r["rows"] for r in results]
+        for s in stages:
+            ax1.plot(xs, [r["stages"][s]["seconds"] for r in results], marker="o", label=s)
+            ax2.plot(xs, [r["stages"][s]["peak_rss_gb"] for r in results], marker="o", label=s)
+        for ax, lab in ((ax1, "wall seconds"), (ax2, "peak RSS (GB)")):
+            ax.set_xscale("log")
+            ax.set_yscale("log" if ax is ax1 else "linear")
+            ax.set_xlabel("interactions")
+            ax.set_ylabel(lab)
+        ax1.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / "scale.png", dpi=110)
+    except ImportError:
+        pass
+    return md
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rows", type=int, nargs="+", default=[1_000_000, 10_000_000])
+    p.add_argument("--out", required=True)
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--trees", type=int, default=200, help="LightGBM rounds at most (early stopping as configured)")
+    p.add_argument("--store", default=None, help="embedding store / cache root (default: OUT/store, a cold start)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)  # internal: run one size here
+    a = p.parse_args()
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if a.one is not None:
+        res = run_one(a.one, out, a.epochs, a.trees, a.set)
+        (out / f"rows-{a.one}.json").write_text(json.dumps(res, indent=1))
+        return
+    env = {**os.environ, "APPDISTILL_CACHE": str(Path(a.store or out / "store").resolve())}
+    results = []
+    for n in a.rows:
+        print(f"[bench_scale] {n:,} rows", flush=True)
+        cmd = [sys.executable, __file__, "--one", str(n), "--out", str(out), "--epochs", str(a.epochs),
+               "--trees", str(a.trees), *(x for s in a.set for x in ("--set", s))]
+        subprocess.run(cmd, check=True, env=env)
+        results.append(json.loads((out / f"rows-{n}.json").read_text()))
+        print(report(results, out), flush=True)
+
+
+if __name__ == "__main__":
+    main()
