@@ -25,8 +25,7 @@ import torch
 from appdistill.config import REPO_ROOT, load_config
 from appdistill.features.batch import BatchBuilder
 from appdistill.features.dataset import Dataset
-from appdistill.methods.none import NoDistillation
-from appdistill.distributed import DistContext, shard_model
+from appdistill.distributed import DistContext, init_distributed, shard_model
 from appdistill.pipeline import train
 from appdistill.train.loop import build_model_for_run, train_loader, train_prefetch
 
@@ -40,14 +39,15 @@ def reference(cfg, ds: Dataset, epochs: int) -> float:
     sparse backward and optimizer touch fewer rows.
     """
     spec = cfg.load_spec()
+    ctx = init_distributed()  # the device train() uses: CUDA with APPDISTILL_DEVICE=cuda, else CPU
     builder = BatchBuilder(ds, spec.visible("student"))
     loader = train_loader(cfg, ds, builder, DistContext(), prefetch=0)
     batches = []
     for e in range(epochs):
         loader.set_epoch(e)
-        batches.extend(loader)
+        batches.extend(b.to(ctx.device) for b in loader)
     torch.manual_seed(cfg.seed)
-    model, opt = shard_model(build_model_for_run(cfg, ds), DistContext(), cfg.train.lr, cfg.train.embedding_lr)
+    model, opt = shard_model(build_model_for_run(cfg, ds), ctx, cfg.train.lr, cfg.train.embedding_lr)
     loss_fn = torch.nn.BCEWithLogitsLoss()
     n, t0 = 0, time.perf_counter()
     for b in batches:
@@ -56,6 +56,8 @@ def reference(cfg, ds: Dataset, epochs: int) -> float:
         loss.backward()
         opt.step()
         n += b.size
+    if ctx.device.type == "cuda":
+        torch.cuda.synchronize()
     return n / (time.perf_counter() - t0)
 
 
@@ -85,6 +87,7 @@ def main(argv: list[str] | None = None) -> dict:
     res = {
         "benchmark": "student_throughput", "config": a.config, "epochs": a.epochs, "repeats": a.repeats,
         "overrides": a.set, "batch_size": cfg.train.batch_size, "prefetch": train_prefetch(cfg), "threads": torch.get_num_threads(),
+        "device": str(init_distributed().device),
         "appdistill_samples_per_s": statistics.median(ours), "reference_samples_per_s": statistics.median(ref),
         "all_appdistill": ours, "all_reference": ref, "pair_ratios": [round(x, 3) for x in pairs],
         "ratio": statistics.median(pairs), "ratio_best_of": max(ours) / max(ref), "target_ratio": 0.9,
