@@ -144,7 +144,7 @@ def fit_committee(cfg: ExperimentConfig, run_dir: str | Path, names: list[str] |
 
 def build_caches(cfg: ExperimentConfig, run_dir: str | Path, ds: Dataset | None = None, *,
                  teachers: dict[str, Any] | None = None, splits: Sequence[str] = ("train", "valid", "test"),
-                 batch_size: int = 8192, float_dtype: str = "float32", int_dtype: str = "int32",
+                 batch_size: int = 8192, float_dtype: str = "float32", int_dtype: str = "auto",
                  verify: str = "checksum", progress: bool = True,
                  echo: Callable[[str], Any] = print) -> dict[str, Any]:
     """Get or build the cache of every teacher in ``cfg.teachers`` under ``run_dir/cache``.

@@ -82,7 +82,7 @@ def test_build_then_lookup_equals_predict(ds, tmp_path):
     mixed = rng.choice(ds.n, 500)  # rows of all three splits in one call
     _assert_same(cache.lookup(None, mixed), t.predict(ds, mixed))
     out = cache.lookup("train", ds.splits["train"][:7], taps=["leaves"], upcast=False)
-    assert list(out.hidden) == ["leaves"] and out.hidden["leaves"].dtype == torch.int32
+    assert list(out.hidden) == ["leaves"] and out.hidden["leaves"].dtype == torch.int8  # "auto": the smallest type holding the declared leaf count
 
 
 def test_layout_and_manifest(ds, tmp_path):
@@ -97,7 +97,7 @@ def test_layout_and_manifest(ds, tmp_path):
     assert man["split"] == "valid" and man["n_rows"] == len(ds.splits["valid"]) and man["appdistill_version"]
     n = len(ds.splits["valid"])
     expect = {"rows": ([n], "int64"), "logits": ([n], "float32"), "hidden.h": ([n, 16], "float32"),
-              "hidden.leaves": ([n, 30], "int32")}
+              "hidden.leaves": ([n, 30], "int8")}
     import hashlib
 
     for key, (shape, dtype) in expect.items():
@@ -391,3 +391,16 @@ def test_teacher_without_hidden_taps(ds, tmp_path):
     ids = ds.splits["test"][:20]
     out = cache.lookup("test", ids)
     assert out.hidden == {} and torch.equal(out.logits, t.predict(ds, ids).logits)
+
+
+def test_auto_int_dtype_is_the_smallest_holding_the_declared_leaves(ds, tmp_path):
+    for leaves, want in ((63, torch.int8), (128, torch.int8), (129, torch.int16), (40_000, torch.int32)):
+        t = FakeTeacher(ds.spec, f"l{leaves}", float_taps={}, int_taps={"leaves": 3}, leaves=leaves)
+        cache = _build(t, ds, tmp_path)
+        got = cache.lookup("train", ds.splits["train"][:50], upcast=False).hidden["leaves"]
+        assert got.dtype == want, leaves
+        assert torch.equal(got.long(), t.predict(ds, ds.splits["train"][:50]).hidden["leaves"].long())
+    # a cache stored with int32 earlier is rebuilt as int8 (asked for), not reinterpreted
+    t = FakeTeacher(ds.spec, "old", float_taps={}, int_taps={"leaves": 3}, leaves=63)
+    _build(t, ds, tmp_path, int_dtype="int32")
+    assert _build(t, ds, tmp_path).built == ["train", "valid", "test"]

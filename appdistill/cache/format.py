@@ -13,7 +13,7 @@ fingerprint) and one sub-directory per split::
                                                               /rows.npy            [N] int64 (sorted; join key)
                                                               /logits.npy          [N] float32
                                                               /hidden.<tap>.npy    [N, d] float32|float16
-                                                                                   [N, T] int32|int64 (leaves)
+                                                                                   [N, T] int8|16|32|64 (leaves)
 
 ``manifest.json`` records the teacher identity dict, the data fingerprint, the split, and the shape,
 dtype, byte size and sha256 of every ``.npy`` file (plus creation time and appdistill version).
@@ -72,7 +72,7 @@ MANIFEST = "manifest.json"
 DEFAULT_SPLITS = ("train", "valid", "test")
 Verify = Literal["size", "checksum"]
 FloatDtype = Literal["float32", "float16"]
-IntDtype = Literal["int32", "int64"]
+IntDtype = Literal["auto", "int32", "int64"]
 
 
 # ====================================================================================== errors
@@ -241,7 +241,7 @@ class SplitShards:
         manifest: its manifest.
         rows: ``[N]`` int64 interaction rows, sorted (the join key).
         logits: ``[N]`` float32.
-        hidden: ``{tap: [N, d]}`` float32/float16 or ``[N, T]`` int32/int64.
+        hidden: ``{tap: [N, d]}`` float32/float16 or ``[N, T]`` int8..int64 (the smallest holding the declared cardinality by default).
     """
 
     split: str
