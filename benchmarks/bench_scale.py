@@ -71,8 +71,9 @@ def _du(paths: list[Path]) -> int:
 class Meter:
     """Per-stage wall seconds, peak RSS (a 50 ms sampler thread) and bytes added under ``paths``."""
 
-    def __init__(self, paths: list[Path]) -> None:
+    def __init__(self, paths: list[Path], partial: Path | None = None) -> None:
         self.paths, self.stages, self._peak, self._stop = paths, {}, 0, threading.Event()
+        self.partial = partial  # stages so far, rewritten after each one (a killed run keeps them)
         threading.Thread(target=self._sample, daemon=True).start()
 
     def _sample(self) -> None:
@@ -90,6 +91,8 @@ class Meter:
                              "disk_gb": round((_du(self.paths) - disk0) / 2**30, 3)}
         print(f"  {name:<16} {secs:8.1f} s  peak RSS {self._peak / 2**30:6.2f} GB  "
               f"disk +{self.stages[name]['disk_gb']:.3f} GB", flush=True)
+        if self.partial is not None:
+            self.partial.write_text(json.dumps(self.stages, indent=1))
 
 
 # ------------------------------------------------------------------------------------------- one size
@@ -113,7 +116,7 @@ def run_one(rows: int, out: Path, epochs: int, trees: int, overrides: list[str])
     spec_path.write_text(yaml.safe_dump(raw))  # the shipped 1M spec, resized
     cfg = load_config(REPO_ROOT / "configs/synthetic_committee.yaml", [*sets, f"spec={spec_path}"])
     spec = cfg.load_spec()
-    meter = Meter([run, store])
+    meter = Meter([run, store], out / f"rows-{rows}.partial.json")
     with meter.stage("data"):
         tables = load_tables(spec)
     with meter.stage("encode"):
