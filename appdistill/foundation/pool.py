@@ -75,18 +75,25 @@ class ContentPool:
 
     # ----------------------------------------------------------------- reading
     def segments(self) -> list[Segment]:
-        """The intact segments (checked once per pool object; corrupt ones reported and removed)."""
+        """The intact segments (checked once per pool object; corrupt ones reported and removed).
+        Read under the pool's lock, so a merge in another process never removes one mid-read."""
         if self._segments is None:
-            self._segments = []
-            if self.dir.is_dir():
-                for d in sorted(p for p in self.dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
-                    seg, problem = self._open(d)
-                    if seg is not None:
-                        self._segments.append(seg)
-                    else:
-                        self.on_corrupt(d, problem or "unreadable")
-                        shutil.rmtree(d, ignore_errors=True)
-        return self._segments
+            if not self.dir.is_dir():
+                return []
+            with locked(self.dir):
+                self._load()
+        return self._segments or []
+
+    def _load(self) -> None:
+        """(Re)read the segments; the caller holds the pool's lock."""
+        self._segments = []
+        for d in sorted(p for p in self.dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            seg, problem = self._open(d)
+            if seg is not None:
+                self._segments.append(seg)
+            else:
+                self.on_corrupt(d, problem or "unreadable")
+                shutil.rmtree(d, ignore_errors=True)
 
     def _open(self, d: Path) -> tuple[Segment | None, str | None]:
         try:
@@ -140,8 +147,8 @@ class ContentPool:
             return
         with locked(self.dir):
             self._write(np.asarray(keys, np.uint64), np.asarray(vectors, self.dtype))
-            self._segments = None
-            if len(self.segments()) > MAX_SEGMENTS:
+            self._load()
+            if len(self._segments or []) > MAX_SEGMENTS:
                 self._merge()
 
     def _write(self, keys: np.ndarray, vectors: np.ndarray) -> None:
@@ -155,12 +162,13 @@ class ContentPool:
             atomic_write_text(stage / "manifest.json", json.dumps(man))
 
     def _merge(self) -> None:
-        """Rewrite every segment as one (first occurrence of each key wins), then drop the old ones."""
-        segments = self.segments()
+        """Rewrite every segment as one (first occurrence of each key wins), then drop the old ones;
+        the caller holds the pool's lock."""
+        segments = self._segments or []
         keys = np.concatenate([s.keys for s in segments])
         uniq, first = np.unique(keys, return_index=True)
         vectors = np.concatenate([np.asarray(s.vectors) for s in segments])[first]
         self._write(uniq, vectors)
         for s in segments:
             shutil.rmtree(s.path, ignore_errors=True)
-        self._segments = None
+        self._load()
