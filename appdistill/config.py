@@ -258,3 +258,17 @@ def check_kwargs(cfg: ExperimentConfig, source: str) -> None:
                                   f"teachers.{name}.kwargs")
     if problems:
         raise ConfigError(f"file '{source}': invalid config:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+def resolved_kwargs(cfg: ExperimentConfig) -> dict[str, Any]:
+    """The method's and every teacher's kwargs with their defaults filled in (the typed models'
+    dumps): what a run actually uses, so a run keyed by it is not reused after a default changes."""
+    from appdistill.methods import METHODS
+    from appdistill.registry import kwargs_model
+    from appdistill.teachers.fit import teacher_class
+
+    def dump(factory: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+        return kwargs_model(factory).model_validate(kwargs or {}).model_dump(mode="json")
+
+    return {"method": dump(METHODS.get(cfg.method.key), cfg.method.kwargs),
+            "teachers": {n: dump(teacher_class(b.key), b.kwargs) for n, b in cfg.teachers.items()}}

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from appdistill.bench.variants import BEST, DEFAULT, VARIANTS, grid_points, ordered
-from appdistill.config import ExperimentConfig, config_from_dict, load_config
+from appdistill.config import ExperimentConfig, config_from_dict, load_config, resolved_kwargs
 from appdistill.errors import AppDistillError, ConfigError
 from appdistill.eval.metrics import auc
 from appdistill.eval.segments import sample_oracle, segment_metrics, segment_oracle, split_buckets
@@ -151,7 +151,8 @@ class ConfigBench:
     def train_one(self, cfg: ExperimentConfig, ds: Dataset, tdir: Path, label: str) -> dict[str, Any]:
         from appdistill.pipeline import train
 
-        ident = {"config": cfg.stable_dump(), "data": ds.fingerprint}
+        # the resolved kwargs too: a method's changed default must not reuse runs made with the old one
+        ident = {"config": cfg.stable_dump(), "resolved": resolved_kwargs(cfg), "data": ds.fingerprint}
         run = tdir / "runs" / f"{cfg.method.key}-{_hash(ident)}" / f"seed{cfg.seed}"
         if (run / "metrics.json").is_file():
             return json.loads((run / "metrics.json").read_text())

@@ -43,7 +43,11 @@ from appdistill.student.model import RankingModel, StudentOutput
 
 @METHODS.register("diverse_distill")
 class DiverseDistill(Method):
-    """Args:
+    """The defaults are the setting every shipped regime config uses (committee path as a teaching
+    assistant, soft importance weights on the teacher KD, the committee path every 8th step); the
+    bench tunes ``lambda_t`` and ``temperature`` around it (:attr:`grid`).
+
+    Args:
         committee: ``{name: Teacher}``.
         student_dim: ``d_s`` (width of ``h``), supplied by the training loop.
         teachers: committee members to use (default: all).
@@ -101,13 +105,13 @@ class DiverseDistill(Method):
                  teachers: list[str] | None = None, complementary: bool = True, gating: bool = True,
                  top_k: int | None = None, threshold: float | None = None, questions: bool = True,
                  committee_path: bool = True,
-                 committee_grad: float = 1.0, d_e: int = 32,
-                 tau: float = 1.0, lambda_kd: float = 0.5,
-                 lambda_t: float = 0.5, lambda_lb: float = 0.01, temperature: float = 1.0,
+                 committee_grad: float = 0.0, d_e: int = 32,
+                 tau: float = 1.0, lambda_kd: float = 0.0,
+                 lambda_t: float = 1.5, lambda_lb: float = 0.01, temperature: float = 1.0,
                  output_loss: str = "kd", taps: dict[str, str] | None = None, leaf_dim: int = 32,
                  leaf_trees: int | None = 32, taid: dict[str, float] | None = None,
-                 kd_weights: str = "gated", committee_rows: int | None = None,
-                 committee_every: int = 1, routing: bool = False,
+                 kd_weights: str = "soft", committee_rows: int | None = None,
+                 committee_every: int = 8, routing: bool = False,
                  item_frequency: Any = None) -> None:
         super().__init__(committee)
         committee = committee or {}
