@@ -10,6 +10,7 @@ import torch
 
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from appdistill.errors import ConfigError
 from appdistill.features.batch import Batch, BatchBuilder, BatchLoader, TeacherOutput
 from appdistill.features.dataset import Dataset
 from appdistill.features.processor import Jagged
@@ -131,7 +132,7 @@ def test_two_ranks_split_each_global_batch(builder, n_rows, batch_size, drop_las
 
 
 def test_world_size_must_divide_batch_size(builder):
-    with pytest.raises(ValueError, match="divisible by world_size 4"):
+    with pytest.raises(ConfigError, match=r"divisible by the number of ranks \(4\)"):
         BatchLoader(builder, np.arange(20), 6, world_size=4)
 
 

@@ -14,6 +14,7 @@ import pytest
 
 from appdistill.config import load_config
 from appdistill.data.tabular import generate_tabular, tabular_columns
+from appdistill.errors import ConfigError
 from appdistill.features.dataset import Dataset
 from appdistill.features.spec import FeatureSpecSet
 from appdistill.features.tables import load_tables
@@ -48,7 +49,7 @@ def test_tabular_columns():
         assert pd.api.types.is_float_dtype(df[f"num_{j}"].dtype) and df[f"num_{j}"].notna().all()
     assert df["cat_lo"].nunique() == 8 and df["cat_mid"].nunique() <= 64 and df["cat_hi"].nunique() <= 50
     assert set(df["label"].unique()) == {0, 1} and 0.3 < df["label"].mean() < 0.7
-    with pytest.raises(ValueError):
+    with pytest.raises(ConfigError, match="n_numeric"):
         generate_tabular(n_rows=100, n_numeric=3)
 
 

@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 
 from appdistill.data import SOURCES
+from appdistill.errors import ConfigError
 from appdistill.io import json_digest
 
 TOPICS: dict[str, list[str]] = {
@@ -124,9 +125,9 @@ def generate(n_users: int = 2000, n_items: int = 1000, n_interactions: int = 100
     own random stream).
     """
     if not 1 <= n_topics <= len(TOPICS):
-        raise ValueError(f"n_topics must be in [1, {len(TOPICS)}]")
+        raise ConfigError(f"source synthetic: n_topics must be in [1, {len(TOPICS)}]")
     if not 0 < cold_window < 1:
-        raise ValueError("cold_window must be in (0, 1)")
+        raise ConfigError("source synthetic: cold_window must be in (0, 1)")
     rng = np.random.default_rng(seed)
     names = list(TOPICS)[:n_topics]
 

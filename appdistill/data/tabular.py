@@ -35,6 +35,7 @@ import numpy as np
 import pandas as pd
 
 from appdistill.data import SOURCES
+from appdistill.errors import ConfigError
 
 #: columns that carry signal (the rest of ``num_*`` are noise)
 SIGNAL_NUMERIC = 7
@@ -60,9 +61,9 @@ def generate_tabular(n_rows: int = 300_000, n_numeric: int = 12, n_hi: int = 200
         n_steps: bins of the irregular step function of ``num_0``.
     """
     if n_numeric < SIGNAL_NUMERIC:
-        raise ValueError(f"n_numeric must be >= {SIGNAL_NUMERIC}")
+        raise ConfigError(f"source synthetic_tabular: n_numeric must be >= {SIGNAL_NUMERIC}")
     if n_hi < 2 or n_steps < 2 or n_rows < 10:
-        raise ValueError("n_hi and n_steps must be >= 2, n_rows >= 10")
+        raise ConfigError("source synthetic_tabular: n_hi and n_steps must be >= 2, n_rows >= 10")
     rng = np.random.default_rng(seed)
     n = n_rows
 

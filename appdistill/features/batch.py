@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
+from appdistill.errors import ConfigError
 from appdistill.features.dataset import Dataset
 from appdistill.features.spec import FeatureSpec
 
@@ -206,7 +207,8 @@ class BatchLoader:
                  seed: int = 0, drop_last: bool = False, rank: int = 0, world_size: int = 1,
                  prefetch: int = 4, hooks: list[Any] | None = None, block_rows: int = 32768) -> None:
         if batch_size % world_size:
-            raise ValueError(f"batch_size {batch_size} must be divisible by world_size {world_size}")
+            raise ConfigError(f"train.batch_size {batch_size} must be divisible by the number of ranks ({world_size}): "
+                              "it is the global batch, split evenly over them")
         self.builder, self.rows, self.batch_size = builder, np.asarray(rows, np.int64), batch_size
         self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last
         self.rank, self.world_size, self.prefetch = rank, world_size, prefetch

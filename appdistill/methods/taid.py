@@ -19,6 +19,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from appdistill.errors import ConfigError
 from appdistill.features.batch import Batch
 from appdistill.methods.base import METHODS, Method, label_bce, soft_bce
 from appdistill.student.model import RankingModel, StudentOutput
@@ -29,7 +30,7 @@ class TAIDSchedule:
 
     def __init__(self, t_start: float = 0.4, t_end: float = 1.0, alpha: float = 5e-4, beta: float = 0.99) -> None:
         if not (0 <= t_start < t_end <= 1):
-            raise ValueError(f"taid: need 0 <= t_start < t_end <= 1, got {t_start}, {t_end}")
+            raise ConfigError(f"taid: need 0 <= t_start < t_end <= 1, got {t_start}, {t_end}")
         self.t_start, self.t_end, self.alpha, self.beta = t_start, t_end, alpha, beta
         self.t, self.m, self.prev = t_start, 0.0, None
 

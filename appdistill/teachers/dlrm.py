@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from appdistill.distributed import DistContext, shard_model
+from appdistill.errors import ConfigError
 from appdistill.eval.metrics import auc
 from appdistill.features.batch import Batch, BatchBuilder, BatchLoader, TeacherOutput
 from appdistill.features.dataset import Dataset
@@ -94,7 +95,7 @@ class DLRMTeacher(Teacher):
             "taps": list(taps) if taps is not None else list(TAPS), "eval_batch_size": eval_batch_size})
         bad = [t for t in self.config["taps"] if t not in TAPS]
         if bad:
-            raise TypeError(f"unknown taps {bad}; choose from {list(TAPS)}")
+            raise ConfigError(f"dlrm: unknown taps {bad}; choose from {list(TAPS)}")
         self.features = spec.visible(self.visibility)
         # not part of the config/identity: it changes speed, not what is learnt
         self.num_threads = num_threads
@@ -225,7 +226,7 @@ class DLRMTeacher(Teacher):
             return Head(self.model.over_arch.out, body=self.model.over_arch.body)
         if tap == "over":
             return Head(self.model.over_arch.out)
-        raise KeyError(f"teacher '{self.name}' has no tap '{tap}' (taps: {list(TAPS)})")
+        raise ConfigError(f"teacher '{self.name}' has no tap '{tap}' (taps: {list(TAPS)})")
 
     def identity(self) -> dict[str, Any]:
         return {**super().identity(), "config": self.config, "fitted_on": self.data_fingerprint}
