@@ -239,3 +239,23 @@ def test_teachers_plug_into_method_ports(lgb_teacher: LightGBMTeacher, dlrm_teac
     assert port.tap == "h" and port.has_head
     ans = port.answer(port.state(batch))
     torch.testing.assert_close(ans[:, -1], batch.teacher["dlrm"].logits, atol=1e-5, rtol=1e-5)
+
+
+def test_max_train_rows_fits_on_a_sample_and_is_part_of_the_identity(spec: FeatureSpecSet, ds: Dataset) -> None:
+    from appdistill.eval.metrics import auc
+    from appdistill.teachers.base import fit_rows
+
+    n = len(ds.splits["train"])
+    assert fit_rows(ds, None, 0) is ds.splits["train"] and fit_rows(ds, n + 5, 0) is ds.splits["train"]
+    sample = fit_rows(ds, n // 4, 3)
+    assert len(sample) == n // 4 and np.isin(sample, ds.splits["train"]).all() and (np.diff(sample) > 0).all()
+    np.testing.assert_array_equal(sample, fit_rows(ds, n // 4, 3))
+    for key, kw in (("lightgbm", SMALL_LGB), ("dlrm", SMALL_DLRM)):
+        full, small = TEACHERS.build(key, kw, spec=spec), TEACHERS.build(key, {**kw, "max_train_rows": n // 4}, spec=spec)
+        assert full.identity_hash() != small.identity_hash()
+        small.fit(ds)
+        test = ds.splits["test"]
+        assert 0.55 < auc(small.predict(ds, test).logits.numpy(), ds.labels[test]) < 1
+    from appdistill.registry import kwargs_errors
+
+    assert "max_train_rows" in kwargs_errors(LightGBMTeacher, {"max_train_rows": 5}, "kw")[0]

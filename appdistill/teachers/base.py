@@ -55,6 +55,16 @@ class Tap:
     has_head: bool = False
 
 
+def fit_rows(ds: Dataset, max_rows: int | None, seed: int) -> np.ndarray:
+    """The training rows a teacher fits on: all of ``ds.splits["train"]``, or a uniform random
+    sample of ``max_rows`` of them (sorted, fixed by ``seed``) when there are more -- a teacher's fit
+    cost then stops growing with the data while its outputs are still cached for every row."""
+    rows = ds.splits["train"]
+    if max_rows is None or len(rows) <= max_rows:
+        return rows
+    return np.sort(np.random.default_rng(seed).choice(rows, int(max_rows), replace=False))
+
+
 class Head(nn.Module):
     """A teacher's frozen upper layers from one hidden tap to its logit: ``out(body(x))``.
 

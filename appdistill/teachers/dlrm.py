@@ -44,7 +44,7 @@ from appdistill.features.spec import FeatureSpecSet
 from appdistill.io import load_checkpoint, save_checkpoint
 from appdistill.progress import bar as progress_bar, write as progress_write
 from appdistill.student.model import RankingModel, StudentConfig
-from appdistill.teachers.base import TEACHERS, Head, Teacher
+from appdistill.teachers.base import TEACHERS, Head, Teacher, fit_rows
 from appdistill.teachers.fit import TeacherError, encoding_fingerprint, jsonable, restore, write_teacher_json
 
 MODEL_FILE = "model.pt"
@@ -63,7 +63,8 @@ class DLRMTeacher(Teacher):
         epochs: at most this many epochs; ``patience`` epochs without a better validation AUC stop
             training, and the best epoch's weights are kept.
         batch_size / lr / embedding_lr / weight_decay: optimiser set-up of the student's training.
-        seed: weight initialisation and shuffling.
+        seed: weight initialisation, shuffling and the ``max_train_rows`` sample.
+        max_train_rows: fit on a uniform sample of at most this many training rows (``None``: all).
         taps: hidden taps to return from :meth:`predict` (subset of ``("h", "over")``).
         eval_batch_size: rows per forward pass when predicting.
         num_threads: torch intra-op threads while fitting/predicting (``None``: leave as is). One
@@ -75,14 +76,15 @@ class DLRMTeacher(Teacher):
 
     kwarg_ranges = {"embedding_dim": {"ge": 1, "le": 4096}, "dropout": {"ge": 0, "lt": 1}, "epochs": {"ge": 1},
                     "patience": {"ge": 0}, "batch_size": {"ge": 1}, "lr": {"gt": 0, "le": 10},
-                    "embedding_lr": {"gt": 0, "le": 10}, "weight_decay": {"ge": 0}, "eval_batch_size": {"ge": 1}}
+                    "embedding_lr": {"gt": 0, "le": 10}, "weight_decay": {"ge": 0}, "eval_batch_size": {"ge": 1},
+                    "max_train_rows": {"ge": 100}}
 
     def __init__(self, spec: FeatureSpecSet, name: str | None = None, *, embedding_dim: int | None = 32,
                  dense_arch: list[int] | None = None, interaction: dict[str, Any] | None = None,
                  over_arch: list[int] | None = None, dropout: float = 0.1, epochs: int = 12, patience: int = 2,
                  batch_size: int = 512, lr: float = 1e-3, embedding_lr: float = 0.05, weight_decay: float = 0.0,
                  seed: int = 0, taps: list[str] | None = None, eval_batch_size: int = 8192,
-                 num_threads: int | None = 1) -> None:
+                 max_train_rows: int | None = None, num_threads: int | None = 1) -> None:
         passed = {k: v for k, v in locals().items()
                   if k in _DEFAULTS and v != _DEFAULTS[k] and k != "num_threads"}
         super().__init__(spec, name, **jsonable(passed))
@@ -92,7 +94,8 @@ class DLRMTeacher(Teacher):
             "over_arch": over_arch if over_arch is not None else [256, 128, 64], "dropout": dropout,
             "epochs": epochs, "patience": patience, "batch_size": batch_size, "lr": lr,
             "embedding_lr": embedding_lr, "weight_decay": weight_decay, "seed": seed,
-            "taps": list(taps) if taps is not None else list(TAPS), "eval_batch_size": eval_batch_size})
+            "taps": list(taps) if taps is not None else list(TAPS), "eval_batch_size": eval_batch_size,
+            "max_train_rows": max_train_rows})
         bad = [t for t in self.config["taps"] if t not in TAPS]
         if bad:
             raise ConfigError(f"dlrm: unknown taps {bad}; choose from {list(TAPS)}")
@@ -149,7 +152,7 @@ class DLRMTeacher(Teacher):
         model, opt = shard_model(self.model, DistContext(device=self.device), c["lr"], c["embedding_lr"],
                                  c["weight_decay"])
         self.model = model  # type: ignore[assignment]
-        tr, va = ds.splits["train"], ds.splits["valid"]
+        tr, va = fit_rows(ds, c["max_train_rows"], c["seed"]), ds.splits["valid"]
         # batches are built inline: a loader thread competes with torch's threads on small CPUs
         loader = BatchLoader(BatchBuilder(ds, self.features), tr, c["batch_size"], shuffle=True, seed=c["seed"],
                              drop_last=len(tr) >= c["batch_size"], prefetch=0)

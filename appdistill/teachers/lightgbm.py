@@ -40,7 +40,7 @@ from appdistill.features.content import pca_projection
 from appdistill.features.dataset import Dataset
 from appdistill.features.spec import FeatureSpec, FeatureSpecSet
 from appdistill.io import atomic_write_bytes, atomic_write_text, digest_problem, file_digests
-from appdistill.teachers.base import TEACHERS, Tap, Teacher
+from appdistill.teachers.base import TEACHERS, Tap, Teacher, fit_rows
 from appdistill.teachers.fit import TeacherError, encoding_fingerprint, jsonable, restore, write_teacher_json
 
 log = logging.getLogger("appdistill.teachers")
@@ -64,7 +64,9 @@ class LightGBMTeacher(Teacher):
             ML-100K's random split they cost ~0.003 validation AUC, ids already cover every item).
         text_dim: PCA dimensions of each text feature's embedding.
         n_jobs: LightGBM threads (fit and predict).
-        seed: LightGBM seed (bagging, feature fraction).
+        seed: LightGBM seed (bagging, feature fraction) and of the ``max_train_rows`` sample.
+        max_train_rows: fit on a uniform sample of at most this many training rows (``None``: all);
+            the fit's cost stops growing with the data, its leaves are still cached for every row.
         params: extra raw LightGBM parameters (override the above).
     """
 
@@ -74,7 +76,8 @@ class LightGBMTeacher(Teacher):
                     "num_boost_round": {"ge": 1, "le": 1_000_000}, "early_stopping_rounds": {"ge": 0},
                     "min_data_in_leaf": {"ge": 0}, "feature_fraction": {"gt": 0, "le": 1},
                     "bagging_fraction": {"gt": 0, "le": 1}, "bagging_freq": {"ge": 0}, "lambda_l2": {"ge": 0},
-                    "max_bin": {"ge": 2}, "n_jobs": {"ge": 1, "le": 1024}, "text_dim": {"ge": 1, "le": 4096}}
+                    "max_bin": {"ge": 2}, "n_jobs": {"ge": 1, "le": 1024}, "text_dim": {"ge": 1, "le": 4096},
+                    "max_train_rows": {"ge": 100}}
 
     def __init__(self, spec: FeatureSpecSet, name: str | None = None, *, num_leaves: int = 63,
                  learning_rate: float = 0.05, num_boost_round: int = 1000, early_stopping_rounds: int = 50,
@@ -83,7 +86,7 @@ class LightGBMTeacher(Teacher):
                  cat_smooth: float = 10.0, cat_l2: float = 10.0, max_cat_threshold: int = 64,
                  min_data_per_group: int = 50, max_bin: int = 255, multi_hot_max: int = 64,
                  list_first_k: int = 4, use_text: bool = True, text_dim: int = 16, n_jobs: int = 2, seed: int = 0,
-                 params: dict[str, Any] | None = None) -> None:
+                 max_train_rows: int | None = None, params: dict[str, Any] | None = None) -> None:
         kwargs = {k: v for k, v in locals().items() if k not in ("self", "spec", "name", "__class__")}
         passed = {k: v for k, v in kwargs.items() if v != _DEFAULTS.get(k, object())}
         super().__init__(spec, name, **jsonable(passed))
@@ -216,7 +219,7 @@ class LightGBMTeacher(Teacher):
             raise TeacherError(f"teacher '{self.name}': no usable feature in visibility '{self.visibility}'")
         names = [c["name"] for c in self.columns]
         cats = [c["name"] for c in self.columns if c["kind"] == "cat"]
-        tr, va = ds.splits["train"], ds.splits["valid"]
+        tr, va = fit_rows(ds, self.config["max_train_rows"], self.config["seed"]), ds.splits["valid"]
         params = self._params()
         dtrain = lgb.Dataset(self.design(ds, tr), ds.labels[tr], feature_name=names, categorical_feature=cats,
                              params=params, free_raw_data=True)
