@@ -102,7 +102,7 @@ class LightGBMTeacher(Teacher):
         self.best_iteration = 0
         self.data_fingerprint = ""
         self.encoding = ""
-        self._lookup_cache: dict[tuple[str, str], np.ndarray] = {}
+        self._lookup_cache: dict[tuple[Any, ...], Any] = {}
 
     # ------------------------------------------------------------------ design matrix
     def _plan(self, ds: Dataset) -> list[dict[str, Any]]:
@@ -178,10 +178,17 @@ class LightGBMTeacher(Teacher):
         emb = (self.text_embeddings or {}).get(f.name)
         n = len(ds.tables[f.table])
         if emb is not None and emb.shape[1] == t["mean"].shape[0]:  # fresh embeddings: project them
-            out = np.full((len(rows), t["values"].shape[1]), np.nan)
-            ok = trow < min(n, emb.shape[0])
-            out[ok] = (np.asarray(emb[trow[ok]], np.float64) - t["mean"]) @ t["components"]
-            return out
+            # once per table row, then gather: projecting per interaction row materialised [B, 384]
+            # float64 twice (2.5 GB each at 800k training rows) for what is [n_items, k]
+            key = (f.name, "fresh", id(emb))
+            hit = self._lookup_cache.get(key)
+            if hit is None or hit[0] is not emb:
+                m = min(n, emb.shape[0])
+                proj = np.full((n + 1, t["values"].shape[1]), np.nan)  # last row: missing item
+                proj[:m] = (np.asarray(emb[:m], np.float64) - t["mean"]) @ t["components"]
+                hit = self._lookup_cache[key] = (emb, proj, m)  # emb kept alive: its id stays unique
+            _, proj, m = hit
+            return proj[np.where(trow < m, trow, n)]
         # saved projection: map this data set's table rows to the saved rows by item key (once per data set)
         cache_key = (f.name, ds.fingerprint or str(id(ds)))
         if cache_key not in self._lookup_cache:
