@@ -33,8 +33,8 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
 import contextlib
+import hashlib
 import json
 import logging
 import re
@@ -224,6 +224,9 @@ class EmbeddingStore:
         d = self.store_dir(encoder, field)
         d.mkdir(parents=True, exist_ok=True)
         with locked(d):
+            for layer in layers:  # format 1 kept three files per output here: superseded, remove them
+                for old in (f"{layer}.npy", f"{layer}.keys.npy", f"{layer}.json"):
+                    (d / old).unlink(missing_ok=True)
             entries: dict[str, StoreEntry] = {}
             stale: dict[str, tuple[str, StoreManifest | None]] = {}
             for layer in layers:
