@@ -149,3 +149,23 @@ def test_config_values_and_kwargs_are_typed_and_checked_before_data(tmp_path: Pa
     assert "method=kd" in capsys.readouterr().out
     assert main(["validate", str(cfg), "--set", "method.key=kd", "--set", "method.kwargs.alpa=1"]) == 2
     assert "method.kwargs.alpa: unknown key" in capsys.readouterr().err
+
+
+def test_runs_are_keyed_by_the_resolved_kwargs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A default that changes between releases changes the run key, so bench never reuses a run made
+    with the old default (the config as written would be the same)."""
+    from appdistill.config import REPO_ROOT, load_config, resolved_kwargs
+    from appdistill.methods.kd import KD
+
+    cfg = load_config(REPO_ROOT / "configs/ml100k_committee.yaml", ["method.key=kd"])
+    before = resolved_kwargs(cfg)
+    assert cfg.method.kwargs == {} and "alpha" in before["method"]  # defaults filled in
+    assert before["teachers"]["lightgbm"]["num_leaves"] == 63
+    defaults = list(KD.__init__.__defaults__)
+    monkeypatch.setattr(KD.__init__, "__defaults__", tuple(0.123 if d == before["method"]["alpha"] else d
+                                                          for d in defaults))
+    from appdistill.registry import kwargs_model
+
+    kwargs_model(KD)  # cached per class: make sure there is one for monkeypatch to put back afterwards
+    monkeypatch.delattr(KD, "_kwargs_model")
+    assert resolved_kwargs(cfg)["method"]["alpha"] == 0.123 and resolved_kwargs(cfg) != before
