@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from appdistill.cache import CacheJoin
 from appdistill.config import REPO_ROOT, load_config
 from appdistill.features.batch import BatchBuilder, BatchLoader
 from appdistill.features.dataset import Dataset
@@ -93,7 +94,7 @@ def main(argv: list[str] | None = None) -> dict:
     ds = Dataset.build(cfg.load_spec())
     fit_committee(cfg, tdir, ds=ds)
     parts = load_committee(cfg, ds, tdir, DistContext())
-    committee, hooks = parts.teachers, parts.hooks
+    committee, hooks = parts.teachers, [CacheJoin(parts.caches)]  # every tap: each method reads its own
     builder = BatchBuilder(ds, cfg.load_spec().visible("student"))
     batches = list(BatchLoader(builder, ds.splits["train"][: 40 * cfg.train.batch_size], cfg.train.batch_size,
                                hooks=hooks, prefetch=0))

@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"paired round {r}: direct {td:.2f}s  store {ts:.2f}s", flush=True)
 
     # second build, nothing changed: a fresh encoder (as in a new process) must encode nothing
-    last = entry.path.parents[2]
+    last = entry.path.parents[3]  # <root>/<field>/<encoder>/<output>/matrix.npy
     fresh = ENCODERS.build("minilm", {"batch_size": bs})
     t = time.perf_counter()
     again = EmbeddingStore(last, progress=False).get_or_build(fresh, "title", ids, texts)
