@@ -43,7 +43,7 @@ from appdistill.student.model import RankingModel, StudentOutput
 
 @METHODS.register("diverse_distill")
 class DiverseDistill(Method):
-    """The defaults are the setting every shipped regime config uses (committee path as a teaching
+    """The defaults are the setting the shipped regime configs use (committee path as a teaching
     assistant, soft importance weights on the teacher KD, the committee path every 8th step); the
     bench tunes ``lambda_t`` and ``temperature`` around it (:attr:`grid`).
 
