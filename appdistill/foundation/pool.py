@@ -44,6 +44,18 @@ FORMAT_VERSION = 1
 FILES = ("vectors.npy", "keys.npy")
 
 
+def key_rows(have: np.ndarray, want: np.ndarray) -> np.ndarray:
+    """``[len(want)]`` row of each wanted key in ``have`` (unsorted keys), ``-1`` where it is absent."""
+    out = np.full(len(want), -1, np.int64)
+    if not len(have):
+        return out
+    order = np.argsort(have, kind="stable")
+    at = np.minimum(np.searchsorted(have[order], want), len(order) - 1)
+    hit = have[order][at] == want
+    out[hit] = order[at][hit]
+    return out
+
+
 @dataclass
 class Segment:
     """One immutable segment: ``keys [m]`` uint64 and ``vectors [m, dim]`` (a read-only memmap)."""
@@ -123,12 +135,11 @@ class ContentPool:
         row = np.full(len(keys), -1, np.int64)
         for i, s in enumerate(self.segments()):
             todo = np.flatnonzero(seg < 0)
-            if not len(todo) or not len(s.keys):
+            if not len(todo):
                 break
-            order = np.argsort(s.keys, kind="stable")
-            at = np.minimum(np.searchsorted(s.keys[order], keys[todo]), len(order) - 1)
-            hit = s.keys[order][at] == keys[todo]
-            seg[todo[hit]], row[todo[hit]] = i, order[at][hit]
+            found = key_rows(s.keys, keys[todo])
+            hit = found >= 0
+            seg[todo[hit]], row[todo[hit]] = i, found[hit]
         return seg, row
 
     def gather(self, seg: np.ndarray, row: np.ndarray) -> np.ndarray:

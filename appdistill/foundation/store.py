@@ -51,7 +51,7 @@ import numpy as np
 
 from appdistill.errors import AppDistillError
 from appdistill.foundation.base import Encoder
-from appdistill.foundation.pool import ContentPool
+from appdistill.foundation.pool import ContentPool, key_rows
 from appdistill.io import atomic_write_text, digest_problem, file_digests, locked, staged_dir
 
 log = logging.getLogger("appdistill.foundation")
@@ -314,12 +314,8 @@ class EmbeddingStore:
             old_rows = np.full(len(uniq), -1, np.int64)
             old_mat = None
             if old is not None:
-                old_keys = np.load(d / layer / KEYS)
+                old_rows = key_rows(np.load(d / layer / KEYS), uniq)
                 old_mat = np.load(d / layer / MATRIX, mmap_mode="r")
-                order = np.argsort(old_keys, kind="stable")
-                at = np.minimum(np.searchsorted(old_keys[order], uniq), len(order) - 1)
-                hit = old_keys[order][at] == uniq
-                old_rows[hit] = order[at][hit]
             pool = ContentPool(self.root, ident, self.dtype, layer, self.verify,
                                lambda path, problem: self._corrupt(path, problem, quiet=False))
             seg, prow = pool.find(uniq)
