@@ -19,12 +19,16 @@ and ``OUT/scale.png`` (time and memory against rows, one line per stage); the gr
 table is time(N_last) / time(N_first) per stage, against N_last / N_first.
 
 The budget is stated in the report: teachers and student train ``--epochs`` epochs (default 1) and
-LightGBM ``--trees`` rounds at most, so that 10M rows fit a session on a 2-core machine; the shape of
-the cost (what grows how) is what this measures, not the best AUC.
+LightGBM ``--trees`` rounds at most, and the three teachers fit on a uniform sample of at most
+``--fit-rows`` training rows (default 2M; ``max_train_rows``) while their outputs are cached for every
+row, so that 10M rows fit a session on a 2-core machine; the shape of the cost (what grows how) is
+what this measures, not the best AUC. Memory is reported twice: peak RSS (every resident page,
+including mapped cache files) and, in parentheses, peak private memory (RssAnon: what the process
+itself holds; mapped file pages are page cache the kernel can drop at any time).
 
 Usage:
     python benchmarks/bench_scale.py --rows 1000000 10000000 --out DIR [--epochs 1] [--trees 200]
-        [--store DIR] [--set KEY=VALUE ...]
+        [--fit-rows 2000000] [--store DIR] [--set KEY=VALUE ...]
 """
 
 from __future__ import annotations
@@ -47,12 +51,14 @@ STAGES = ["data", "encode", "store", "fit:lightgbm", "fit:dlrm", "fit:foundation
 
 
 # ------------------------------------------------------------------------------------------- measuring
-def _rss() -> int:
+def _rss() -> tuple[int, int]:
+    """``(VmRSS, RssAnon)`` bytes: all resident pages, and the private (anonymous) ones among them."""
+    got = {}
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
+            if line.startswith(("VmRSS:", "RssAnon:")):
+                got[line.split(":")[0]] = int(line.split()[1]) * 1024
+    return got.get("VmRSS", 0), got.get("RssAnon", 0)
 
 
 def _du(paths: list[Path]) -> int:
@@ -69,16 +75,18 @@ def _du(paths: list[Path]) -> int:
 
 
 class Meter:
-    """Per-stage wall seconds, peak RSS (a 50 ms sampler thread) and bytes added under ``paths``."""
+    """Per-stage wall seconds, peak RSS and peak private memory (a 50 ms sampler thread of
+    ``/proc/self/status``: VmRSS counts mapped file pages too, RssAnon only the process's own memory)
+    and bytes added under ``paths``."""
 
     def __init__(self, paths: list[Path], partial: Path | None = None) -> None:
-        self.paths, self.stages, self._peak, self._stop = paths, {}, 0, threading.Event()
+        self.paths, self.stages, self._peak, self._stop = paths, {}, (0, 0), threading.Event()
         self.partial = partial  # stages so far, rewritten after each one (a killed run keeps them)
         threading.Thread(target=self._sample, daemon=True).start()
 
     def _sample(self) -> None:
         while not self._stop.wait(0.05):
-            self._peak = max(self._peak, _rss())
+            self._peak = tuple(map(max, self._peak, _rss()))
 
     @contextmanager
     def stage(self, name: str):
@@ -86,17 +94,19 @@ class Meter:
         t0 = time.perf_counter()
         yield
         secs = time.perf_counter() - t0
-        self._peak = max(self._peak, _rss())
-        self.stages[name] = {"seconds": round(secs, 2), "peak_rss_gb": round(self._peak / 2**30, 3),
+        self._peak = tuple(map(max, self._peak, _rss()))
+        self.stages[name] = {"seconds": round(secs, 2), "peak_rss_gb": round(self._peak[0] / 2**30, 3),
+                             "peak_private_gb": round(self._peak[1] / 2**30, 3),
                              "disk_gb": round((_du(self.paths) - disk0) / 2**30, 3)}
-        print(f"  {name:<16} {secs:8.1f} s  peak RSS {self._peak / 2**30:6.2f} GB  "
-              f"disk +{self.stages[name]['disk_gb']:.3f} GB", flush=True)
+        print(f"  {name:<16} {secs:8.1f} s  peak RSS {self._peak[0] / 2**30:6.2f} GB (private "
+              f"{self._peak[1] / 2**30:.2f})  disk +{self.stages[name]['disk_gb']:.3f} GB", flush=True)
         if self.partial is not None:
             self.partial.write_text(json.dumps(self.stages, indent=1))
 
 
 # ------------------------------------------------------------------------------------------- one size
-def run_one(rows: int, out: Path, epochs: int, trees: int, overrides: list[str]) -> dict[str, Any]:
+def run_one(rows: int, out: Path, epochs: int, trees: int, overrides: list[str],
+            fit_rows: int | None = None) -> dict[str, Any]:
     """The whole pipeline at ``rows`` interactions, in this process; returns the stage table."""
     from appdistill.config import REPO_ROOT, load_config
     from appdistill.export.artifact import export_run
@@ -109,7 +119,8 @@ def run_one(rows: int, out: Path, epochs: int, trees: int, overrides: list[str])
     src = {"n_users": max(100, rows // 20), "n_items": max(50, rows // 50), "n_interactions": rows}
     sets = [f"train.epochs={epochs}", "teachers.dlrm.kwargs.epochs=" + str(epochs),
             "teachers.foundation.kwargs.epochs=" + str(epochs), f"teachers.lightgbm.kwargs.num_boost_round={trees}",
-            *overrides]
+            *(f"teachers.{t}.kwargs.max_train_rows={fit_rows}" for t in ("lightgbm", "dlrm", "foundation")
+              if fit_rows), *overrides]
     raw = yaml.safe_load((REPO_ROOT / "feature_specs/synthetic_1m.yaml").read_text())
     raw["name"], raw["source"]["kwargs"] = f"synthetic-{rows}", {**raw["source"]["kwargs"], **src}
     spec_path = (out / f"spec-{rows}.yaml").resolve()
@@ -142,19 +153,25 @@ def run_one(rows: int, out: Path, epochs: int, trees: int, overrides: list[str])
     return {"rows": rows, "train_rows": int(len(ds.splits["train"])), "stages": meter.stages,
             "test_auc": metrics["test"]["auc"], "samples_per_s": metrics["train"]["samples_per_s"],
             "teachers": {n: m["test"]["auc"] for n, m in metrics["teachers"].items()},
-            "budget": {"epochs": epochs, "lightgbm_rounds": trees, "overrides": overrides}}
+            "budget": {"epochs": epochs, "lightgbm_rounds": trees, "teacher_fit_rows": fit_rows,
+                       "overrides": overrides}}
 
 
 # ------------------------------------------------------------------------------------------- report
+def _private(stage: dict[str, Any]) -> str:
+    v = stage.get("peak_private_gb", -1)
+    return f" ({v:.2f})" if v >= 0 else ""
+
+
 def report(results: list[dict[str, Any]], out: Path) -> str:
     results = sorted(results, key=lambda r: r["rows"])
     first, last = results[0], results[-1]
     stages = [s for s in STAGES if all(s in r["stages"] for r in results)]
-    head = "| stage | " + " | ".join(f"{r['rows']:,} rows: s / peak GB / disk GB" for r in results)
+    head = "| stage | " + " | ".join(f"{r['rows']:,} rows: s / peak RSS GB (private) / disk GB" for r in results)
     lines = [head + (" | growth |" if len(results) > 1 else " |"),
              "|---|" + "---:|" * len(results) + ("---:|" if len(results) > 1 else "")]
     for s in stages:
-        cells = [f"{r['stages'][s]['seconds']:.1f} / {r['stages'][s]['peak_rss_gb']:.2f} / "
+        cells = [f"{r['stages'][s]['seconds']:.1f} / {r['stages'][s]['peak_rss_gb']:.2f}{_private(r['stages'][s])} / "
                  f"{r['stages'][s]['disk_gb']:.2f}" for r in results]
         growth = ""
         if len(results) > 1:
@@ -163,7 +180,9 @@ def report(results: list[dict[str, Any]], out: Path) -> str:
         lines.append(f"| {s} | " + " | ".join(cells) + " |" + growth)
     tot = [sum(r["stages"][s]["seconds"] for s in stages) for r in results]
     peak = [max(r["stages"][s]["peak_rss_gb"] for s in stages) for r in results]
-    lines.append("| **total** | " + " | ".join(f"**{t / 60:.1f} min / {p:.2f} GB**" for t, p in zip(tot, peak))
+    priv = [_private({"peak_private_gb": max(r["stages"][s].get("peak_private_gb", -1) for s in stages)})
+            for r in results]
+    lines.append("| **total** | " + " | ".join(f"**{t / 60:.1f} min / {p:.2f} GB{q}**" for t, p, q in zip(tot, peak, priv))
                  + " |" + (f" {tot[-1] / tot[0]:.1f}x |" if len(results) > 1 else ""))
     md = "\n".join(lines)
     notes = [f"rows x{last['rows'] / first['rows']:.0f}" if len(results) > 1 else "",
@@ -203,6 +222,8 @@ def main() -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--trees", type=int, default=200, help="LightGBM rounds at most (early stopping as configured)")
+    p.add_argument("--fit-rows", type=int, default=2_000_000,
+                   help="teachers fit on a uniform sample of at most this many training rows (0: all)")
     p.add_argument("--store", default=None, help="embedding store / cache root (default: OUT/store, a cold start)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)  # internal: run one size here
@@ -210,7 +231,7 @@ def main() -> None:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     if a.one is not None:
-        res = run_one(a.one, out, a.epochs, a.trees, a.set)
+        res = run_one(a.one, out, a.epochs, a.trees, a.set, a.fit_rows or None)
         (out / f"rows-{a.one}.json").write_text(json.dumps(res, indent=1))
         return
     env = {**os.environ, "APPDISTILL_CACHE": str(Path(a.store or out / "store").resolve())}
@@ -218,7 +239,7 @@ def main() -> None:
     for n in a.rows:
         print(f"[bench_scale] {n:,} rows", flush=True)
         cmd = [sys.executable, __file__, "--one", str(n), "--out", str(out), "--epochs", str(a.epochs),
-               "--trees", str(a.trees), *(x for s in a.set for x in ("--set", s))]
+               "--trees", str(a.trees), "--fit-rows", str(a.fit_rows), *(x for s in a.set for x in ("--set", s))]
         subprocess.run(cmd, check=True, env=env)
         results.append(json.loads((out / f"rows-{n}.json").read_text()))
         print(report(results, out), flush=True)

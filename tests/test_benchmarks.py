@@ -174,6 +174,10 @@ def test_bench_scale_report_states_growth_per_stage(tmp_path: Path) -> None:
 
     md = mod.report([fake(10_000_000, 9.0), fake(1_000_000, 1.0)], tmp_path)  # any order in
     assert "| stage | 1,000,000 rows" in md and "| train | 8.0 / 0.50 / 0.10 | 72.0 / 4.50 / 0.90 | 9.0x |" in md
+    small = fake(1_000_000, 1.0)
+    small["stages"]["train"]["peak_private_gb"] = 0.25  # private memory, when measured, in parentheses
+    (tmp_path / "one").mkdir()
+    assert "| train | 8.0 / 0.50 (0.25) / 0.10 |" in mod.report([small], tmp_path / "one")
     assert "rows x10" in md and (tmp_path / "results.json").is_file() and (tmp_path / "scale.png").is_file()
     assert [r["rows"] for r in json.loads((tmp_path / "results.json").read_text())] == [1_000_000, 10_000_000]
 
@@ -183,8 +187,10 @@ def test_bench_scale_runs_the_whole_pipeline_at_a_tiny_size(tmp_path: Path, monk
     mod = load_bench("bench_scale")
     monkeypatch.setenv("APPDISTILL_CACHE", str(tmp_path / "store"))
     res = mod.run_one(4000, tmp_path, epochs=1, trees=5, overrides=[
-        "teachers.dlrm.kwargs.over_arch=[16]", "teachers.foundation.kwargs.d_a=16"])
+        "teachers.dlrm.kwargs.over_arch=[16]", "teachers.foundation.kwargs.d_a=16"], fit_rows=1000)
     assert set(res["stages"]) == set(mod.STAGES)
     assert all(v["seconds"] >= 0 and v["peak_rss_gb"] > 0 for v in res["stages"].values())
+    assert all(0 < v["peak_private_gb"] <= v["peak_rss_gb"] for v in res["stages"].values())
     assert res["stages"]["cache"]["disk_gb"] > 0 and 0.3 < res["test_auc"] < 1
+    assert res["budget"]["teacher_fit_rows"] == 1000
     assert (tmp_path / "rows-4000" / "export" / "manifest.json").is_file()

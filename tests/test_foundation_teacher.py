@@ -106,3 +106,35 @@ def test_dropout_settings_out_of_range_are_refused(fitted) -> None:
         build_teacher("foundation", {"feat_dropout": 1.0}, spec, "f")
     with pytest.raises(ConfigError, match="id_dropout"):
         build_teacher("foundation", {"id_dropout": -0.1}, spec, "f")
+
+
+def test_grouped_sums_match_add_at_in_bounded_chunks() -> None:
+    from appdistill.teachers.foundation import grouped_sums
+
+    rng = np.random.default_rng(0)
+    m = rng.normal(size=(30, 5)).astype(np.float32)
+    groups = np.sort(rng.integers(0, 12, 500))
+    idx = rng.integers(0, 30, 500)
+    want = np.zeros((14, 5), np.float32)
+    np.add.at(want, groups, m[idx])
+    for chunk in (7, 64, 1 << 16):  # a group split across chunks is summed once per chunk
+        np.testing.assert_allclose(grouped_sums(groups, m, idx, 14, chunk), want, rtol=1e-5, atol=1e-5)
+
+
+def test_max_train_rows_fits_the_foundation_teacher_on_a_sample(fitted) -> None:
+    from appdistill.eval.metrics import auc
+
+    tmp, spec, ds, t = fitted
+    kw = {**t.kwargs, "epochs": 2, "max_train_rows": len(ds.splits["train"]) // 3}
+    small = build_teacher("foundation", kw, spec, "foundation")
+    assert small.identity_hash() != build_teacher("foundation", {**kw, "max_train_rows": None}, spec,
+                                                  "foundation").identity_hash()
+    small.store_root, small.progress = tmp / "store", False
+    seen = []
+    real = small._inputs
+    small._inputs = lambda d, rows, *a, **k: (seen.append(rows) if a and a[0] else None) or real(d, rows, *a, **k)
+    small.fit(ds)
+    trained = np.unique(np.concatenate(seen))
+    assert len(trained) == kw["max_train_rows"] and np.isin(trained, ds.splits["train"]).all()
+    rows = ds.splits["test"]
+    assert 0.5 < auc(small.predict_all(ds, rows).logits.numpy(), ds.labels[rows]) <= 1

@@ -72,6 +72,9 @@ def test_lightgbm_predicts_logits_and_leaves(lgb_teacher: LightGBMTeacher, ds: D
     assert (leaves >= 0).all() and (leaves < torch.tensor(lgb_teacher.tree_num_leaves)).all()
     assert isinstance(lgb_teacher.num_leaves, int) and (leaves < lgb_teacher.num_leaves).all()
     assert lgb_teacher.num_leaves == max(lgb_teacher.tree_num_leaves) <= SMALL_LGB["num_leaves"]
+    # the margin summed from the reached leaves (one tree walk) is LightGBM's own raw score
+    x = lgb_teacher.design(ds, rows)
+    np.testing.assert_allclose(out.logits.numpy(), lgb_teacher.booster.predict(x, raw_score=True), rtol=1e-5, atol=1e-5)
     # raw margin: the sigmoid of the logits is LightGBM's probability; the teacher learnt something
     assert _auc(lgb_teacher, ds) > 0.6
     # id_list genres (small vocabulary) -> multi-hot columns; the text feature is skipped without embeddings

@@ -18,8 +18,8 @@ import numpy as np
 from appdistill.cache.format import (CacheCorruptError, CacheError, CacheManifest, CacheMismatchError,
                                      CacheMissingError, CacheRebuildWarning, DEFAULT_SPLITS, FORMAT_VERSION,
                                      FloatDtype, IntDtype, MANIFEST, ShardInfo, SplitShards, Verify,
-                                     _normalise, _open_split, _safe, _to_numpy, _version)
-from appdistill.cache.reader import TeacherCache
+                                     _normalise, _open_split, _safe, _to_numpy, _version, release_mapped)
+from appdistill.cache.reader import RELEASE_ROWS, TeacherCache
 from appdistill.io import atomic_write_text, file_digests, locked, staged_dir
 
 if TYPE_CHECKING:  # heavy / cyclic imports only for annotations
@@ -121,6 +121,8 @@ def _write_split(teacher: Teacher, ds: Dataset, split: str, tmp: Path, batch_siz
                 mm[start:start + b] = h
                 if mm.dtype == np.float16:  # values above 65504 become inf: say so instead of training on it
                     f16_overflow += int(np.count_nonzero(np.isinf(mm[start:start + b]) & np.isfinite(h)))
+            if (start // batch_size + 1) % max(1, RELEASE_ROWS // batch_size) == 0:
+                release_mapped([logits_mm, *hidden_mm.values()])  # written pages: out of the resident set
             bar.update(b)
     if f16_overflow:
         warnings.warn(f"teacher '{name}', split '{split}': {f16_overflow} hidden values overflow float16 and "

@@ -24,6 +24,10 @@ from appdistill.features.batch import Batch, TeacherOutput
 
 log = logging.getLogger("appdistill.cache")
 
+#: rows a CacheJoin gathers between releases of the mapped pages: bounds the resident pages at about
+#: RELEASE_ROWS x shards x 4 KiB (random rows: one page each), for ~2 s per million rows of re-faults
+RELEASE_ROWS = 1 << 16
+
 
 class _BufferPool:
     """Output arrays recycled once nothing references them any more.
@@ -271,6 +275,11 @@ class TeacherCache:
                     hidden[t] = wide  # the narrow buffer is free again once this call returns
         return TeacherOutput(torch.from_numpy(logits), {t: torch.from_numpy(h) for t, h in hidden.items()})
 
+    def release_pages(self) -> None:
+        """Drop the cache's pages from this process's resident set (see :meth:`SplitShards.release`)."""
+        for sh in self.shards.values():
+            sh.release()
+
     def lookup(self, split: str | None, row_ids: np.ndarray | torch.Tensor | Sequence[int],
                taps: Sequence[str] | None = None, upcast: bool = True) -> TeacherOutput:
         """Teacher outputs for interaction rows ``row_ids``, in their order.
@@ -328,6 +337,7 @@ class CacheJoin:
         if not caches:
             raise CacheError("CacheJoin needs at least one teacher cache")
         self.caches, self.split, self.upcast = dict(caches), split, upcast
+        self._since_release = 0  # rows gathered since the mapped pages were last released
         self.taps = {k: list(v) for k, v in (taps or {}).items()}
         unknown = sorted(set(self.taps) - set(self.caches))
         if unknown:
@@ -355,6 +365,13 @@ class CacheJoin:
                 loc = located[key] = cache.locate(self.split, ids)
             outs[name] = cache.gather(loc, self.taps.get(name), self.upcast)
         batch.teacher = {**batch.teacher, **outs}
+        # random rows touch a new page per row and shard: release the mapped pages every
+        # RELEASE_ROWS rows so resident memory stays bounded instead of growing to the whole cache
+        self._since_release += len(ids)
+        if self._since_release >= RELEASE_ROWS:
+            for cache in self.caches.values():
+                cache.release_pages()
+            self._since_release = 0
         return batch
 
 

@@ -41,7 +41,7 @@ from appdistill.features.spec import FeatureSpecSet
 from appdistill.io import atomic_write_bytes, load_checkpoint
 from appdistill.progress import bar as progress_bar
 from appdistill.student.model import OverArch
-from appdistill.teachers.base import TEACHERS, Head, Teacher
+from appdistill.teachers.base import TEACHERS, Head, Teacher, fit_rows
 from appdistill.teachers.fit import TeacherError, encoding_fingerprint, restore, write_teacher_json
 
 MODEL_FILE = "model.pt"
@@ -55,6 +55,22 @@ def unit_rows(m: Any) -> np.ndarray:
     """``m`` as float32 with unit-norm rows (all-zero rows stay zero): the teacher's frozen features."""
     m = np.asarray(m, dtype=np.float32)
     return m / np.maximum(np.linalg.norm(m, axis=1, keepdims=True), 1e-6)
+
+
+def grouped_sums(groups: np.ndarray, m: np.ndarray, idx: np.ndarray, n_groups: int,
+                 chunk: int = 1 << 16) -> np.ndarray:
+    """``[n_groups, d]`` float32: row ``g`` sums ``m[idx[k]]`` over the ``k`` with ``groups[k] == g``.
+
+    ``groups`` must be sorted. Gathers ``chunk`` rows of ``m`` at a time, so memory stays at the
+    output plus one chunk (``np.add.at`` over every liked row at once materialised ``[rows, d]``:
+    gigabytes at 10M interactions).
+    """
+    out = np.zeros((n_groups, m.shape[1]), np.float32)
+    for a in range(0, len(groups), chunk):
+        g, rows = groups[a:a + chunk], m[idx[a:a + chunk]]
+        starts = np.flatnonzero(np.r_[True, g[1:] != g[:-1]])
+        out[g[starts]] += np.add.reduceat(rows, starts, axis=0)  # groups unique within a chunk
+    return out
 
 
 class LayerwiseNet(nn.Module):
@@ -99,7 +115,9 @@ class FoundationTeacher(Teacher):
         feat_dropout: dropout on the frozen foundation features entering the adapters. A title
             embedding identifies its item as well as the id does; dropout keeps the adapters from
             memorising warm items through it, which is what carries over to cold items.
-        seed: initialisation and shuffling.
+        seed: initialisation, shuffling and the ``max_train_rows`` sample.
+        max_train_rows: fit on a uniform sample of at most this many training rows (``None``: all);
+            the users' liked-item vectors still read every training row, and every row is predicted.
     """
 
     key = "foundation"
@@ -107,17 +125,18 @@ class FoundationTeacher(Teacher):
 
     kwarg_ranges = {"d_a": {"ge": 1, "le": 4096}, "id_dim": {"ge": 1, "le": 4096}, "epochs": {"ge": 1},
                     "batch_size": {"ge": 1}, "lr": {"gt": 0, "le": 10}, "weight_decay": {"ge": 0},
-                    "patience": {"ge": 0}, "id_dropout": {"ge": 0, "lt": 1}, "feat_dropout": {"ge": 0, "lt": 1}}
+                    "patience": {"ge": 0}, "id_dropout": {"ge": 0, "lt": 1}, "feat_dropout": {"ge": 0, "lt": 1},
+                    "max_train_rows": {"ge": 100}}
 
     def __init__(self, spec: FeatureSpecSet, name: str | None = None, layers: list[int] | None = None,
                  encoder_kwargs: dict[str, dict[str, Any]] | None = None, d_a: int = 64, id_dim: int = 16,
                  head: list[int] | None = None, epochs: int = 10, batch_size: int = 1024, lr: float = 2e-3,
                  weight_decay: float = 1e-5, patience: int = 2, id_dropout: float = 0.1, feat_dropout: float = 0.0,
-                 seed: int = 0) -> None:
+                 seed: int = 0, max_train_rows: int | None = None) -> None:
         super().__init__(spec, name, layers=layers if layers is not None else [3], encoder_kwargs=encoder_kwargs or {},
                          d_a=d_a, id_dim=id_dim, head=head or [32], epochs=epochs, batch_size=batch_size, lr=lr,
                          weight_decay=weight_decay, patience=patience, id_dropout=id_dropout,
-                         feat_dropout=feat_dropout, seed=seed)
+                         feat_dropout=feat_dropout, seed=seed, max_train_rows=max_train_rows)
         self.config = dict(self.kwargs)
         for k in ("id_dropout", "feat_dropout"):
             if not 0.0 <= self.kwargs[k] < 1.0:
@@ -169,11 +188,10 @@ class FoundationTeacher(Teacher):
         pos = train[y[train] > 0]
         self.user_cnt = np.bincount(ds.user_ids[pos], minlength=n_users).astype(np.float32)
         self.user_sum = []
+        order = pos[np.argsort(ds.user_ids[pos], kind="stable")]
         for m, table in zip(self.mats, self.tables):
-            s = np.zeros((n_users, m.shape[1]), np.float32)
-            if table != "users":
-                np.add.at(s, ds.user_ids[pos], m[ds.table_rows[table][pos]])
-            self.user_sum.append(s)
+            self.user_sum.append(np.zeros((n_users, m.shape[1]), np.float32) if table == "users" else
+                                 grouped_sums(ds.user_ids[order], m, ds.table_rows[table][order], n_users))
         self.id_cols = [ds.sparse[f.name] for f in self.id_features]
         self.dense_cols = [(ds.dense[f.name], f.table) for f in self.dense_features]
         self._ready_for = ds.fingerprint
@@ -236,7 +254,7 @@ class FoundationTeacher(Teacher):
         rng = np.random.default_rng(k["seed"])
         self.net = self._build_net(ds)
         opt = torch.optim.Adam(self.net.parameters(), lr=k["lr"], weight_decay=k["weight_decay"])
-        train, valid = ds.splits["train"], ds.splits["valid"]
+        train, valid = fit_rows(ds, k["max_train_rows"], k["seed"]), ds.splits["valid"]
         best, best_state, bad = -1.0, None, 0
         self.history = []
         for epoch in range(k["epochs"]):
