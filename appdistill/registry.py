@@ -67,7 +67,7 @@ class Registry(Generic[T]):
 
 
 #: parameters the framework supplies (never written in a config)
-FRAMEWORK_ARGS = frozenset({"self", "committee", "student_dim", "item_frequency", "spec", "name"})
+FRAMEWORK_ARGS = frozenset({"self", "committee", "student_dim", "item_frequency", "held_out", "spec", "name"})
 
 
 def kwargs_model(factory: Callable[..., Any]) -> Any:

@@ -37,7 +37,7 @@ CONFIG = {
                  "dlrm": {"key": "dlrm", "kwargs": {"embedding_dim": 8, "dense_arch": [8], "over_arch": [16],
                                                     "epochs": 2}}},
 }
-METHODS = ["none", "kd", "diverse_distill", "dd_no_gating", "kd+transfer", "dd_foundation_only"]
+METHODS = ["none", "kd", "diverse_distill", "dd_no_gating", "kd+transfer", "dd_stacked", "dd_foundation_only"]
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +66,7 @@ def test_report_is_named_after_the_config_and_complete(bench) -> None:
     assert "dd_foundation_only`: the committee has no foundation teacher" in md  # reported, not a traceback
     res = json.loads((out / "results.json").read_text())
     rows = res["rows"]
-    assert {(r["method"], r["seed"]) for r in rows} == {(m, s) for m in METHODS[:5] for s in (0, 1)}
+    assert {(r["method"], r["seed"]) for r in rows} == {(m, s) for m in METHODS[:6] for s in (0, 1)}
     assert all(r["best_epoch"] >= 1 for r in rows)
 
 
@@ -82,6 +82,9 @@ def test_each_method_is_tuned_on_validation_with_the_same_budget(bench) -> None:
     assert choices["dd_no_gating"]["setting"] == choices["diverse_distill"]["setting"]
     assert choices["dd_no_gating"]["tuned"] == []
     assert choices["kd+transfer"]["setting"] == choices["kd"]["setting"]
+    # the held-out stack: the loop hands DiverseDistill the committee's cached validation outputs
+    stacked = [r for r in res["rows"] if r["method"] == "dd_stacked"]
+    assert len(stacked) == 2 and all(0.5 < r["auc"] < 1 for r in stacked)
     # seed 0's reported run is the chosen tuning run itself (same validation AUC)
     row = next(r for r in res["rows"] if r["method"] == "kd" and r["seed"] == 0)
     assert row["valid_auc"] == max(t["valid_auc"] for t in choices["kd"]["tuned"])

@@ -54,6 +54,11 @@ VARIANTS: dict[str, Variant] = {
                                     doc="DiverseDistill without the committee path"),
     "dd_routing": Variant("diverse_distill", {"routing": True}, "diverse_distill",
                           doc="DiverseDistill whose gate also reads teachers' confidences, disagreement, item frequency"),
+    "dd_stacked": Variant("diverse_distill", {"kd_weights": "stacked"}, "diverse_distill",
+                          doc="DiverseDistill distilling the committee's held-out stack (per-segment teacher "
+                              "weights fitted on validation), modulated per sample by the gate"),
+    "dd_stack_only": Variant("diverse_distill", {"kd_weights": "stacked", "gating": False}, "diverse_distill",
+                             doc="DiverseDistill distilling the held-out stack alone (no per-sample gate)"),
     "dd_taid": Variant("diverse_distill", {"output_loss": "taid"}, "diverse_distill",
                        doc="DiverseDistill with TAID as the teacher term"),
     "dd_foundation_only": Variant("diverse_distill", {}, "diverse_distill", teachers="foundation",
@@ -62,13 +67,13 @@ VARIANTS: dict[str, Variant] = {
                                      doc="DiverseDistill with the complementary teachers only"),
 }
 # the transfer-set ablation of each distillation method: its chosen setting plus a transfer set
-for _m in ("kd", "avg_kd", "taid", "diverse_distill"):
+for _m in ("kd", "avg_kd", "taid", "diverse_distill", "dd_stacked", "dd_stack_only"):
     VARIANTS[f"{_m}+transfer"] = Variant(VARIANTS[_m].key, VARIANTS[_m].kwargs, _m,
                                          config={"transfer.enabled": True},
                                          doc=f"{_m} with a transfer set (config `transfer:`; ratio as configured)")
 
 # the content-table ablation: the method's chosen setting, the student carrying per-item content vectors
-for _m in ("none", "kd", "avg_kd", "taid", "diverse_distill"):
+for _m in ("none", "kd", "avg_kd", "taid", "diverse_distill", "dd_stacked", "dd_stack_only"):
     VARIANTS[f"{_m}+content"] = Variant(VARIANTS[_m].key, VARIANTS[_m].kwargs, _m,
                                         config={"student.content.enabled": True},
                                         doc=f"{_m}, the student with a content table (config `student.content`)")

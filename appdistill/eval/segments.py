@@ -53,7 +53,12 @@ class Segmenter:
 
     @classmethod
     def fit(cls, train_codes: np.ndarray, kind: str = "item", n_codes: int | None = None) -> Segmenter:
-        counts = np.bincount(np.asarray(train_codes, np.int64), minlength=n_codes or 0)
+        return cls.from_counts(np.bincount(np.asarray(train_codes, np.int64), minlength=n_codes or 0), kind)
+
+    @classmethod
+    def from_counts(cls, counts: np.ndarray, kind: str = "item") -> Segmenter:
+        """The segments of ``counts`` ``[n_entities]`` (training rows per entity code)."""
+        counts = np.asarray(counts, np.int64)
         warm = np.sort(counts[counts > 0])  # rarest first
         if len(warm) == 0:
             return cls(counts, 0, 1, kind, f"no {kind} occurs in training")
@@ -71,14 +76,18 @@ class Segmenter:
 
     def assign(self, codes: np.ndarray) -> np.ndarray:
         """Bucket name per row ``[N]``; codes beyond the training vocabulary are cold."""
+        return np.asarray(BUCKETS, dtype="<U5")[self.index(codes)]
+
+    def index(self, codes: np.ndarray) -> np.ndarray:
+        """Bucket index into :data:`BUCKETS` per row ``[N]`` int64 (``0`` = cold)."""
         codes = np.asarray(codes, np.int64)
         c = np.zeros(len(codes), np.int64)
-        known = codes < len(self.counts)
+        known = (codes >= 0) & (codes < len(self.counts))
         c[known] = self.counts[codes[known]]
-        out = np.full(len(codes), "torso", dtype="<U5")
-        out[c == 0] = "cold"
-        out[(c > 0) & (c <= self.tail_max)] = "tail"
-        out[c >= self.head_min] = "head"
+        out = np.full(len(codes), BUCKETS.index("torso"), np.int64)
+        out[c == 0] = BUCKETS.index("cold")
+        out[(c > 0) & (c <= self.tail_max)] = BUCKETS.index("tail")
+        out[c >= self.head_min] = BUCKETS.index("head")
         return out
 
     def edges(self) -> dict[str, str]:

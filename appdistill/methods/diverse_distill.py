@@ -36,6 +36,7 @@ from appdistill.errors import ConfigError
 from appdistill.features.batch import Batch
 from appdistill.methods.base import METHODS, Method, label_bce
 from appdistill.methods.committee import build_ports
+from appdistill.methods.stack import HeldOut, SegmentStack
 from appdistill.methods.taid import TAIDSchedule, global_mean, taid_loss
 from appdistill.student.model import RankingModel, StudentOutput
 
@@ -70,9 +71,13 @@ class DiverseDistill(Method):
         output_loss: ``kd`` or ``taid`` for the teacher term.
         kd_weights: how the teacher term weighs the teachers' cached logits: ``gated`` (the top-k
             weights ``w``), ``soft`` (the ungated importance ``softmax``: cached logits cost nothing
-            to read, so only *answers* need skipping, and every teacher keeps teaching each sample)
-            or ``uniform`` (``1/n``: the gate and committee path then shape the student's state, not
-            whom it imitates).
+            to read, so only *answers* need skipping, and every teacher keeps teaching each sample),
+            ``uniform`` (``1/n``: the gate and committee path then shape the student's state, not
+            whom it imitates) or ``stacked``: one target, the committee's held-out stack
+            ``z* = b_s + Σ_i a_{s,i} · n·p_i(x) · z_i`` (:mod:`appdistill.methods.stack`: per item
+            segment ``s``, ``a, b`` fitted on the validation split, which no teacher trained on),
+            the gate's ungated importance ``p`` modulating it per sample (with ``gating: false`` it
+            is the stack itself).
         committee_rows: rows of each batch that take the committee path (questions, answers,
             ``z_qa``), drawn at random per step; ``None`` = all. The gate's importance and the
             teacher KD still cover every row. Answers run teachers' frozen heads and the answer
@@ -90,6 +95,8 @@ class DiverseDistill(Method):
             row's item training frequency (log-scaled, plus a cold flag). ``w = softmax(⟨W h + V r,
             E⟩ / τ)`` with ``r`` ``[B, 2n + 2]``, no gradient into ``r``.
         item_frequency: ``[n_item_codes]`` training rows per item code (supplied by the loop).
+        held_out: the committee's cached validation logits and labels
+            (:class:`~appdistill.methods.stack.HeldOut`, supplied by the loop; ``stacked`` needs it).
     """
 
     # lambda_t 1 / 4: the same teacher-KD-to-label ratios as kd's alpha 0.5 / 0.8
@@ -112,7 +119,7 @@ class DiverseDistill(Method):
                  leaf_trees: int | None = 32, taid: dict[str, float] | None = None,
                  kd_weights: str = "soft", committee_rows: int | None = None,
                  committee_every: int = 8, routing: bool = False,
-                 item_frequency: Any = None) -> None:
+                 item_frequency: Any = None, held_out: HeldOut | None = None) -> None:
         super().__init__(committee)
         committee = committee or {}
         names = self.pick(teachers)
@@ -135,9 +142,17 @@ class DiverseDistill(Method):
         self.tau, self.T = tau, temperature
         self.lambda_kd, self.lambda_t, self.lambda_lb = lambda_kd, lambda_t, lambda_lb
         self.output_loss = output_loss
-        if kd_weights not in ("gated", "soft", "uniform"):
-            raise ConfigError(f"diverse_distill: kd_weights must be 'gated', 'soft' or 'uniform', got '{kd_weights}'")
+        if kd_weights not in ("gated", "soft", "uniform", "stacked"):
+            raise ConfigError(f"diverse_distill: kd_weights must be 'gated', 'soft', 'uniform' or 'stacked', "
+                              f"got '{kd_weights}'")
         self.kd_weights = kd_weights
+        self.stack: SegmentStack | None = None
+        if kd_weights == "stacked":
+            if held_out is None:
+                raise ConfigError("diverse_distill: kd_weights 'stacked' fits the committee on its cached "
+                                  "validation outputs; train through appdistill.pipeline (`appdistill train`), "
+                                  "which supplies them")
+            self.stack = SegmentStack.fit(held_out, names, item_frequency)
         if committee_rows is not None and committee_rows < 1:
             raise ConfigError(f"diverse_distill: committee_rows must be >= 1 or null, got {committee_rows}")
         self.committee_rows = committee_rows
@@ -289,7 +304,15 @@ class DiverseDistill(Method):
             wd = torch.full_like(probs, 1.0 / probs.shape[1])
         else:
             wd = (w if self.kd_weights == "gated" else probs).detach()
-        if self.output_loss == "kd":
+        if self.stack is not None:  # one target: the held-out stack, modulated per sample by the gate
+            z_c = self.stack(z_t * (wd * wd.shape[1]), batch.item_ids)
+            if self.output_loss == "kd":
+                terms["kd_teachers"] = self.lambda_t * self.T ** 2 * F.binary_cross_entropy_with_logits(
+                    z_s / self.T, torch.sigmoid(z_c / self.T))
+            else:
+                assert self.schedule is not None
+                terms["taid_teachers"] = self.lambda_t * taid_loss(z_s, z_c, self.schedule.t)
+        elif self.output_loss == "kd":
             per = F.binary_cross_entropy_with_logits(
                 (z_s / self.T).unsqueeze(1).expand_as(z_t), torch.sigmoid(z_t / self.T), reduction="none")
             terms["kd_teachers"] = self.lambda_t * self.T ** 2 * (wd * per).sum(1).mean()

@@ -39,6 +39,7 @@ from appdistill.features.dataset import Dataset
 from appdistill.foundation.content import build_content_table
 from appdistill.io import atomic_write_text, run_lock, save_checkpoint
 from appdistill.methods import METHODS
+from appdistill.methods.stack import HeldOut
 from appdistill.progress import bar as progress_bar, write as progress_write
 from appdistill.student.model import RankingModel, StudentConfig, build_student
 from appdistill.train import checkpoint as ckpt
@@ -253,7 +254,7 @@ def _train(cfg: ExperimentConfig, run_dir: str | Path, trackers: list[Tracker], 
         raise ConfigError(f"method '{cfg.method.key}' distils from the configured teachers; train through "
                           "appdistill.pipeline.train (or `appdistill train`), which loads them")
     parts = committee(ds, ctx) if committee is not None and cfg.teachers else Committee()
-    method = build_method(cfg, parts.teachers, unwrap(model).over_arch.in_dim, ds).to(ctx.device)
+    method = build_method(cfg, parts.teachers, unwrap(model).over_arch.in_dim, ds, parts.caches).to(ctx.device)
     taps = method.cache_taps()  # the join reads only the teachers and taps the method declares
     joined = {n: c for n, c in parts.caches.items() if n in taps}
     hooks = [CacheJoin(joined, taps=taps)] if taps and parts.caches else []
@@ -431,15 +432,18 @@ def routing_report(model: torch.nn.Module, method: Any, ds: Dataset, builder: Ba
     return out
 
 
-def build_method(cfg: ExperimentConfig, committee: dict[str, Any], student_dim: int, ds: Dataset | None = None) -> Any:
+def build_method(cfg: ExperimentConfig, committee: dict[str, Any], student_dim: int, ds: Dataset | None = None,
+                 caches: dict[str, Any] | None = None) -> Any:
     """Build ``cfg.method`` (:func:`make_method` with the config's key and kwargs)."""
-    return make_method(cfg.method.key, cfg.method.kwargs, committee, student_dim, ds)
+    return make_method(cfg.method.key, cfg.method.kwargs, committee, student_dim, ds, caches)
 
 
 def make_method(key: str, kwargs: dict[str, Any], committee: dict[str, Any], student_dim: int,
-                ds: Dataset | None = None) -> Any:
-    """Method ``key`` with ``kwargs``; the loop supplies ``committee``, ``student_dim`` and (from ``ds``)
-    ``item_frequency`` (training rows per item code) to the methods whose signature takes them."""
+                ds: Dataset | None = None, caches: dict[str, Any] | None = None) -> Any:
+    """Method ``key`` with ``kwargs``; the loop supplies ``committee``, ``student_dim``, and (from ``ds``
+    and the teachers' ``caches``) ``item_frequency`` (training rows per item code) and ``held_out``
+    (the committee's cached validation logits, :class:`~appdistill.methods.stack.HeldOut`) to the
+    methods whose signature takes them."""
     import inspect
 
     params = inspect.signature(METHODS.get(key, context="method")).parameters
@@ -450,6 +454,10 @@ def make_method(key: str, kwargs: dict[str, Any], committee: dict[str, Any], stu
         extra["student_dim"] = student_dim
     if "item_frequency" in params and ds is not None:
         extra["item_frequency"] = np.bincount(ds.item_ids[ds.splits["train"]], minlength=int(ds.item_ids.max()) + 1)
+    if "held_out" in params and ds is not None and caches and len(ds.splits.get("valid", [])):
+        valid = ds.splits["valid"]
+        extra["held_out"] = HeldOut({n: c.lookup("valid", valid, taps=[]).logits.numpy() for n, c in caches.items()},
+                                    ds.labels[valid], ds.item_ids[valid])
     return METHODS.build(key, kwargs, "method", **extra)
 
 

@@ -1,0 +1,102 @@
+"""The committee's held-out stack: per-segment teacher weights, shrinkage, the target DiverseDistill reads."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from appdistill.errors import ConfigError
+from appdistill.methods import METHODS
+from appdistill.methods.stack import HeldOut, SegmentStack
+
+
+def _held(n: int = 20_000, seed: int = 0) -> tuple[HeldOut, np.ndarray]:
+    """Items 0-9 frequent (head), 10-399 rare (tail); teacher ``a`` knows head items, ``b`` tail ones."""
+    rng = np.random.default_rng(seed)
+    freq = np.r_[np.full(10, 5_000), np.full(390, 10), np.zeros(100, np.int64)]  # codes 400-499: cold
+    items = np.where(rng.random(n) < 0.5, rng.integers(0, 10, n), rng.integers(10, 500, n))
+    truth = rng.normal(size=n) * 2
+    y = (rng.random(n) < 1 / (1 + np.exp(-truth))).astype(np.float32)
+    head = items < 10
+    za = np.where(head, truth, rng.normal(size=n) * 1.5) + rng.normal(size=n) * 0.3  # noise off its segment
+    zb = np.where(~head, truth, rng.normal(size=n) * 1.5) + rng.normal(size=n) * 0.3
+    return HeldOut({"a": za, "b": zb}, y, items), freq
+
+
+def test_segments_get_the_teacher_that_knows_them() -> None:
+    held, freq = _held()
+    stack = SegmentStack.fit(held, ["a", "b"], freq)
+    w = stack.describe()
+    assert stack.segments == ["cold", "tail", "torso", "head"]
+    assert w["head"]["a"] > 0.7 and abs(w["head"]["b"]) < 0.1
+    # (a weak, low-variance column is shrunk towards the whole-split weights, not set to 0)
+    assert w["tail"]["b"] > 0.7 and w["tail"]["b"] > 3 * abs(w["tail"]["a"]) and w["cold"]["b"] > w["cold"]["a"]
+    # the stacked target beats each teacher and their average on the held-out rows
+    from appdistill.eval.metrics import auc
+
+    z = torch.tensor(np.stack([held.logits["a"], held.logits["b"]], 1), dtype=torch.float32)
+    zs = stack(z, torch.as_tensor(held.item_codes)).numpy()
+    y = held.labels
+    assert auc(zs, y) > max(auc(held.logits["a"], y), auc(held.logits["b"], y), auc(z.mean(1).numpy(), y)) + 0.05
+    # codes never seen in training (or beyond the vocabulary) take the cold segment
+    assert stack.segment_of(torch.tensor([0, 15, 450, 10_000, -1])).tolist() == [3, 1, 0, 0, 0]
+    # the formula: b_s + sum_i a_si z_i
+    ws = stack.weights.numpy()
+    np.testing.assert_allclose(zs[:5], (ws[stack.segment_of(torch.as_tensor(held.item_codes[:5])).numpy()]
+                                        * np.c_[z[:5].numpy(), np.ones(5)]).sum(1), rtol=1e-5, atol=1e-5)
+
+
+def test_small_or_one_class_segments_shrink_to_the_whole_fit() -> None:
+    held, freq = _held()
+    keep = (held.item_codes < 10) | (np.arange(len(held.labels)) % 200 == 0)  # a handful of tail rows
+    few = HeldOut({k: v[keep] for k, v in held.logits.items()}, held.labels[keep], held.item_codes[keep])
+    stack = SegmentStack.fit(few, ["a", "b"], freq)
+    ws = stack.weights.numpy()
+    whole = SegmentStack.fit(HeldOut(few.logits, few.labels, np.zeros_like(few.item_codes)), ["a", "b"],
+                             np.zeros(1, np.int64)).weights.numpy()[0]
+    rich = SegmentStack.fit(held, ["a", "b"], freq).weights.numpy()  # the tail with all its rows
+    assert np.abs(ws[1] - whole).max() < 0.5 * np.abs(rich[1] - whole).max()  # few rows: stays near the whole
+    one_class = HeldOut(few.logits, np.zeros_like(few.labels), few.item_codes)
+    assert np.isfinite(SegmentStack.fit(one_class, ["a", "b"], freq).weights.numpy()).all()
+
+
+def test_one_row_per_entity_means_one_stack() -> None:
+    rng = np.random.default_rng(1)
+    n = 3000
+    y = (rng.random(n) < 0.4).astype(np.float32)
+    good, bad = (y - 0.4) * 4 + rng.normal(size=n), rng.normal(size=n)
+    stack = SegmentStack.fit(HeldOut({"gbdt": good, "dlrm": bad}, y, np.arange(n)), ["gbdt", "dlrm"], np.ones(n))
+    assert stack.segments == ["all"] and stack.weights.shape == (1, 3)
+    w = stack.describe()["all"]
+    assert w["gbdt"] > 0.5 and abs(w["dlrm"]) < 0.1 * w["gbdt"]  # the weak teacher gets (almost) no say
+    with pytest.raises(ValueError, match="lack teachers"):
+        SegmentStack.fit(HeldOut({"gbdt": good}, y, np.arange(n)), ["gbdt", "dlrm"], np.ones(n))
+
+
+def test_diverse_distill_stacked_target() -> None:
+    from tests.test_methods import COMMITTEE, Y, Z_A, Z_B, Z_S, make_batch, np_bce, sig
+    from appdistill.student.model import StudentOutput
+
+    rng = np.random.default_rng(0)
+    held = HeldOut({"dlrm": rng.normal(size=500), "foundation": rng.normal(size=500)},
+                   (rng.random(500) < 0.5).astype(np.float32), rng.integers(0, 4, 500))
+    kw = {"d_e": 8, "teachers": ["dlrm", "foundation"], "kd_weights": "stacked", "lambda_t": 1.0}
+    m = METHODS.build("diverse_distill", {**kw, "gating": False, "committee_path": False}, committee=COMMITTEE,
+                      student_dim=5, item_frequency=np.array([10, 10, 10, 10]), held_out=held)
+    terms = m(StudentOutput(Z_S, torch.zeros(4, 5)), make_batch(), None)
+    z_c = m.stack(torch.stack([Z_A, Z_B], 1), torch.arange(4)).numpy()  # batch item ids 0..3
+    assert float(terms["kd_teachers"]) == pytest.approx(np_bce(Z_S.numpy(), sig(z_c)), abs=1e-6)
+    assert float(terms["bce"]) == pytest.approx(np_bce(Z_S.numpy(), Y.numpy()), abs=1e-6)
+    # gated: the gate's importance modulates the stack per sample; still one finite target
+    g = METHODS.build("diverse_distill", kw, committee=COMMITTEE, student_dim=5,
+                      item_frequency=np.array([10, 10, 10, 10]), held_out=held)
+    from torch import nn
+
+    from appdistill.student.model import OverArch
+
+    model = nn.Module()
+    model.over_arch = OverArch(5, [4])
+    assert torch.isfinite(g(StudentOutput(Z_S, torch.randn(4, 5)), make_batch(), model)["kd_teachers"])
+    with pytest.raises(ConfigError, match="stacked.*validation"):
+        METHODS.build("diverse_distill", kw, committee=COMMITTEE, student_dim=5)
