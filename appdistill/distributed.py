@@ -74,6 +74,13 @@ def shard_model(model: nn.Module, ctx: DistContext, lr: float, embedding_lr: flo
     # in both modes (identical update rule); dense parts use Adam.
     if not ctx.is_dist:
         model = model.to(ctx.device)
+        # row-sparse embedding gradients: Adagrad then updates only the rows a batch touched (the
+        # update is the same: an untouched row's dense gradient is zero). A dense gradient zero-fills,
+        # and Adagrad rewrites, every row of every table each step: at 500k users that was most of
+        # the step. (Under torchrun, fbgemm's fused kernels update touched rows in the backward.)
+        for name, mod in model.named_modules():
+            if name.startswith("ebc.") and isinstance(mod, nn.EmbeddingBag):
+                mod.sparse = True
         named = dict(model.named_parameters())
         emb = {n: p for n, p in named.items() if n.startswith("ebc.")}
         dense = {n: p for n, p in named.items() if n not in emb}
