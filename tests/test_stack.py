@@ -100,3 +100,13 @@ def test_diverse_distill_stacked_target() -> None:
     assert torch.isfinite(g(StudentOutput(Z_S, torch.randn(4, 5)), make_batch(), model)["kd_teachers"])
     with pytest.raises(ConfigError, match="stacked.*validation"):
         METHODS.build("diverse_distill", kw, committee=COMMITTEE, student_dim=5)
+
+
+def test_a_segment_without_held_out_rows_gets_the_committee_average() -> None:
+    """A cold-start split: every validation item is cold, the training rows are warm."""
+    held, freq = _held()
+    cold = held.item_codes >= 400
+    only_cold = HeldOut({k: v[cold] for k, v in held.logits.items()}, held.labels[cold], held.item_codes[cold])
+    w = SegmentStack.fit(only_cold, ["a", "b"], freq).describe()
+    assert w["cold"]["b"] > 0.7 > w["cold"]["a"]  # fitted where it has rows
+    assert w["head"] == w["tail"] == {"a": 0.5, "b": 0.5, "bias": 0.0}  # not the cold fit carried over

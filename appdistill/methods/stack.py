@@ -9,8 +9,11 @@ logistic stack
 
     z*(x) = b[s] + Σ_i a[s, i] · z_i(x)        s = segment of x's item         [B]
 
-fitted by Newton's method (a handful of parameters per segment). A segment with few held-out rows,
-or one class only, shrinks to the whole-split fit (the penalty pulls its weights towards it).
+fitted by Newton's method (a handful of parameters per segment). A segment with few held-out rows
+shrinks to the whole-split fit (the penalty pulls its weights towards it). A segment with no
+held-out rows, or one class only, gets the plain committee average (``a = 1/n``, ``b = 0``): the
+whole-split fit then describes *other* segments (on a cold-start split every validation item is
+cold, and its weights favour the text teacher, which is the wrong teacher for warm training rows).
 
 Example:
     >>> held = HeldOut({"lightgbm": zl, "dlrm": zd}, labels, item_codes)      # validation rows
@@ -103,7 +106,7 @@ class SegmentStack(nn.Module):
         # whole split: start from the plain average of the teachers' logits, a weak ridge towards it
         avg = np.r_[np.full(len(names), 1.0 / len(names)), 0.0]
         whole = _newton(x, y, avg, 1e-3 * max(len(y), 1))
-        w = np.tile(whole, (len(names_s), 1))
+        w = np.tile(avg, (len(names_s), 1))
         for s in range(len(names_s)):
             m = seg == s
             if m.sum() and 0 < y[m].sum() < m.sum():
