@@ -25,7 +25,8 @@ from appdistill.features.batch import Batch, TeacherOutput
 log = logging.getLogger("appdistill.cache")
 
 #: rows a CacheJoin gathers between releases of the mapped pages: bounds the resident pages at about
-#: RELEASE_ROWS x shards x 4 KiB (random rows: one page each), for ~2 s per million rows of re-faults
+#: RELEASE_ROWS x shards x 64 KiB (a random row's page fault also maps up to 15 neighbouring pages:
+#: the kernel's fault-around), whatever the cache's size; re-faults cost ~2 s per million rows
 RELEASE_ROWS = 1 << 16
 
 
