@@ -110,3 +110,17 @@ def test_a_segment_without_held_out_rows_gets_the_committee_average() -> None:
     w = SegmentStack.fit(only_cold, ["a", "b"], freq).describe()
     assert w["cold"]["b"] > 0.7 > w["cold"]["a"]  # fitted where it has rows
     assert w["head"] == w["tail"] == {"a": 0.5, "b": 0.5, "bias": 0.0}  # not the cold fit carried over
+
+
+def test_auto_kd_weights_stack_when_the_held_out_outputs_are_there() -> None:
+    from tests.test_methods import COMMITTEE
+
+    rng = np.random.default_rng(0)
+    held = HeldOut({"dlrm": rng.normal(size=200), "foundation": rng.normal(size=200)},
+                   (rng.random(200) < 0.5).astype(np.float32), rng.integers(0, 4, 200))
+    kw = {"d_e": 8, "teachers": ["dlrm", "foundation"]}  # kd_weights: auto, the default
+    with_held = METHODS.build("diverse_distill", kw, committee=COMMITTEE, student_dim=5,
+                              item_frequency=np.array([10, 10, 10, 10]), held_out=held)
+    without = METHODS.build("diverse_distill", kw, committee=COMMITTEE, student_dim=5)
+    assert with_held.kd_weights == "stacked" and with_held.stack is not None
+    assert without.kd_weights == "soft" and without.stack is None

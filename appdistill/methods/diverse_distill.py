@@ -77,7 +77,8 @@ class DiverseDistill(Method):
             ``z* = b_s + Σ_i a_{s,i} · n·p_i(x) · z_i`` (:mod:`appdistill.methods.stack`: per item
             segment ``s``, ``a, b`` fitted on the validation split, which no teacher trained on),
             the gate's ungated importance ``p`` modulating it per sample (with ``gating: false`` it
-            is the stack itself).
+            is the stack itself). ``auto`` (the default): ``stacked`` when the committee's
+            validation outputs are supplied (training through the pipeline), else ``soft``.
         committee_rows: rows of each batch that take the committee path (questions, answers,
             ``z_qa``), drawn at random per step; ``None`` = all. The gate's importance and the
             teacher KD still cover every row. Answers run teachers' frozen heads and the answer
@@ -117,7 +118,7 @@ class DiverseDistill(Method):
                  lambda_t: float = 1.5, lambda_lb: float = 0.01, temperature: float = 1.0,
                  output_loss: str = "kd", taps: dict[str, str] | None = None, leaf_dim: int = 32,
                  leaf_trees: int | None = 32, taid: dict[str, float] | None = None,
-                 kd_weights: str = "soft", committee_rows: int | None = None,
+                 kd_weights: str = "auto", committee_rows: int | None = None,
                  committee_every: int = 8, routing: bool = False,
                  item_frequency: Any = None, held_out: HeldOut | None = None) -> None:
         super().__init__(committee)
@@ -142,9 +143,11 @@ class DiverseDistill(Method):
         self.tau, self.T = tau, temperature
         self.lambda_kd, self.lambda_t, self.lambda_lb = lambda_kd, lambda_t, lambda_lb
         self.output_loss = output_loss
-        if kd_weights not in ("gated", "soft", "uniform", "stacked"):
-            raise ConfigError(f"diverse_distill: kd_weights must be 'gated', 'soft', 'uniform' or 'stacked', "
+        if kd_weights not in ("auto", "gated", "soft", "uniform", "stacked"):
+            raise ConfigError(f"diverse_distill: kd_weights must be 'auto', 'gated', 'soft', 'uniform' or 'stacked', "
                               f"got '{kd_weights}'")
+        if kd_weights == "auto":  # the stack where the loop supplies the held-out outputs, else soft
+            kd_weights = "stacked" if held_out is not None else "soft"
         self.kd_weights = kd_weights
         self.stack: SegmentStack | None = None
         if kd_weights == "stacked":
