@@ -16,8 +16,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from appdistill.errors import ConfigError
 from appdistill.features.processor import FeatureProcessor, Jagged
-from appdistill.features.spec import FeatureSpecSet
+from appdistill.features.spec import FeatureSpec, FeatureSpecSet
 from appdistill.features.tables import check_joins, load_tables, make_labels, split_rows, table_location
 
 
@@ -51,6 +52,9 @@ class Dataset:
     fingerprint: str = ""
     #: per side table: interactions whose key it holds (``tables.check_joins``)
     join_coverage: dict[str, dict[str, object]] = field(default_factory=dict)
+    #: the folder of memory-mapped columns when the interactions were streamed from a folder of parquet
+    #: files (:mod:`appdistill.features.streamed`; ``tables`` then holds the side tables only), else ""
+    streamed: str = ""
 
     @property
     def n(self) -> int:
@@ -62,12 +66,25 @@ class Dataset:
               | None = None) -> Dataset:
         """Load (unless given), split, fit on train, encode every servable feature.
 
+        An interactions ``path`` that is a folder of parquet files is read in chunks into memory-mapped
+        columns instead (:mod:`appdistill.features.streamed`): the same split, processor, fingerprint
+        and encoded values as the same rows in one file.
+
         Args:
             transfer: makes unlabelled rows from ``(spec, tables, splits)``
                 (:mod:`appdistill.features.transfer`); they are appended to the interactions table,
                 encoded like every row, labelled NaN and listed as ``splits["transfer"]``. Labels,
                 splits and the fitted processor of the real rows are unchanged.
         """
+        if tables is None:
+            from appdistill.features.streamed import build_streamed, stream_files
+
+            files = stream_files(spec)
+            if files is not None:
+                if transfer is not None:
+                    raise ConfigError(f"file '{table_location(spec, 'interactions')}': a transfer set needs the "
+                                      "interactions in memory (one file); this spec streams a folder")
+                return build_streamed(spec, files)
         tables = tables if tables is not None else load_tables(spec)
         coverage = check_joins(spec, tables)  # refuses key-dtype mismatches and joins that match nothing
         inter = tables["interactions"]
@@ -113,12 +130,9 @@ class Dataset:
                     else proc.encode_sparse(f.name, df[f.col])
                 ds.sparse[f.name] = enc[table_rows[f.table]] if f.table != "interactions" else enc
             elif f.kind == "id_list":
-                j = proc.encode_list(f, df[f.col])
-                ds.lists[f.name] = Jagged(np.append(j.offsets, j.offsets[-1]), j.values)  # + empty missing row
+                ds.lists[f.name] = encode_list_table(proc, f, df)
             else:
-                v = proc.encode_dense(f.name, df[f.col].to_numpy())
-                missing = proc.dense[f.name].apply(np.array([np.nan]))[0]  # the imputed value
-                ds.dense[f.name] = np.append(v, missing) if f.table != "interactions" else v
+                ds.dense[f.name] = encode_dense_table(proc, f, df, missing_row=f.table != "interactions")
         ds.fingerprint = ds._fingerprint()
         ds.join_coverage = coverage
         return ds
@@ -148,6 +162,21 @@ class Dataset:
             "fingerprint": self.fingerprint,
             "join_coverage": self.join_coverage,
         }
+
+
+def encode_list_table(proc: FeatureProcessor, f: FeatureSpec, df: pd.DataFrame) -> Jagged:
+    """``id_list`` feature ``f`` over the rows of its table, plus an empty row for a missing join."""
+    j = proc.encode_list(f, df[f.col])
+    return Jagged(np.append(j.offsets, j.offsets[-1]), j.values)
+
+
+def encode_dense_table(proc: FeatureProcessor, f: FeatureSpec, df: pd.DataFrame, missing_row: bool) -> np.ndarray:
+    """Dense feature ``f`` over the rows of its table; a side table's gets a last row holding the imputed
+    value (a missing join)."""
+    v = proc.encode_dense(f.name, df[f.col].to_numpy())
+    if not missing_row:
+        return v
+    return np.append(v, proc.dense[f.name].apply(np.array([np.nan]))[0])
 
 
 def _hash_table(df: pd.DataFrame) -> np.ndarray:

@@ -7,6 +7,7 @@ the spec or the data without reading code.
 from __future__ import annotations
 
 import logging
+import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -39,7 +40,7 @@ def table_location(spec: FeatureSpecSet, name: str) -> str:
 def _read_file(path: Path, csv_options: dict) -> pd.DataFrame:
     if path.is_dir():
         raise SpecError(f"file '{path}': is a directory, not a table file; give the path of one .parquet, .csv "
-                        "or .tsv file")
+                        "or .tsv file (only the interactions table may be a folder of parquet files, read in chunks)")
     if not path.is_file():
         raise SpecError(f"file '{path}': table file not found")
     suffix = "".join(path.suffixes[-2:]).lower()
@@ -55,16 +56,18 @@ def _read_file(path: Path, csv_options: dict) -> pd.DataFrame:
     raise SpecError(f"file '{path}': unsupported table format (use .parquet, .csv or .tsv)")
 
 
-def load_tables(spec: FeatureSpecSet) -> dict[str, pd.DataFrame]:
-    """Read every table of ``spec`` (files or the spec's built-in source) and check it."""
+def load_tables(spec: FeatureSpecSet, skip: tuple[str, ...] = ()) -> dict[str, pd.DataFrame]:
+    """Read every table of ``spec`` (files or the spec's built-in source) but those in ``skip``, and check it."""
     from appdistill.data import SOURCES
 
     source_tables: dict[str, pd.DataFrame] = {}
-    if spec.source is not None and any(t.path is None for t in spec.tables.values()):
+    if spec.source is not None and any(t.path is None for n, t in spec.tables.items() if n not in skip):
         fn = SOURCES.get(spec.source.key, context=f"spec '{spec.name}' source")
         source_tables = fn(**spec.source.kwargs)
     out: dict[str, pd.DataFrame] = {}
     for name, t in spec.tables.items():
+        if name in skip:
+            continue
         loc = table_location(spec, name)
         if t.path is None:
             if name not in source_tables:
@@ -75,21 +78,41 @@ def load_tables(spec: FeatureSpecSet) -> dict[str, pd.DataFrame]:
             df = _read_file(Path(loc), t.csv_options)
         if len(df) == 0:
             raise SpecError(f"file '{loc}': table '{name}' is empty")
-        for k in t.keys:
-            if k not in df.columns:
-                raise SpecError(f"file '{loc}': key column '{k}' of table '{name}' is missing "
-                                f"(columns: {list(df.columns)})")
-            if df[k].isna().any():
-                row = int(np.flatnonzero(df[k].isna().to_numpy())[0])
-                raise SpecError(f"file '{loc}', column '{k}', row {row}: NaN in an id column (a key column: "
-                                "keys join the tables, every row needs one)")
-            _check_ids(df[k], f"file '{loc}', column '{k}'")
-        if name != "interactions" and df[t.keys[0]].duplicated().any():
-            row = int(np.flatnonzero(df[t.keys[0]].duplicated().to_numpy())[0])
-            raise SpecError(f"file '{loc}', column '{t.keys[0]}', row {row}: duplicate key in table '{name}'")
+        check_table(spec, name, df, loc)
         out[name] = df.reset_index(drop=True)
+    return out
+
+
+def check_table(spec: FeatureSpecSet, name: str, df: pd.DataFrame, loc: str, first_row: int = 0) -> None:
+    """Check table ``name`` (or a chunk of it whose first row is row ``first_row`` of file ``loc``): key
+    columns, every feature's column, and for the interactions the label. Errors name the file, the
+    column and the row counted from the file's start."""
+    try:
+        _check_table(spec, name, df, loc, whole=first_row == 0)
+    except SpecError as e:
+        if not first_row:
+            raise
+        # positions are the chunk's: report the file's row
+        raise SpecError(re.sub(r"\brow (\d+)", lambda m: f"row {int(m.group(1)) + first_row}", str(e))) from None
+
+
+def _check_table(spec: FeatureSpecSet, name: str, df: pd.DataFrame, loc: str, whole: bool) -> None:
+    t = spec.tables[name]
+    for k in t.keys:
+        if k not in df.columns:
+            raise SpecError(f"file '{loc}': key column '{k}' of table '{name}' is missing "
+                            f"(columns: {list(df.columns)})")
+        if df[k].isna().any():
+            row = int(np.flatnonzero(df[k].isna().to_numpy())[0])
+            raise SpecError(f"file '{loc}', column '{k}', row {row}: NaN in an id column (a key column: "
+                            "keys join the tables, every row needs one)")
+        _check_ids(df[k], f"file '{loc}', column '{k}'")
+    if name != "interactions" and df[t.keys[0]].duplicated().any():
+        row = int(np.flatnonzero(df[t.keys[0]].duplicated().to_numpy())[0])
+        raise SpecError(f"file '{loc}', column '{t.keys[0]}', row {row}: duplicate key in table '{name}'")
     for f in spec.features:
-        df, loc = out[f.table], table_location(spec, f.table)
+        if f.table != name:
+            continue
         if f.col not in df.columns:
             raise SpecError(f"file '{loc}', feature '{f.name}': column '{f.col}' is missing "
                             f"(columns: {list(df.columns)})")
@@ -119,8 +142,8 @@ def load_tables(spec: FeatureSpecSet) -> dict[str, pd.DataFrame]:
                                                  or pd.api.types.is_string_dtype(col.dtype)):
             raise SpecError(f"file '{loc}', feature '{f.name}', column '{f.col}': kind '{f.kind}' needs a "
                             f"string column, got dtype {col.dtype}")
-    make_labels(spec, out["interactions"])  # validates early
-    return out
+    if name == "interactions":
+        make_labels(spec, df, loc=loc, both_classes=whole)  # validates early
 
 
 def _check_ids(col: pd.Series, where: str) -> None:
@@ -170,28 +193,41 @@ def check_joins(spec: FeatureSpecSet, tables: dict[str, pd.DataFrame]) -> dict[s
     for name, t in spec.tables.items():
         if name == "interactions":
             continue
-        key, loc, side = t.keys[0], table_location(spec, name), tables[name]
-        a, b = _key_kind(inter[key]), _key_kind(side[key])
-        if a != b or "mixed" in (a, b):
-            raise SpecError(
-                f"table '{name}': key column '{key}' of file '{loc}' holds {b} values but column '{key}' of file "
-                f"'{iloc}' holds {a} values, so no row can join; make both integers or both strings (for a CSV, "
-                f"e.g. `csv_options: {{dtype: {{{key}: str}}}}` on both tables)")
+        key, side = t.keys[0], tables[name]
+        check_key_kinds(spec, name, inter[key], side[key], iloc)
         idx = pd.Index(side[key]).get_indexer(inter[key])
-        matched = int((idx >= 0).sum())
-        cov = matched / max(len(inter), 1)
-        if matched == 0:
-            raise SpecError(
-                f"table '{name}': no interaction joins: column '{key}' of file '{iloc}' (e.g. "
-                f"{inter[key].head(3).tolist()}) matches no value of column '{key}' of file '{loc}' (e.g. "
-                f"{side[key].head(3).tolist()})")
-        if cov < JOIN_WARN_BELOW:
-            warnings.warn(f"table '{name}': only {matched:,} of {len(inter):,} interactions ({cov:.1%}) find their "
-                          f"'{key}' in file '{loc}'; the others get its missing row (OOV ids, training means)",
-                          JoinCoverageWarning, stacklevel=2)
-        log.info("table %s: %d of %d interactions joined (%.1f%%)", name, matched, len(inter), 100 * cov)
-        out[name] = {"matched": matched, "rows": int(len(inter)), "coverage": round(cov, 4)}
+        out[name] = join_report(spec, name, int((idx >= 0).sum()), len(inter), iloc,
+                                inter[key].head(3).tolist(), side[key].head(3).tolist())
     return out
+
+
+def check_key_kinds(spec: FeatureSpecSet, name: str, inter_key: pd.Series, side_key: pd.Series, iloc: str) -> None:
+    """Refuse a join of side table ``name`` whose key columns hold different kinds of ids."""
+    key, loc = spec.tables[name].keys[0], table_location(spec, name)
+    a, b = _key_kind(inter_key), _key_kind(side_key)
+    if a != b or "mixed" in (a, b):
+        raise SpecError(
+            f"table '{name}': key column '{key}' of file '{loc}' holds {b} values but column '{key}' of file "
+            f"'{iloc}' holds {a} values, so no row can join; make both integers or both strings (for a CSV, "
+            f"e.g. `csv_options: {{dtype: {{{key}: str}}}}` on both tables)")
+
+
+def join_report(spec: FeatureSpecSet, name: str, matched: int, rows: int, iloc: str, inter_examples: list,
+                side_examples: list) -> dict[str, Any]:
+    """``{"matched", "rows", "coverage"}`` of side table ``name``; refuses a join that matches nothing and
+    warns (:class:`JoinCoverageWarning`) below :data:`JOIN_WARN_BELOW`."""
+    key, loc = spec.tables[name].keys[0], table_location(spec, name)
+    cov = matched / max(rows, 1)
+    if matched == 0:
+        raise SpecError(
+            f"table '{name}': no interaction joins: column '{key}' of file '{iloc}' (e.g. "
+            f"{inter_examples}) matches no value of column '{key}' of file '{loc}' (e.g. {side_examples})")
+    if cov < JOIN_WARN_BELOW:
+        warnings.warn(f"table '{name}': only {matched:,} of {rows:,} interactions ({cov:.1%}) find their "
+                      f"'{key}' in file '{loc}'; the others get its missing row (OOV ids, training means)",
+                      JoinCoverageWarning, stacklevel=3)
+    log.info("table %s: %d of %d interactions joined (%.1f%%)", name, matched, rows, 100 * cov)
+    return {"matched": matched, "rows": int(rows), "coverage": round(cov, 4)}
 
 
 def _key_kind(col: pd.Series) -> str:
@@ -204,15 +240,17 @@ def _key_kind(col: pd.Series) -> str:
     return "mixed" if kind.startswith("mixed") else kind
 
 
-def make_labels(spec: FeatureSpecSet, inter: pd.DataFrame) -> np.ndarray:
-    """Binary labels ``[N]`` float32 from the interactions' label spec; errors if not 0/1.
+def make_labels(spec: FeatureSpecSet, inter: pd.DataFrame, loc: str | None = None,
+                both_classes: bool = True) -> np.ndarray:
+    """Binary labels ``[N]`` float32 from the interactions' label spec; errors if not 0/1 (and, with
+    ``both_classes``, when one class is absent: a chunk of a streamed table may hold one class).
 
     ``positive`` (a value or a list): label 1 where the column equals one of them (numbers compare as
     numbers, anything else as stripped strings, so ``" >50K"`` equals ``">50K"``), 0 elsewhere.
     """
     lab = spec.tables["interactions"].label
     assert lab is not None
-    loc = table_location(spec, "interactions")
+    loc = loc or table_location(spec, "interactions")
     if lab.column not in inter.columns:
         raise SpecError(f"file '{loc}': label column '{lab.column}' is missing (columns: {list(inter.columns)})")
     col = inter[lab.column]
@@ -220,7 +258,7 @@ def make_labels(spec: FeatureSpecSet, inter: pd.DataFrame) -> np.ndarray:
         row = int(np.flatnonzero(col.isna().to_numpy())[0])
         raise SpecError(f"file '{loc}', column '{lab.column}', row {row}: missing label")
     if lab.positive is not None:
-        return _positive_labels(col, lab.positive, f"file '{loc}', column '{lab.column}'")
+        return _positive_labels(col, lab.positive, f"file '{loc}', column '{lab.column}'", both_classes)
     if not pd.api.types.is_numeric_dtype(col.dtype) and not pd.api.types.is_bool_dtype(col.dtype):
         raise SpecError(f"file '{loc}', column '{lab.column}': the label must be numeric, got dtype {col.dtype}; "
                         f"for string labels give the positive value, e.g. `label: {{column: {lab.column}, "
@@ -233,9 +271,8 @@ def make_labels(spec: FeatureSpecSet, inter: pd.DataFrame) -> np.ndarray:
         row = int(np.flatnonzero(bad)[0])
         raise SpecError(f"file '{loc}', column '{lab.column}', row {row}: label is {x[row]!r}, not 0/1 after its "
                         f"transform (op={lab.op}); add `op`/`threshold` to the label spec")
-    if len(np.unique(y)) < 2:
-        raise SpecError(f"file '{loc}', column '{lab.column}': every label is {y[0]:.0f} after the transform; "
-                        "need both classes")
+    if both_classes and len(np.unique(y)) < 2:
+        raise SpecError(one_class_message(f"file '{loc}', column '{lab.column}'", y[0]))
     return y.astype(np.float32)
 
 
@@ -271,7 +308,11 @@ def split_rows(spec: FeatureSpecSet, inter: pd.DataFrame) -> dict[str, np.ndarra
     return out
 
 
-def _positive_labels(col: pd.Series, positive: Any, where: str) -> np.ndarray:
+def one_class_message(where: str, label: float) -> str:
+    return f"{where}: every label is {label:.0f} after the transform; need both classes"
+
+
+def _positive_labels(col: pd.Series, positive: Any, where: str, both_classes: bool = True) -> np.ndarray:
     values = positive if isinstance(positive, list) else [positive]
     nums = pd.to_numeric(pd.Series([None if isinstance(v, bool) else v for v in values], dtype=object),
                          errors="coerce")
@@ -280,7 +321,7 @@ def _positive_labels(col: pd.Series, positive: Any, where: str) -> np.ndarray:
     else:
         text = col.astype(str).str.strip()
         y = text.isin([str(v).strip() for v in values]).to_numpy()
-    if y.all() or not y.any():
+    if both_classes and (y.all() or not y.any()):
         seen = col.astype(str).str.strip().value_counts().index[:8].tolist()
         raise SpecError(f"{where}: every label is {int(y[0])} with `positive: {positive!r}`; need both classes "
                         f"(values seen: {seen})")

@@ -131,11 +131,16 @@ class Vocabulary:
 
     @classmethod
     def fit(cls, spec: FeatureSpec, ids: np.ndarray, file: str = "") -> Vocabulary:
-        is_int = ids.dtype != object
+        uniq, counts = np.unique(ids, return_counts=True)
+        return cls.from_counts(spec, uniq, counts, ids.dtype != object, file)
+
+    @classmethod
+    def from_counts(cls, spec: FeatureSpec, uniq: np.ndarray, counts: np.ndarray, is_int: bool,
+                    file: str = "") -> Vocabulary:
+        """From the sorted distinct training ids and their counts (a streamed fit sums them over chunks)."""
         if spec.hashing:
             assert isinstance(spec.num_embeddings, int)
-            return cls(spec.name, ids[:0], spec.num_embeddings, True, is_int)
-        uniq, counts = np.unique(ids, return_counts=True)
+            return cls(spec.name, uniq[:0], spec.num_embeddings, True, is_int)
         uniq = uniq[counts >= spec.min_count]
         n = len(uniq) + 1
         if spec.num_embeddings != "auto":
@@ -187,13 +192,15 @@ class DenseTransform:
     @classmethod
     def fit(cls, spec: FeatureSpec, x: np.ndarray) -> DenseTransform:
         t = cls(spec.name, spec.transform)
-        v = t._pre(x)
-        v = v[np.isfinite(v)]
-        if len(v):  # the mean also imputes NaN for ``none``/``log1p``
-            t.mean = float(v.mean())
-            if "standardize" in t.kind:
-                t.std = float(v.std() or 1.0)
-        return t
+        return t.with_moments(DenseMoments().add(t._pre(x)))
+
+    def with_moments(self, m: DenseMoments) -> DenseTransform:
+        """Set the training statistics from the moments of the pre-transformed values (``_pre``)."""
+        if m.n:  # the mean also imputes NaN for ``none``/``log1p``
+            self.mean = m.mean
+            if "standardize" in self.kind:
+                self.std = float(np.sqrt(m.m2 / m.n)) or 1.0
+        return self
 
     def _pre(self, x: np.ndarray) -> np.ndarray:
         x = np.asarray(x, dtype=np.float64)
@@ -217,3 +224,24 @@ class DenseTransform:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> DenseTransform:
         return cls(**d)
+
+
+@dataclass
+class DenseMoments:
+    """Count, mean and summed squared deviations of a dense feature's finite values, merged a chunk at a
+    time (Chan et al.'s pairwise update), so a streamed fit needs no second pass. One chunk gives
+    ``mean()`` and ``std()`` of numpy exactly."""
+
+    n: int = 0
+    mean: float = 0.0
+    m2: float = 0.0
+
+    def add(self, v: np.ndarray) -> DenseMoments:
+        v = v[np.isfinite(v)]
+        if len(v):
+            k, mu = len(v), float(v.mean())
+            q, d, tot = float(((v - mu) ** 2).sum()), mu - self.mean, self.n + len(v)
+            self.mean += d * (k / tot)
+            self.m2 += q + d * d * (self.n * k / tot)
+            self.n = tot
+        return self

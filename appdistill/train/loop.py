@@ -122,6 +122,9 @@ def with_transfer(cfg: ExperimentConfig, spec: Any, ds: Dataset) -> Dataset:
         return ds
     from appdistill.features.transfer import make_transfer_rows
 
+    if ds.streamed:
+        raise ConfigError("transfer.enabled: a transfer set is built from the interactions in memory; this spec "
+                          "streams them from a folder of parquet files (turn transfer off, or give one file)")
     return Dataset.build(spec, tables=ds.tables,
                          transfer=lambda sp, tb, sl: make_transfer_rows(sp, tb, sl, t.ratio, t.strategy, t.seed))
 
