@@ -97,6 +97,9 @@ def cmd_validate(a: argparse.Namespace) -> int:
     ds = Dataset.build(spec)
     s = ds.summary()
     print(f"spec '{spec.name}' ({a.spec}): OK")
+    if ds.streamed:
+        print(f"  table {'interactions':<13} {ds.n:>9,} rows  key={spec.tables['interactions'].keys}  from "
+              f"{table_location(spec, 'interactions')} (a folder: streamed into memory-mapped columns in {ds.streamed})")
     for name, df in ds.tables.items():
         print(f"  table {name:<13} {len(df):>9,} rows  key={spec.tables[name].keys}  from {table_location(spec, name)}")
     for name, cov in ds.join_coverage.items():

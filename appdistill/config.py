@@ -77,6 +77,10 @@ class TrainSection(_Strict):
     #: torchrun only: "table_wise" | "row_wise" | "column_wise" | "auto" (planner decides)
     sharding: Literal["table_wise", "row_wise", "column_wise", "auto"] = "table_wise"
     log_every: int = Field(default=50, ge=1)
+    #: training order: "rows" (a full permutation each epoch), "blocks" (random windows of blocks of
+    #: consecutive rows, shuffled within a window: bounded memory on memory-mapped columns), "auto"
+    #: (blocks for interactions streamed from a folder of parquet files, else rows)
+    shuffle: Literal["auto", "rows", "blocks"] = "auto"
 
 
 class TransferSection(_Strict):

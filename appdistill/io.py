@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import mmap
 import os
 import shutil
 import tempfile
 import threading
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -401,3 +402,16 @@ def digest_problem(d: str | Path, digests: dict[str, str], sizes: dict[str, int]
         if name in digests and sha256_verified(p) != digests[name]:
             return f"file '{p}' does not match its checksum (sha256; edited, truncated or corrupted)"
     return None
+
+
+def release_mapped(maps: Sequence[Any]) -> None:
+    """``madvise(MADV_DONTNEED)`` over each ``np.memmap`` in ``maps``: unmap its resident pages.
+
+    Safe for shared file mappings, read or written: their pages (dirty ones included) stay in the
+    page cache and reach the file; only this process's mapping of them is dropped.
+    """
+    advice = getattr(mmap, "MADV_DONTNEED", None)
+    for m in maps:
+        mm = getattr(m, "_mmap", None)
+        if advice is not None and mm is not None and not mm.closed:
+            mm.madvise(advice)

@@ -104,6 +104,19 @@ class Meter:
             self.partial.write_text(json.dumps(self.stages, indent=1))
 
 
+def train_and_evaluate(meter: Meter, run: Any) -> dict[str, Any]:
+    """``run()`` (a ``train()`` call) as stages ``train`` and ``evaluate``: train() validates every epoch
+    and evaluates test at the end, so its wall time is split by the metrics' own training seconds."""
+    t0 = time.perf_counter()
+    with meter.stage("train"):
+        metrics = run()
+    total = time.perf_counter() - t0
+    fit_s = metrics["train"]["seconds"]
+    meter.stages["evaluate"] = {**meter.stages["train"], "seconds": round(total - fit_s, 2), "disk_gb": 0.0}
+    meter.stages["train"]["seconds"] = round(fit_s, 2)
+    return metrics
+
+
 # ------------------------------------------------------------------------------------------- one size
 def run_one(rows: int, out: Path, epochs: int, trees: int, overrides: list[str],
             fit_rows: int | None = None) -> dict[str, Any]:
@@ -140,14 +153,7 @@ def run_one(rows: int, out: Path, epochs: int, trees: int, overrides: list[str],
             fit_teachers(cfg, run, [name], ds, text_embeddings=emb, progress=False)
     with meter.stage("cache"):
         build_caches(cfg, run, ds, progress=False, echo=lambda *_: None)
-    t0 = time.perf_counter()
-    with meter.stage("train"):
-        metrics = train(cfg, run, dataset=ds, progress=False)
-    total = time.perf_counter() - t0
-    # train() validates every epoch and evaluates test at the end: split its wall time accordingly
-    fit_s = metrics["train"]["seconds"]
-    meter.stages["evaluate"] = {**meter.stages["train"], "seconds": round(total - fit_s, 2), "disk_gb": 0.0}
-    meter.stages["train"]["seconds"] = round(fit_s, 2)
+    metrics = train_and_evaluate(meter, lambda: train(cfg, run, dataset=ds, progress=False))
     with meter.stage("export"):
         export_run(run, run / "export")
     return {"rows": rows, "train_rows": int(len(ds.splits["train"])), "stages": meter.stages,

@@ -194,3 +194,17 @@ def test_bench_scale_runs_the_whole_pipeline_at_a_tiny_size(tmp_path: Path, monk
     assert res["stages"]["cache"]["disk_gb"] > 0 and 0.3 < res["test_auc"] < 1
     assert res["budget"]["teacher_fit_rows"] == 1000
     assert (tmp_path / "rows-4000" / "export" / "manifest.json").is_file()
+
+
+# ------------------------------------------------------------------------------------- bench_stream
+def test_bench_stream_trains_from_a_folder_and_in_memory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    mod = load_bench("bench_stream")
+    monkeypatch.setenv("APPDISTILL_CACHE", str(tmp_path / "cache"))
+    mod.write_data(tmp_path, 6000, 2000)
+    assert len(list((tmp_path / "data" / "interactions").glob("part-*.parquet"))) == 3
+    res = {m: mod.run_one(m, tmp_path, 1, ["train.batch_size=256"]) for m in ("memory", "stream")}
+    assert (res["memory"]["rows"], res["stream"]["rows"]) == (2000, 6000)
+    assert res["stream"]["streamed"] and not res["memory"]["streamed"]
+    assert all(r["samples_per_s"] > 0 and 0.3 < r["test_auc"] < 1 for r in res.values())
+    md = mod.report(res, tmp_path)
+    assert "throughput stream / memory" in md and (tmp_path / "results.json").is_file()

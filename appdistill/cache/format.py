@@ -53,7 +53,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import mmap
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -64,7 +63,7 @@ import numpy as np
 import torch
 
 from appdistill.errors import AppDistillError
-from appdistill.io import json_digest, sha256_verified
+from appdistill.io import json_digest, release_mapped, sha256_verified
 
 log = logging.getLogger("appdistill.cache")
 
@@ -267,19 +266,6 @@ class SplitShards:
         keeps them, so a re-read is a minor fault, not disk I/O.
         """
         release_mapped(self.maps)
-
-
-def release_mapped(maps: Sequence[Any]) -> None:
-    """``madvise(MADV_DONTNEED)`` over each ``np.memmap`` in ``maps``: unmap its resident pages.
-
-    Safe for shared file mappings, read or written: their pages (dirty ones included) stay in the
-    page cache and reach the file; only this process's mapping of them is dropped.
-    """
-    advice = getattr(mmap, "MADV_DONTNEED", None)
-    for m in maps:
-        mm = getattr(m, "_mmap", None)
-        if advice is not None and mm is not None and not mm.closed:
-            mm.madvise(advice)
 
 
 def _open_split(d: Path, teacher: str, identity: dict[str, Any], fingerprint: str, split: str,

@@ -102,7 +102,7 @@ def _write_images(image_dir: Path, primary: np.ndarray, quality: np.ndarray, n_t
 def generate(n_users: int = 2000, n_items: int = 1000, n_interactions: int = 100_000,
              n_topics: int = 8, seed: int = 0, zipf: float = 1.1, cold_fraction: float = 0.1,
              image_dir: str | None = None, quality_words: bool = False, cold_window: float = 0.1,
-             quality_scale: float = 1.0) -> dict[str, pd.DataFrame]:
+             quality_scale: float = 1.0, part: int = 0) -> dict[str, pd.DataFrame]:
     """Generate ``interactions``, ``items`` and ``users`` tables.
 
     Args:
@@ -120,6 +120,9 @@ def generate(n_users: int = 2000, n_items: int = 1000, n_interactions: int = 100
             10%; ``0.2`` puts them in both the validation and the test part of a time split
             ``valid: 0.1, test: 0.1``).
         quality_scale: weight of the item quality in the label logit.
+        part: ``k > 0`` draws another ``n_interactions`` interactions (their own random stream, their own
+            time range) of the same users and items: a data set bigger than memory is written one part
+            file at a time (``benchmarks/bench_stream.py``).
 
     The defaults reproduce the tables of earlier versions exactly (the new options draw from their
     own random stream).
@@ -165,6 +168,8 @@ def generate(n_users: int = 2000, n_items: int = 1000, n_interactions: int = 100
 
     # interactions: active users and popular items more often; cold items only at the end
     activity = rng.lognormal(0, 1, n_users)
+    if part:
+        rng = np.random.default_rng([seed, 2, part])
     u = rng.choice(n_users, n_interactions, p=activity / activity.sum())
     ts = np.sort(rng.integers(1_600_000_000, 1_700_000_000, n_interactions))
     late = ts >= np.quantile(ts, 1.0 - cold_window)

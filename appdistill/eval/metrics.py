@@ -150,5 +150,6 @@ def evaluate_rows(logits: np.ndarray, ds: object, rows: np.ndarray, k: int = 10,
     users, cold items and, with ``full``, frequency segments taken from it)."""
     from appdistill.eval.segments import split_buckets
 
-    return evaluate(logits, ds.labels[rows], ds.user_ids[rows], ds.cold[rows], k, full,  # type: ignore[attr-defined]
-                    split_buckets(ds, rows) if full else None)
+    take = ds.gather  # type: ignore[attr-defined]
+    return evaluate(logits, take(ds.labels, rows), take(ds.user_ids, rows), take(ds.cold, rows), k,  # type: ignore[attr-defined]
+                    full, split_buckets(ds, rows) if full else None)

@@ -156,15 +156,14 @@ def segmenters(ds: Any) -> dict[str, Segmenter]:
     Args:
         ds: a :class:`~appdistill.features.dataset.Dataset` (``item_ids``/``user_ids`` ``[N]`` codes).
     """
-    train = ds.splits["train"]
-    out = {"items": Segmenter.fit(ds.item_ids[train], "item", int(ds.item_ids.max(initial=-1)) + 1)}
+    out = {"items": Segmenter.from_counts(ds.train_counts("items"), "item")}
     spec = ds.spec
     if "users" in spec.tables and spec.user_key != spec.item_key:
-        out["users"] = Segmenter.fit(ds.user_ids[train], "user", int(ds.user_ids.max(initial=-1)) + 1)
+        out["users"] = Segmenter.from_counts(ds.train_counts("users"), "user")
     return out
 
 
 def split_buckets(ds: Any, rows: np.ndarray) -> dict[str, np.ndarray]:
     """``{"items": [N] bucket names, "users": ...}`` of ``rows``; kinds with no information dropped."""
     codes = {"items": ds.item_ids, "users": ds.user_ids}
-    return {k: s.assign(codes[k][rows]) for k, s in segmenters(ds).items() if s.reason is None}
+    return {k: s.assign(ds.gather(codes[k], rows)) for k, s in segmenters(ds).items() if s.reason is None}

@@ -24,6 +24,14 @@ from appdistill.errors import ConfigError
 from appdistill.features.dataset import Dataset
 from appdistill.features.spec import FeatureSpec
 
+#: block shuffle (``BatchLoader(block_shuffle=True)``, the default for streamed data sets): rows are
+#: visited in windows of SHUFFLE_WINDOW_BLOCKS blocks of SHUFFLE_BLOCK_ROWS consecutive rows, blocks
+#: drawn at random, rows shuffled within a window. A window (4M rows) is 64 random places in the data,
+#: so batches mix as under a full shuffle, while a window reads ~64 contiguous runs of each
+#: memory-mapped column (a full shuffle touches every page of every column within a few batches).
+SHUFFLE_BLOCK_ROWS = 1 << 16
+SHUFFLE_WINDOW_BLOCKS = 64
+
 
 @dataclass
 class TeacherOutput:
@@ -197,6 +205,11 @@ class BatchLoader:
         hooks: callables ``(batch) -> batch`` applied on the loader thread (e.g. teacher-cache join).
         block_rows: rows gathered at once (:meth:`BatchBuilder.build_many`); batches are slices of
             a block, so per-batch work is small. Does not change which rows a batch holds.
+        block_shuffle: shuffle by windows of random blocks (:func:`block_order`) instead of a full
+            permutation: bounded memory on memory-mapped (streamed) columns.
+
+    On a streamed data set the loader releases the columns' mapped pages every window of rows it
+    builds (:meth:`Dataset.release_pages`).
 
     Example:
         >>> loader = BatchLoader(BatchBuilder(ds, spec.visible("student")), ds.splits["train"], 1024)
@@ -205,7 +218,8 @@ class BatchLoader:
 
     def __init__(self, builder: BatchBuilder, rows: np.ndarray, batch_size: int, *, shuffle: bool = False,
                  seed: int = 0, drop_last: bool = False, rank: int = 0, world_size: int = 1,
-                 prefetch: int = 4, hooks: list[Any] | None = None, block_rows: int = 32768) -> None:
+                 prefetch: int = 4, hooks: list[Any] | None = None, block_rows: int = 32768,
+                 block_shuffle: bool = False) -> None:
         if batch_size % world_size:
             raise ConfigError(f"train.batch_size {batch_size} must be divisible by the number of ranks ({world_size}): "
                               "it is the global batch, split evenly over them")
@@ -215,6 +229,9 @@ class BatchLoader:
         self.hooks = list(hooks or [])
         self.block = max(1, block_rows // max(1, batch_size // world_size))
         self.epoch, self.start_step = 0, 0
+        self.block_shuffle = block_shuffle
+        streamed = bool(getattr(builder.ds, "streamed", ""))
+        self.release_rows = SHUFFLE_BLOCK_ROWS * SHUFFLE_WINDOW_BLOCKS // world_size if streamed else 0
 
     def __len__(self) -> int:
         n = len(self.rows)
@@ -226,7 +243,10 @@ class BatchLoader:
     def _order(self) -> np.ndarray:
         if not self.shuffle:
             return self.rows
-        return self.rows[np.random.default_rng(self.seed + self.epoch).permutation(len(self.rows))]
+        rng = np.random.default_rng(self.seed + self.epoch)
+        if self.block_shuffle:
+            return block_order(self.rows, rng)
+        return self.rows[rng.permutation(len(self.rows))]
 
     def _slices(self) -> Iterator[np.ndarray]:
         order, b, w = self._order(), self.batch_size, self.world_size
@@ -241,11 +261,16 @@ class BatchLoader:
     def _batches(self) -> Iterator[Batch]:
         """This rank's batches in order, built a block of slices at a time."""
         block: list[np.ndarray] = []
+        built = 0
         for rows in self._slices():
             block.append(rows)
+            built += len(rows)
             if len(block) == self.block:
                 yield from self._make(block)
                 block = []
+            if self.release_rows and built >= self.release_rows:
+                self.builder.ds.release_pages()  # built batches hold copies: safe to unmap
+                built = 0
         if block:
             yield from self._make(block)
 
@@ -290,3 +315,24 @@ class BatchLoader:
                     q.get_nowait()
                 except queue.Empty:
                     t.join(timeout=0.05)
+
+
+def block_order(rows: np.ndarray, rng: np.random.Generator, block: int = SHUFFLE_BLOCK_ROWS,
+                window: int = SHUFFLE_WINDOW_BLOCKS) -> np.ndarray:
+    """``rows`` in block-shuffled order: blocks of ``block`` consecutive entries in random order, taken
+    ``window`` blocks at a time and shuffled within that window. Every row once.
+
+    Example:
+        >>> order = block_order(np.arange(10), np.random.default_rng(0), block=2, window=2)
+        >>> sorted(order.tolist()) == list(range(10))
+        True
+    """
+    n = len(rows)
+    blocks = rng.permutation(-(-n // block))
+    out = np.empty(n, np.int64)
+    pos = 0
+    for w in range(0, len(blocks), window):
+        idx = np.concatenate([np.arange(b * block, min(n, (b + 1) * block)) for b in blocks[w:w + window]])
+        out[pos:pos + len(idx)] = rows[idx[rng.permutation(len(idx))]]
+        pos += len(idx)
+    return out

@@ -20,6 +20,7 @@ from appdistill.errors import ConfigError
 from appdistill.features.processor import FeatureProcessor, Jagged
 from appdistill.features.spec import FeatureSpec, FeatureSpecSet
 from appdistill.features.tables import check_joins, load_tables, make_labels, split_rows, table_location
+from appdistill.io import release_mapped
 
 
 @dataclass
@@ -55,6 +56,7 @@ class Dataset:
     #: the folder of memory-mapped columns when the interactions were streamed from a folder of parquet
     #: files (:mod:`appdistill.features.streamed`; ``tables`` then holds the side tables only), else ""
     streamed: str = ""
+    _counts: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
     @property
     def n(self) -> int:
@@ -136,6 +138,46 @@ class Dataset:
         ds.fingerprint = ds._fingerprint()
         ds.join_coverage = coverage
         return ds
+
+    def gather(self, arr: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """``arr[rows]`` for a per-row column ``arr``; on a streamed data set a window of rows at a time,
+        releasing the mapped pages between windows (evaluation reads whole splits)."""
+        if not self.streamed:
+            return arr[rows]
+        out = np.empty(len(rows), arr.dtype)
+        step = 1 << 22
+        for lo in range(0, len(rows), step):
+            out[lo:lo + step] = arr[rows[lo:lo + step]]
+            self.release_pages()
+        return out
+
+    def train_counts(self, kind: str) -> np.ndarray:
+        """Training rows per ``"items"`` or ``"users"`` code, ``[max code + 1]`` int64 (memoised).
+
+        Computed a window of rows at a time, so a streamed data set never holds (or maps) a whole
+        column of codes for it.
+        """
+        if kind not in self._counts:
+            codes = {"items": self.item_ids, "users": self.user_ids}[kind]
+            step, n_codes = 1 << 22, 0
+            for lo in range(0, len(codes), step):
+                n_codes = max(n_codes, int(codes[lo:lo + step].max(initial=-1)) + 1)
+            counts = np.zeros(n_codes, np.int64)
+            train = self.splits["train"]
+            for lo in range(0, len(train), step):
+                counts += np.bincount(codes[train[lo:lo + step]], minlength=n_codes)
+                self.release_pages()
+            self._counts[kind] = counts
+        return self._counts[kind]
+
+    def release_pages(self) -> None:
+        """Unmap the pages of the memory-mapped columns read so far (a streamed data set; otherwise
+        nothing): the loaders call it every window of rows, so resident memory stays bounded by what a
+        window touches instead of growing to every column's size (the page cache keeps the pages)."""
+        if self.streamed:
+            arrays = [self.labels, self.user_ids, self.item_ids, self.cold, *self.splits.values(),
+                      *self.table_rows.values(), *self.sparse.values(), *self.dense.values()]
+            release_mapped([a for a in arrays if isinstance(a, np.memmap)])
 
     def rows_of(self, table: str, rows: np.ndarray) -> np.ndarray:
         """Rows of ``table`` for interaction rows ``rows``."""

@@ -96,9 +96,11 @@ def train_loader(cfg: ExperimentConfig, ds: Dataset, builder: BatchBuilder, ctx:
     tr = cfg.train
     # transfer-set rows (NaN labels) are shuffled in with the labelled ones
     rows = np.concatenate([ds.splits["train"], ds.splits["transfer"]]) if "transfer" in ds.splits else ds.splits["train"]
+    blocks = tr.shuffle == "blocks" or (tr.shuffle == "auto" and bool(ds.streamed))
     return BatchLoader(builder, rows, tr.batch_size, shuffle=True, seed=cfg.seed, drop_last=len(rows) >= tr.batch_size,
                        rank=ctx.rank, world_size=ctx.world_size,
-                       prefetch=train_prefetch(cfg) if prefetch is None else prefetch, hooks=hooks)
+                       prefetch=train_prefetch(cfg) if prefetch is None else prefetch, hooks=hooks,
+                       block_shuffle=blocks)
 
 
 def train_prefetch(cfg: ExperimentConfig) -> int:
@@ -456,7 +458,7 @@ def make_method(key: str, kwargs: dict[str, Any], committee: dict[str, Any], stu
     if "student_dim" in params:
         extra["student_dim"] = student_dim
     if "item_frequency" in params and ds is not None:
-        extra["item_frequency"] = np.bincount(ds.item_ids[ds.splits["train"]], minlength=int(ds.item_ids.max()) + 1)
+        extra["item_frequency"] = ds.train_counts("items")
     if "held_out" in params and ds is not None and caches and len(ds.splits.get("valid", [])):
         valid = ds.splits["valid"]
         extra["held_out"] = HeldOut({n: c.lookup("valid", valid, taps=[]).logits.numpy() for n, c in caches.items()},
