@@ -7,8 +7,14 @@ trains DiverseDistill with and without gating (``--gating-seeds``, 3 by default)
 fraction of teacher answers skipped and the mean validation-AUC difference (target: >= 30% skipped,
 |ΔAUC| <= 0.001).
 
+``--transfer``: the batches are drawn from the training rows plus the config's transfer set (``transfer:``,
+enabled here; unlabelled rows the teachers label, teacher terms only) as ``train()`` mixes them, and each
+method is built as ``train()`` builds it (with the committee's held-out validation outputs: DiverseDistill's
+default ``kd_weights: auto`` distils the held-out stack). A transfer row counts as a row: the plain
+student's step is timed on batches of the same size from the labelled rows.
+
 Usage:
-    python benchmarks/bench_step.py --out DIR [--teachers-dir DIR_WITH_FITTED_TEACHERS]
+    python benchmarks/bench_step.py --out DIR [--teachers-dir DIR_WITH_FITTED_TEACHERS] [--transfer]
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import statistics
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from appdistill.cache import CacheJoin
@@ -29,19 +36,20 @@ from appdistill.features.batch import BatchBuilder, BatchLoader
 from appdistill.features.dataset import Dataset
 from appdistill.distributed import DistContext, shard_model
 from appdistill.pipeline import fit_committee, load_committee, train
-from appdistill.train.loop import (build_method, build_model_for_run, method_optimizer,
-                                   train_step)
+from appdistill.train.loop import (build_method, build_model_for_run, method_optimizer, train_step,
+                                   with_transfer)
 
 METHODS = {"none": {}, "kd": {"teacher": "dlrm"}, "avg_kd": {}, "taid": {"teacher": "dlrm"}, "talking": {},
            "diverse_distill": {}}
 
 
-def make_step(cfg, ds, key: str, kwargs: dict, committee):
-    """A fresh student + method with their optimisers, as ``train()`` builds them; returns ``step(batch)``."""
+def make_step(cfg, ds, key: str, kwargs: dict, committee, caches=None):
+    """A fresh student + method with their optimisers, as ``train()`` builds them (given ``caches``: with
+    the held-out outputs ``train()`` hands the methods); returns ``step(batch)``."""
     torch.manual_seed(0)
     model = build_model_for_run(cfg, ds)
     c = cfg.model_copy(update={"method": cfg.method.model_copy(update={"key": key, "kwargs": kwargs})})
-    method = build_method(c, committee, model.over_arch.in_dim)
+    method = build_method(c, committee, model.over_arch.in_dim, ds if caches else None, caches)
     model, opt = shard_model(model, DistContext(), cfg.train.lr, cfg.train.embedding_lr)
     mopt = method_optimizer(method, cfg.train.lr)
     counter = itertools.count()
@@ -84,32 +92,48 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--no-gating-check", action="store_true")
     ap.add_argument("--gating-seeds", nargs="+", type=int, default=[0, 1, 2],
                     help="seeds of the gated / ungated training runs (validation AUC averaged)")
+    ap.add_argument("--transfer", action="store_true",
+                    help="batches mix the transfer set's rows in (methods built as train() builds them)")
     ap.add_argument("--dd-variant", action="append", default=[], metavar="JSON",
                     help='also time diverse_distill with these kwargs merged in, e.g. \'{"taps": {"dlrm": "over"}}\'')
     a = ap.parse_args(argv)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     tdir = Path(a.teachers_dir or out)
-    cfg = load_config(a.config, [f"teachers_dir={tdir}"])
+    cfg = load_config(a.config, [f"teachers_dir={tdir}", *(["transfer.enabled=true"] if a.transfer else [])])
     ds = Dataset.build(cfg.load_spec())
     fit_committee(cfg, tdir, ds=ds)
+    if a.transfer:
+        ds = with_transfer(cfg, cfg.load_spec(), ds)
     parts = load_committee(cfg, ds, tdir, DistContext())
     committee, hooks = parts.teachers, [CacheJoin(parts.caches)]  # every tap: each method reads its own
     builder = BatchBuilder(ds, cfg.load_spec().visible("student"))
-    batches = list(BatchLoader(builder, ds.splits["train"][: 40 * cfg.train.batch_size], cfg.train.batch_size,
-                               hooks=hooks, prefetch=0))
+    n = 40 * cfg.train.batch_size
+    rows = ds.splits["train"][:n]
+    if a.transfer:  # labelled and transfer rows shuffled together, as train() mixes them
+        both = np.concatenate([ds.splits["train"], ds.splits["transfer"]])
+        rows = both[np.random.default_rng(0).permutation(len(both))][:n]
+    batches = list(BatchLoader(builder, rows, cfg.train.batch_size, hooks=hooks, prefetch=0))
+    plain_batches = batches if not a.transfer else list(BatchLoader(
+        builder, ds.splits["train"][:n], cfg.train.batch_size, hooks=hooks, prefetch=0))
     variants = {k: (k, kw) for k, kw in METHODS.items()}
     dd = dict(cfg.method.kwargs) if cfg.method.key == "diverse_distill" else {}
     variants["diverse_distill"] = ("diverse_distill", dd)  # as the config trains it
     for v in a.dd_variant:
         variants[f"diverse_distill {v}"] = ("diverse_distill", {**dd, **json.loads(v)})
-    steps = {name: make_step(cfg, ds, k, kw, committee) for name, (k, kw) in variants.items()}
+    steps = {name: make_step(cfg, ds, k, kw, committee, parts.caches if a.transfer else None)
+             for name, (k, kw) in variants.items()}
+    if a.transfer:  # the plain student never reads transfer rows: its step on labelled batches of that size
+        plain = steps["none"]
+        steps["none"] = lambda b, _it=itertools.count(): plain(plain_batches[next(_it) % len(plain_batches)])
     times = time_steps(steps, batches, a.rounds, a.round_steps)
     med = {k: statistics.median(v) for k, v in times.items()}
     # each round's ratio to the plain student's round of the same round, then the median: slow
     # drifts of the machine's speed cancel within a round
     ratio = {k: statistics.median(t / p for t, p in zip(v, times["none"])) for k, v in times.items()}
     res = {"benchmark": "step_cost", "teachers": list(committee), "batch_size": cfg.train.batch_size,
+           "transfer": bool(a.transfer),
+           "transfer_share": round(float(np.mean([np.isnan(b.labels.numpy()).mean() for b in batches])), 3),
            "rounds": a.rounds, "round_steps": a.round_steps,
            "step_ms": {k: round(v * 1e3, 3) for k, v in med.items()},
            "ratio_to_plain": {k: round(v, 3) for k, v in ratio.items()},
@@ -137,6 +161,9 @@ def main(argv: list[str] | None = None) -> dict:
     md = "| method | step ms | ratio to plain |\n|---|---|---|\n" + "".join(
         f"| {k} | {res['step_ms'][k]:.2f} | {res['ratio_to_plain'][k]:.2f} |\n" for k in variants)
     md += f"\ndiverse_distill as {Path(a.config).name} trains it: {json.dumps(dd)}\n"
+    if a.transfer:
+        md += (f"\nbatches of {cfg.train.batch_size} rows, {res['transfer_share']:.0%} of them transfer rows (the "
+               "plain student: labelled rows only)\n")
     if "gating" in res:
         g = res["gating"]
         md += (f"\nDiverseDistill gating: {g['skipped']:.1%} of teacher answers skipped; validation AUC "

@@ -131,6 +131,13 @@ def test_bench_step(tmp_path: Path) -> None:
     g = res["gating"]
     assert g["seeds"] == [0] and 0.0 < g["skipped"] < 1.0  # top-2 of 3 teachers skips some answers
     assert 0.5 < g["valid_auc_gated"] <= 1.0 and 0.5 < g["valid_auc_ungated"] <= 1.0
+    # with a transfer set: batches mix unlabelled rows in, every method still steps on them
+    out2 = tmp_path / "bstep2"
+    res2 = written(out2, load_bench("bench_step").main([
+        "--out", str(out2), "--config", str(cfg), "--teachers-dir", str(out), "--rounds", "2", "--round-steps", "2",
+        "--no-gating-check", "--transfer"]))
+    assert res2["transfer"] and 0.2 < res2["transfer_share"] < 0.8
+    assert set(res2["step_ms"]) == methods and all(positive(v) for v in res2["step_ms"].values())
 
 
 def test_bench_cache(tmp_path: Path) -> None:
