@@ -161,6 +161,9 @@ def main() -> None:
         subprocess.run([sys.executable, __file__, "--one", mode, "--out", str(out), "--epochs", str(a.epochs),
                         *(x for s in a.set for x in ("--set", s))], check=True, env=env)
         res[mode] = json.loads((out / f"{mode}.json").read_text())
+    for mode in ("memory", "stream"):  # a mode measured by an earlier invocation (--modes) is reported too
+        if mode not in res and (out / f"{mode}.json").is_file():
+            res[mode] = json.loads((out / f"{mode}.json").read_text())
     print(report(res, out), flush=True)
 
 

@@ -46,7 +46,8 @@ from appdistill.features.spec import FeatureSpecSet
 from appdistill.features.tables import (check_key_kinds, check_table, join_report, load_tables, make_labels,
                                         one_class_message, split_rows, table_location)
 from appdistill.features.vocab import DenseMoments, DenseTransform, Vocabulary, normalize_ids
-from appdistill.io import atomic_write_text, digest_problem, file_digests, json_digest, locked, staged_dir
+from appdistill.io import (atomic_write_text, digest_problem, file_digests, json_digest, locked, release_mapped,
+                           staged_dir)
 from appdistill.progress import bar as progress_bar
 
 log = logging.getLogger("appdistill.data")
@@ -149,9 +150,16 @@ class _Columns:
     def save(self, name: str, arr: np.ndarray) -> None:
         np.save(self.d / f"{name}.npy", arr, allow_pickle=False)
 
+    def release(self) -> None:
+        """Unmap the pages written so far: written pages of a file mapping count in the resident set
+        until unmapped, so without this encoding would hold every column whole (they stay in the page
+        cache and reach the file)."""
+        release_mapped(list(self.maps.values()))
+
     def flush(self) -> None:
         for m in self.maps.values():
             m.flush()
+        self.release()
         self.maps.clear()
 
 
@@ -255,6 +263,7 @@ def _encode(spec: FeatureSpecSet, files: list[Path], schemas: list[Any], side: d
             referenced[t][idx[ok & tr]] = True
             rows[t][g0:g1] = np.where(ok, idx, len(side[t]))
         h.update(_hash_table(df).tobytes())
+        cols.release()
         for key, which in ((spec.user_key, None), (spec.item_key, None), (spec.item_key, tr)):
             name = key if which is None else "train:" + key
             v = df[key].to_numpy() if which is None else df[key].to_numpy()[which]
@@ -333,6 +342,7 @@ def _encode(spec: FeatureSpecSet, files: list[Path], schemas: list[Any], side: d
         for feat in side_feats:
             if feat.kind == "sparse_id":
                 sparse[feat.name][g0:g1] = side_ids[feat.name][rows[feat.table][g0:g1]]
+        cols.release()
     cols.flush()
     names = sorted(p.name for p in out.glob("*.npy"))
     digests = file_digests(out, names)
