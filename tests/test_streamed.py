@@ -224,3 +224,19 @@ def test_cli_validate_reads_a_folder_and_refuses_an_empty_one(data: Path, tmp_pa
         "users": {"path": str(data / "users.parquet"), "key": "user_id"}}}))
     assert main(["validate", str(spec2)]) == 2
     assert "is a directory without .parquet files" in capsys.readouterr().err
+
+
+def test_counts_summed_over_chunks_equal_one_count() -> None:
+    rng = np.random.default_rng(0)
+    acc, chunks = streamed._Counts(), []
+    for i in range(30):  # a growing id space: merges happen at irregular points
+        chunks.append(rng.integers(0, 1000 * (i + 1), 500))
+        acc.add(chunks[-1])
+    u, c = acc.result()
+    u2, c2 = np.unique(np.concatenate(chunks), return_counts=True)
+    np.testing.assert_array_equal(u, u2)
+    np.testing.assert_array_equal(c, c2)
+    words = streamed._Counts()
+    for w in (["b", "a"], ["c", "a"], []):
+        words.add(np.array(w, dtype=object))
+    assert words.result()[0].tolist() == ["a", "b", "c"] and words.result()[1].tolist() == [2, 1, 1]

@@ -52,8 +52,7 @@ from appdistill.progress import bar as progress_bar
 
 log = logging.getLogger("appdistill.data")
 
-#: rows per chunk: ~100 MB of pandas frame for a few columns, few enough chunks that per-chunk merges
-#: of the id counts stay cheap
+#: rows per chunk: ~100 MB of pandas frame for a few columns
 CHUNK_ROWS = 1 << 21
 #: bump when the column layout changes: older caches are then rebuilt, not misread
 FORMAT = 1
@@ -163,6 +162,44 @@ class _Columns:
         self.maps.clear()
 
 
+class _Counts:
+    """Distinct values and how often each occurs, summed over chunks.
+
+    Chunks' ``(values, counts)`` wait until they hold as many values as the merged part, then are
+    merged in one sort: each value is re-sorted a logarithmic number of times, not once per chunk
+    (merging every chunk into millions of ids made the pass quadratic in the chunks).
+    """
+
+    def __init__(self) -> None:
+        self.parts: list[tuple[np.ndarray, np.ndarray]] = []
+        self.waiting = 0
+        self.merged: tuple[np.ndarray, np.ndarray] | None = None
+
+    def add(self, values: np.ndarray) -> None:
+        u, c = np.unique(values, return_counts=True)
+        self.parts.append((u, c))
+        self.waiting += len(u)
+        if self.merged is None or self.waiting >= len(self.merged[0]):
+            self._merge()
+
+    def _merge(self) -> None:
+        parts = self.parts + ([self.merged] if self.merged is not None else [])
+        if len(parts) == 1:
+            self.merged = parts[0]
+        else:
+            u, inv = np.unique(np.concatenate([p[0] for p in parts]), return_inverse=True)
+            c = np.bincount(inv, weights=np.concatenate([p[1] for p in parts]), minlength=len(u))
+            self.merged = (u, c.astype(np.int64))
+        self.parts, self.waiting = [], 0
+
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(sorted distinct values, their counts)``."""
+        if self.parts or self.merged is None:
+            self._merge()
+        assert self.merged is not None
+        return self.merged
+
+
 def _chunks(files: list[Path], columns: list[str] | None, desc: str, n: int):
     """``(file, first row in the file, first global row, frame)`` of every chunk, in order."""
     import pyarrow.parquet as pq
@@ -233,11 +270,11 @@ def _encode(spec: FeatureSpecSet, files: list[Path], schemas: list[Any], side: d
     ident = cols.new("rows.interactions", np.int64)
     referenced = {t: np.zeros(len(side[t]), bool) for t in sides}
     matched = dict.fromkeys(sides, 0)
-    counts: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    counts: dict[str, _Counts] = {}
     is_int: dict[str, tuple[bool, Path]] = {}
     moments = {f.name: DenseMoments() for f in inter_feats if f.kind == "dense"}
     pre = {f.name: DenseTransform(f.name, f.transform) for f in inter_feats if f.kind == "dense"}
-    keys_seen: dict[str, np.ndarray] = {}  # all keys (codes) and the training rows' items (cold)
+    keys_seen: dict[str, _Counts] = {}  # all keys (codes) and the training rows' items (cold)
     positives = 0
     h = hashlib.sha256(spec.fingerprint().encode())
     pending = sorted([*sides, "interactions"])
@@ -267,7 +304,7 @@ def _encode(spec: FeatureSpecSet, files: list[Path], schemas: list[Any], side: d
         for key, which in ((spec.user_key, None), (spec.item_key, None), (spec.item_key, tr)):
             name = key if which is None else "train:" + key
             v = df[key].to_numpy() if which is None else df[key].to_numpy()[which]
-            keys_seen[name] = np.union1d(keys_seen.get(name, v[:0]), pd.unique(v))
+            keys_seen.setdefault(name, _Counts()).add(pd.unique(v))
         for feat in inter_feats:
             c = df[feat.col][tr]
             if feat.kind == "dense":
@@ -281,12 +318,7 @@ def _encode(spec: FeatureSpecSet, files: list[Path], schemas: list[Any], side: d
                 raise SpecError(f"file '{loc}', feature '{feat.name}', column '{feat.col}': ids are "
                                 f"{'integers' if kind else 'strings'} here but {'strings' if kind else 'integers'} in "
                                 f"file '{is_int[feat.name][1]}'; one feature's ids are one kind")
-            u, c_ = np.unique(ids, return_counts=True)
-            if feat.name in counts:
-                u0, c0 = counts[feat.name]
-                u, inv = np.unique(np.concatenate([u0, u]), return_inverse=True)
-                c_ = np.bincount(inv, weights=np.concatenate([c0, c_]), minlength=len(u)).astype(np.int64)
-            counts[feat.name] = (u, c_)
+            counts.setdefault(feat.name, _Counts()).add(ids)
     if positives in (0, len(labels)) or not is_train.any():
         raise SpecError(one_class_message(f"file '{iloc}', column '{spec.tables['interactions'].label.column}'",
                                           float(labels[0])))
@@ -308,7 +340,7 @@ def _encode(spec: FeatureSpecSet, files: list[Path], schemas: list[Any], side: d
         else:
             if feat.missing == "oov":
                 proc.oov_missing.add(feat.name)
-            u, c_ = counts.get(feat.name, (np.zeros(0, np.int64), np.zeros(0, np.int64)))
+            u, c_ = counts[feat.name].result() if feat.name in counts else (np.zeros(0, np.int64),) * 2
             proc.vocabs[feat.name] = Vocabulary.from_counts(feat, u, c_, is_int.get(feat.name, (True,))[0], iloc)
     order = [f.name for f in spec.features]
     proc.vocabs = {k: proc.vocabs[k] for k in order if k in proc.vocabs}
@@ -320,9 +352,9 @@ def _encode(spec: FeatureSpecSet, files: list[Path], schemas: list[Any], side: d
             encode_list_table(proc, feat, side[feat.table])
 
     # 3. pass 2: encoded features and key codes
-    codes = {k: pd.Index(keys_seen[k]) for k in {spec.user_key, spec.item_key}}
+    codes = {k: pd.Index(keys_seen[k].result()[0]) for k in {spec.user_key, spec.item_key}}
     seen = np.zeros(len(codes[spec.item_key]), bool)
-    seen[codes[spec.item_key].get_indexer(keys_seen["train:" + spec.item_key])] = True
+    seen[codes[spec.item_key].get_indexer(keys_seen["train:" + spec.item_key].result()[0])] = True
     user_ids, item_ids, cold = cols.new("user_ids", np.int64), cols.new("item_ids", np.int64), cols.new("cold", bool)
     sparse = {f.name: cols.new(f"sparse.{f.name}", np.int64) for f in spec.features if f.kind == "sparse_id"}
     dense = {f.name: cols.new(f"dense.{f.name}", np.float32) for f in inter_feats if f.kind == "dense"}
