@@ -253,7 +253,9 @@ def _train(cfg: ExperimentConfig, run_dir: str | Path, trackers: list[Tracker], 
     torch.manual_seed(cfg.seed)
     model: torch.nn.Module = build_student(spec, ds.processor, student_config(cfg, spec))
     size = unwrap(model).size()  # type: ignore[operator]
-    init_state = {k: v.clone() for k, v in model.state_dict().items()}
+    # under torchrun every rank loads these weights after sharding (one init for all); a single process
+    # keeps its model as built (a copy would double the embedding tables' memory for nothing)
+    init_state = {k: v.clone() for k, v in model.state_dict().items()} if ctx.is_dist else {}
     wants = cfg.method.key != "none" and bool(cfg.teachers)
     if wants and committee is None:
         raise ConfigError(f"method '{cfg.method.key}' distils from the configured teachers; train through "
