@@ -170,6 +170,11 @@ def test_columns_are_reused_and_a_damaged_one_is_rebuilt(data: Path, monkeypatch
     monkeypatch.setattr(streamed, "_encode", encode)
     fixed = _build(data, "many")
     np.testing.assert_array_equal(fixed.labels, labels)
+    # a manifest cut short (valid JSON, keys missing) is not trusted either
+    man = json.loads((root / streamed.MANIFEST).read_text())
+    (root / streamed.MANIFEST).write_text(json.dumps({k: v for k, v in man.items() if k != "processor"}))
+    np.testing.assert_array_equal(_build(data, "many").labels, labels)
+    assert "processor" in json.loads((root / streamed.MANIFEST).read_text())
     # another file content (size, mtime) is another key: a new set of columns
     part = data / "many" / "part-0.parquet"
     st = part.stat()

@@ -107,7 +107,13 @@ def _problem(root: Path) -> str | None:
         man = json.loads((root / MANIFEST).read_text())
     except (OSError, ValueError) as e:
         return f"manifest unreadable ({e})"
-    return digest_problem(root, man.get("sha256", {}), man.get("sizes", {}))
+    if not isinstance(man, dict):
+        return "manifest is not a JSON object"
+    missing = [k for k in ("processor", "fingerprint", "nan_imputed", "join_coverage", "sizes", "sha256")
+               if not isinstance(man.get(k), (str, dict))]
+    if missing or man.get("format") != FORMAT or "labels.npy" not in man["sha256"]:
+        return f"manifest incomplete or of another format (missing {missing})"
+    return digest_problem(root, man["sha256"], man["sizes"])
 
 
 def _open(spec: FeatureSpecSet, side: dict[str, pd.DataFrame], root: Path) -> Any:
