@@ -246,3 +246,21 @@ def test_counts_summed_over_chunks_equal_one_count() -> None:
     for w in (["b", "a"], ["c", "a"], []):
         words.add(np.array(w, dtype=object))
     assert words.result()[0].tolist() == ["a", "b", "c"] and words.result()[1].tolist() == [2, 1, 1]
+
+
+def test_a_resume_with_another_training_order_is_refused(tmp_path: Path) -> None:
+    from appdistill.errors import AppDistillError
+    from appdistill.train import checkpoint as ckpt
+
+    cfg_path = tmp_path / "c.yaml"
+    cfg_path.write_text(yaml.safe_dump({"name": "s", "spec": "x.yaml", "train": {"shuffle": "auto"}}))
+    auto = load_config(cfg_path)
+    blocks = auto.model_copy(update={"train": auto.train.model_copy(update={"shuffle": "blocks"})})
+    rows = auto.model_copy(update={"train": auto.train.model_copy(update={"shuffle": "rows"})})
+    ident = lambda cfg, streamed=False: ckpt.identity(cfg, "s", "d", {}, streamed)  # noqa: E731
+    assert "shuffle" not in ident(auto) and ident(auto) == ident(rows)  # older checkpoints keep their identity
+    assert ident(auto, streamed=True) == ident(blocks) != ident(rows)
+    with pytest.raises(AppDistillError, match=r"training order \(train.shuffle\) differs"):
+        ckpt._compare(tmp_path / "r.pt", ident(blocks), ident(rows))
+    with pytest.raises(AppDistillError, match="training order"):
+        ckpt._compare(tmp_path / "r.pt", ident(rows), ident(blocks))

@@ -173,12 +173,17 @@ def gather_rng(ctx: DistContext) -> list[dict[str, Any]] | None:
 
 
 # ------------------------------------------------------------------ save / load
-def identity(cfg: Any, spec_fingerprint: str, data_fingerprint: str, teachers: dict[str, Any]) -> dict[str, Any]:
-    """What must not change between a checkpoint and the run that resumes it."""
-    return {"spec_fingerprint": spec_fingerprint, "data_fingerprint": data_fingerprint,
-            "teachers": json.loads(json.dumps(teachers, default=str)),
-            "student": cfg.stable_dump()["student"], "method": cfg.method.model_dump(),
-            "batch_size": cfg.train.batch_size, "seed": cfg.seed}
+def identity(cfg: Any, spec_fingerprint: str, data_fingerprint: str, teachers: dict[str, Any],
+             streamed: bool = False) -> dict[str, Any]:
+    """What must not change between a checkpoint and the run that resumes it. ``streamed``: the data set
+    is a folder of parquet files (``train.shuffle: auto`` then means blocks: another epoch order)."""
+    ident = {"spec_fingerprint": spec_fingerprint, "data_fingerprint": data_fingerprint,
+             "teachers": json.loads(json.dumps(teachers, default=str)),
+             "student": cfg.stable_dump()["student"], "method": cfg.method.model_dump(),
+             "batch_size": cfg.train.batch_size, "seed": cfg.seed}
+    if cfg.train.shuffle == "blocks" or (cfg.train.shuffle == "auto" and streamed):
+        ident["shuffle"] = "blocks"  # only then: checkpoints of full-permutation runs keep their identity
+    return ident
 
 
 def save_resume(path: Path, *, model: dict[str, torch.Tensor], optim: dict[str, Any], method: dict[str, Any],
@@ -191,13 +196,14 @@ def save_resume(path: Path, *, model: dict[str, torch.Tensor], optim: dict[str, 
 
 _WHAT = {"spec_fingerprint": "feature spec", "data_fingerprint": "data (tables or split)",
          "teachers": "teacher set", "student": "student architecture", "method": "method or its kwargs",
-         "batch_size": "global batch size", "seed": "seed"}
+         "batch_size": "global batch size", "seed": "seed", "shuffle": "training order (train.shuffle)"}
 
 
 def _compare(path: Path, old: dict[str, Any], ident: dict[str, Any]) -> None:
     """Raise naming the first identity field of ``ident`` that differs from the checkpoint's ``old``."""
     for key, what in _WHAT.items():
-        if key in ident and old.get(key) != ident.get(key):
+        # "shuffle" is recorded only for block shuffles: compare it either way round
+        if (key in ident or key == "shuffle") and old.get(key) != ident.get(key):
             detail = ""
             if key == "teachers":
                 a, b = set(old.get(key) or {}), set(ident.get(key) or {})
@@ -218,7 +224,8 @@ def load_resume(path: Path, ident: dict[str, Any]) -> dict[str, Any]:
     return ck
 
 
-def precheck_resume(path: Path, cfg: Any, spec_fingerprint: str, data_fingerprint: str, teachers_dir: Path) -> None:
+def precheck_resume(path: Path, cfg: Any, spec_fingerprint: str, data_fingerprint: str, teachers_dir: Path,
+                    streamed: bool = False) -> None:
     """Refuse a resume whose identity changed *before* the run writes anything (``train --resume``).
 
     :func:`load_resume` checks again once the committee is loaded; this early check needs no teacher
@@ -229,7 +236,7 @@ def precheck_resume(path: Path, cfg: Any, spec_fingerprint: str, data_fingerprin
     ck = load_checkpoint(path)  # (load_resume warns about an unverifiable one)
     if not isinstance(ck, dict) or ck.get("format") != 1 or not isinstance(ck.get("identity"), dict):
         raise AppDistillError(f"file '{path}': not an appdistill resume checkpoint")
-    ident = identity(cfg, spec_fingerprint, data_fingerprint, {})
+    ident = identity(cfg, spec_fingerprint, data_fingerprint, {}, streamed)
     if cfg.method.key == "none" or not cfg.teachers:
         pass  # no committee: the identity's teacher set is empty
     else:

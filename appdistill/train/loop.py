@@ -236,7 +236,7 @@ def _train(cfg: ExperimentConfig, run_dir: str | Path, trackers: list[Tracker], 
         # a changed spec/data/student/method/teacher set is refused before anything below is written,
         # so a refused --resume leaves the finished run exactly as it was
         ckpt.precheck_resume(run_dir / ckpt.RESUME_FILE, cfg, spec.fingerprint(), ds.fingerprint,
-                             cfg.teachers_path(run_dir))
+                             cfg.teachers_path(run_dir), bool(ds.streamed))
     content = build_content_table(cfg.student.content, ds)
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -268,7 +268,8 @@ def _train(cfg: ExperimentConfig, run_dir: str | Path, trackers: list[Tracker], 
     model, opt = shard_model(model, ctx, cfg.train.lr, cfg.train.embedding_lr, cfg.train.weight_decay,
                              cfg.train.sharding)
     method_opt = method_optimizer(method, cfg.train.lr)
-    ident = ckpt.identity(cfg, spec.fingerprint(), ds.fingerprint, {n: t.identity() for n, t in parts.teachers.items()})
+    ident = ckpt.identity(cfg, spec.fingerprint(), ds.fingerprint, {n: t.identity() for n, t in parts.teachers.items()},
+                          bool(ds.streamed))
     pos, best_state = ckpt.Position(), None
     resume_path = run_dir / ckpt.RESUME_FILE
     if (resume or _restarted()) and resume_path.is_file():
