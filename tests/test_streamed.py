@@ -264,3 +264,24 @@ def test_a_resume_with_another_training_order_is_refused(tmp_path: Path) -> None
         ckpt._compare(tmp_path / "r.pt", ident(blocks), ident(rows))
     with pytest.raises(AppDistillError, match="training order"):
         ckpt._compare(tmp_path / "r.pt", ident(rows), ident(blocks))
+
+
+def test_a_part_file_with_one_class_is_fine_the_folder_needs_both(data: Path, tmp_path: Path) -> None:
+    # the rows sorted by label: part-0 (and its first chunks) holds negatives only
+    d = tmp_path / "sorted"
+    (d / "many").mkdir(parents=True)
+    for name in ("items.parquet", "users.parquet"):
+        (d / name).write_bytes((data / name).read_bytes())
+    inter = pd.read_parquet(data / "one.parquet").sort_values("click", kind="stable").reset_index(drop=True)
+    for i, part in enumerate(np.array_split(np.arange(len(inter)), 3)):
+        inter.iloc[part].to_parquet(d / "many" / f"part-{i}.parquet", index=False)
+    assert pd.read_parquet(d / "many" / "part-0.parquet")["click"].max() == 0
+    ds = _build(d, "many")
+    np.testing.assert_array_equal(ds.labels, inter["click"].to_numpy(np.float32))
+    only_neg = tmp_path / "neg"
+    (only_neg / "many").mkdir(parents=True)
+    for name in ("items.parquet", "users.parquet"):
+        (only_neg / name).write_bytes((data / name).read_bytes())
+    inter[inter["click"] == 0].to_parquet(only_neg / "many" / "part-0.parquet", index=False)
+    with pytest.raises(SpecError, match="every label is 0 after the transform; need both classes"):
+        _build(only_neg, "many")

@@ -43,8 +43,8 @@ import pandas as pd
 from appdistill.errors import SpecError
 from appdistill.features.processor import FeatureProcessor
 from appdistill.features.spec import FeatureSpecSet
-from appdistill.features.tables import (check_key_kinds, check_table, join_report, load_tables, make_labels,
-                                        one_class_message, split_rows, table_location)
+from appdistill.features.tables import (check_key_kinds, check_table, join_report, load_tables, one_class_message,
+                                        split_rows, table_location)
 from appdistill.features.vocab import DenseMoments, DenseTransform, Vocabulary, normalize_ids
 from appdistill.io import (atomic_write_text, digest_problem, file_digests, json_digest, locked, release_mapped,
                            staged_dir)
@@ -291,9 +291,9 @@ def _encode(spec: FeatureSpecSet, files: list[Path], schemas: list[Any], side: d
     h.update(pending.pop(0).encode())
     for f, r0, g0, df in _chunks(files, None, "encode 1/2", n):
         g1, loc = g0 + len(df), str(f)
-        check_table(spec, "interactions", df, loc, first_row=r0)
+        y = check_table(spec, "interactions", df, loc, first_row=r0, whole=False)
+        assert y is not None
         tr = is_train[g0:g1]
-        y = make_labels(spec, df, loc=loc, both_classes=False)
         labels[g0:g1] = y
         positives += int(y.sum())
         ident[g0:g1] = np.arange(g0, g1, dtype=np.int64)

@@ -83,12 +83,14 @@ def load_tables(spec: FeatureSpecSet, skip: tuple[str, ...] = ()) -> dict[str, p
     return out
 
 
-def check_table(spec: FeatureSpecSet, name: str, df: pd.DataFrame, loc: str, first_row: int = 0) -> None:
-    """Check table ``name`` (or a chunk of it whose first row is row ``first_row`` of file ``loc``): key
-    columns, every feature's column, and for the interactions the label. Errors name the file, the
+def check_table(spec: FeatureSpecSet, name: str, df: pd.DataFrame, loc: str, first_row: int = 0,
+                whole: bool = True) -> np.ndarray | None:
+    """Check table ``name`` (or, with ``whole=False``, a chunk of it whose first row is row ``first_row``
+    of file ``loc``): key columns, every feature's column, and for the interactions the labels, which
+    it returns (``None`` for other tables). A chunk may hold one class only. Errors name the file, the
     column and the row counted from the file's start."""
     try:
-        _check_table(spec, name, df, loc, whole=first_row == 0)
+        return _check_table(spec, name, df, loc, whole)
     except SpecError as e:
         if not first_row:
             raise
@@ -96,7 +98,7 @@ def check_table(spec: FeatureSpecSet, name: str, df: pd.DataFrame, loc: str, fir
         raise SpecError(re.sub(r"\brow (\d+)", lambda m: f"row {int(m.group(1)) + first_row}", str(e))) from None
 
 
-def _check_table(spec: FeatureSpecSet, name: str, df: pd.DataFrame, loc: str, whole: bool) -> None:
+def _check_table(spec: FeatureSpecSet, name: str, df: pd.DataFrame, loc: str, whole: bool) -> np.ndarray | None:
     t = spec.tables[name]
     for k in t.keys:
         if k not in df.columns:
@@ -143,7 +145,8 @@ def _check_table(spec: FeatureSpecSet, name: str, df: pd.DataFrame, loc: str, wh
             raise SpecError(f"file '{loc}', feature '{f.name}', column '{f.col}': kind '{f.kind}' needs a "
                             f"string column, got dtype {col.dtype}")
     if name == "interactions":
-        make_labels(spec, df, loc=loc, both_classes=whole)  # validates early
+        return make_labels(spec, df, loc=loc, both_classes=whole)  # validates early
+    return None
 
 
 def _check_ids(col: pd.Series, where: str) -> None:
