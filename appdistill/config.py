@@ -82,6 +82,11 @@ class TrainSection(_Strict):
     #: (blocks for interactions streamed from a folder of parquet files, else rows)
     shuffle: Literal["auto", "rows", "blocks"] = "auto"
 
+    def block_shuffle(self, streamed: bool) -> bool:
+        """Whether training walks blocks (``shuffle``, with ``auto`` resolved for a streamed data set or
+        not): the loader's order and the resume identity both ask here."""
+        return self.shuffle == "blocks" or (self.shuffle == "auto" and streamed)
+
 
 class TransferSection(_Strict):
     """A transfer set (:mod:`appdistill.features.transfer`): unlabelled rows the teachers label, mixed

@@ -181,7 +181,7 @@ def identity(cfg: Any, spec_fingerprint: str, data_fingerprint: str, teachers: d
              "teachers": json.loads(json.dumps(teachers, default=str)),
              "student": cfg.stable_dump()["student"], "method": cfg.method.model_dump(),
              "batch_size": cfg.train.batch_size, "seed": cfg.seed}
-    if cfg.train.shuffle == "blocks" or (cfg.train.shuffle == "auto" and streamed):
+    if cfg.train.block_shuffle(streamed):
         ident["shuffle"] = "blocks"  # only then: checkpoints of full-permutation runs keep their identity
     return ident
 

@@ -96,11 +96,10 @@ def train_loader(cfg: ExperimentConfig, ds: Dataset, builder: BatchBuilder, ctx:
     tr = cfg.train
     # transfer-set rows (NaN labels) are shuffled in with the labelled ones
     rows = np.concatenate([ds.splits["train"], ds.splits["transfer"]]) if "transfer" in ds.splits else ds.splits["train"]
-    blocks = tr.shuffle == "blocks" or (tr.shuffle == "auto" and bool(ds.streamed))
     return BatchLoader(builder, rows, tr.batch_size, shuffle=True, seed=cfg.seed, drop_last=len(rows) >= tr.batch_size,
                        rank=ctx.rank, world_size=ctx.world_size,
                        prefetch=train_prefetch(cfg) if prefetch is None else prefetch, hooks=hooks,
-                       block_shuffle=blocks)
+                       block_shuffle=tr.block_shuffle(bool(ds.streamed)))
 
 
 def train_prefetch(cfg: ExperimentConfig) -> int:
