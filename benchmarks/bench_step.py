@@ -36,7 +36,7 @@ from appdistill.features.batch import BatchBuilder, BatchLoader
 from appdistill.features.dataset import Dataset
 from appdistill.distributed import DistContext, shard_model
 from appdistill.pipeline import fit_committee, load_committee, train
-from appdistill.train.loop import (build_method, build_model_for_run, method_optimizer, train_step,
+from appdistill.train.loop import (build_method, build_model_for_run, method_optimizer, train_loader, train_step,
                                    with_transfer)
 
 METHODS = {"none": {}, "kd": {"teacher": "dlrm"}, "avg_kd": {}, "taid": {"teacher": "dlrm"}, "talking": {},
@@ -109,13 +109,10 @@ def main(argv: list[str] | None = None) -> dict:
     committee, hooks = parts.teachers, [CacheJoin(parts.caches)]  # every tap: each method reads its own
     builder = BatchBuilder(ds, cfg.load_spec().visible("student"))
     n = 40 * cfg.train.batch_size
-    rows = ds.splits["train"][:n]
-    if a.transfer:  # labelled and transfer rows shuffled together, as train() mixes them
-        both = np.concatenate([ds.splits["train"], ds.splits["transfer"]])
-        rows = both[np.random.default_rng(0).permutation(len(both))][:n]
-    batches = list(BatchLoader(builder, rows, cfg.train.batch_size, hooks=hooks, prefetch=0))
-    plain_batches = batches if not a.transfer else list(BatchLoader(
-        builder, ds.splits["train"][:n], cfg.train.batch_size, hooks=hooks, prefetch=0))
+    plain_batches = list(BatchLoader(builder, ds.splits["train"][:n], cfg.train.batch_size, hooks=hooks, prefetch=0))
+    # with a transfer set: train()'s own first batches (labelled and transfer rows shuffled together)
+    batches = list(itertools.islice(train_loader(cfg, ds, builder, DistContext(), hooks, prefetch=0), 40)) \
+        if a.transfer else plain_batches
     variants = {k: (k, kw) for k, kw in METHODS.items()}
     dd = dict(cfg.method.kwargs) if cfg.method.key == "diverse_distill" else {}
     variants["diverse_distill"] = ("diverse_distill", dd)  # as the config trains it
