@@ -22,6 +22,10 @@ from appdistill.features.spec import FeatureSpec, FeatureSpecSet
 from appdistill.features.tables import check_joins, load_tables, make_labels, split_rows, table_location
 from appdistill.io import release_mapped
 
+#: rows a streamed data set's whole-split reads (evaluation gathers, training counts) take at a time,
+#: its mapped pages released between them
+WINDOW_ROWS = 1 << 22
+
 
 @dataclass
 class Dataset:
@@ -145,7 +149,7 @@ class Dataset:
         if not self.streamed:
             return arr[rows]
         out = np.empty(len(rows), arr.dtype)
-        step = 1 << 22
+        step = WINDOW_ROWS
         for lo in range(0, len(rows), step):
             out[lo:lo + step] = arr[rows[lo:lo + step]]
             self.release_pages()
@@ -159,7 +163,7 @@ class Dataset:
         """
         if kind not in self._counts:
             codes = {"items": self.item_ids, "users": self.user_ids}[kind]
-            step, n_codes = 1 << 22, 0
+            step, n_codes = WINDOW_ROWS, 0
             for lo in range(0, len(codes), step):
                 n_codes = max(n_codes, int(codes[lo:lo + step].max(initial=-1)) + 1)
             counts = np.zeros(n_codes, np.int64)
