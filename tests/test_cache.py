@@ -425,6 +425,68 @@ def test_cache_join_releases_mapped_pages_and_reads_the_same_after(ds, tmp_path,
     assert all(sh.maps for sh in cache.shards.values())  # the memmaps behind every view are known
 
 
+def _mapped_kb(path: Path) -> int:
+    """Resident kB of this process's mappings of ``path`` (/proc/self/smaps)."""
+    total, inside = 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split(maxsplit=1)[0]
+            if not head.endswith(":"):  # a mapping's header line: "start-end perms offset dev inode path"
+                inside = line.rstrip().endswith(str(path))
+            elif inside and head == "Rss:":
+                total += int(line.split()[1])
+    return total
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs /proc/self/smaps (Linux)")
+def test_large_hidden_shards_are_read_without_mapping_them(ds, tmp_path, monkeypatch):
+    import appdistill.cache.format as fmt
+
+    monkeypatch.setattr(fmt, "MAP_BYTES", 0)  # every hidden shard counts as large
+    t = _teacher(ds)
+    cache = _build(t, ds, tmp_path)
+    assert all(set(sh.files) == {"h", "leaves"} for sh in cache.shards.values())
+    sh = cache.shards["train"]
+    sh.release()
+    ids = ds.splits["train"][::3]
+    _assert_same(cache.lookup("train", ids), t.predict(ds, ids))
+    _assert_same(cache.lookup("train", ids, upcast=False), cache.lookup("train", ids, upcast=False))
+    # a batch spanning splits takes the per-split path
+    mixed = np.concatenate([ds.splits["valid"][:40], ds.splits["train"][:70], ds.splits["test"][:5]])
+    _assert_same(cache.lookup(None, mixed), t.predict(ds, mixed))
+    assert _mapped_kb(sh.path / "hidden.h.npy") == 0, "positional reads must not map the shard"
+    assert _mapped_kb(sh.path / "logits.npy") > 0  # logits are still read through the map
+    # a shard cut short after it was opened is an error naming it, never short rows
+    with open(sh.path / "hidden.h.npy", "r+b") as f:
+        f.truncate(200)
+    with pytest.raises(CacheCorruptError, match="hidden.h.npy' ended before row"):
+        cache.lookup("train", ids)
+
+
+def test_cache_join_gathers_hidden_taps_only_when_read(ds, tmp_path, monkeypatch):
+    t = _teacher(ds)
+    cache = _build(t, ds, tmp_path)
+    calls: list[str] = []
+    real = cache.gather_tap
+    monkeypatch.setattr(cache, "gather_tap", lambda loc, tap, upcast=True: calls.append(tap) or real(loc, tap, upcast))
+    builder = BatchBuilder(ds, ds.spec.visible("student"))
+    loader = BatchLoader(builder, ds.splits["train"], 256, shuffle=True, prefetch=2,
+                         hooks=[CacheJoin({"lgbm": cache}, split="train")])
+    batches = list(loader)
+    assert calls == [] and all(b.teacher["lgbm"].logits.shape == (b.size,) for b in batches)
+    b = batches[3]
+    want = t.predict(ds, b.row_ids.numpy())
+    assert torch.equal(b.teacher["lgbm"].hidden["h"], want.hidden["h"]) and calls == ["h"]
+    assert b.teacher["lgbm"].hidden["h"] is b.teacher["lgbm"].hidden["h"] and calls == ["h"]  # read once
+    moved = b.teacher["lgbm"].hidden.to("cpu")  # what Batch.to does on a device: still lazy
+    assert calls == ["h"] and torch.equal(moved["leaves"], want.hidden["leaves"]) and calls == ["h", "leaves"]
+    with pytest.raises(KeyError):
+        b.teacher["lgbm"].hidden["nope"]
+    eager = next(iter(BatchLoader(builder, ds.splits["train"][:256], 256, prefetch=0,
+                                  hooks=[CacheJoin({"lgbm": cache}, split="train", lazy=False)])))
+    assert isinstance(eager.teacher["lgbm"].hidden, dict) and calls[2:] == ["h", "leaves"]
+
+
 def test_pages_released_while_writing_still_reach_the_files(ds, tmp_path, monkeypatch):
     import appdistill.cache.builder as builder_mod
 

@@ -40,7 +40,10 @@ index built from the splits' ``rows`` shards on first use (5 bytes per interacti
 into recycled output buffers; :class:`CacheJoin` does it for several teachers as a ``BatchLoader``
 hook. Cost on ML-100K, batch 1024, 2-core VM: ~0.85 ms of CPU per batch for three teachers with
 ``[B, 64]`` + ``[B, 128]`` float32 and ``[B, 300]`` int leaves (~3.2 KB gathered per row), about what
-copying that many bytes from random rows costs (``benchmarks/bench_cache.py``).
+copying that many bytes from random rows costs (``benchmarks/bench_cache.py``). A hidden shard larger
+than :data:`MAP_BYTES` is read with positional reads instead (:meth:`SplitShards.take`): a page
+fault on a memory-mapped file maps the whole page-cache folio around the row (up to 2 MiB on recent
+kernels), so random rows of a multi-GB shard would map nearly all of it into the resident set.
 
 Example:
     >>> cache = get_or_build_cache(teacher, ds, run_dir / "cache")
@@ -51,9 +54,12 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
+import os
 import re
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -70,6 +76,10 @@ log = logging.getLogger("appdistill.cache")
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 DEFAULT_SPLITS = ("train", "valid", "test")
+#: hidden shards larger than this are read by positional reads, smaller ones through their memory map
+#: (which then maps at most this much of each): see :meth:`SplitShards.take`
+MAP_BYTES = 256 << 20
+_PREADV = hasattr(os, "preadv")  # Linux, macOS 11+; elsewhere every shard is read through its map
 Verify = Literal["size", "checksum"]
 FloatDtype = Literal["float32", "float16"]
 IntDtype = Literal["auto", "int32", "int64"]
@@ -251,10 +261,42 @@ class SplitShards:
     logits: np.ndarray
     hidden: dict[str, np.ndarray]
     maps: list[Any] = field(default_factory=list, repr=False)  # the np.memmap objects behind the views
+    #: ``{tap: (file, .npy header bytes)}`` of the hidden shards read by positional reads
+    files: dict[str, tuple[Path, int]] = field(default_factory=dict, repr=False)
+    _handles: dict[str, io.FileIO] = field(default_factory=dict, repr=False)
+    _handles_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def nbytes(self) -> int:
         return sum(s.bytes for s in self.manifest.shards.values())
+
+    def take(self, tap: str, pos: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """Rows ``pos`` of hidden tap ``tap`` into ``out`` (C-contiguous ``[len(pos), *row]``).
+
+        Small shards are gathered from their memory map (``np.take``, one memcpy per row); a shard of
+        more than :data:`MAP_BYTES` by one ``os.preadv`` per row straight into ``out`` (~3 us per row
+        on a 2-core VM against ~1 us mapped), which maps nothing: random rows of a mapped multi-GB
+        shard make most of it resident, however often the mapping is released.
+
+        Raises:
+            CacheCorruptError: the file is shorter than its header says (changed since it was opened).
+        """
+        if tap not in self.files:
+            # mode="clip" skips numpy's bounce buffer -- TeacherCache.locate has checked every position
+            return np.take(self.hidden[tap], pos, axis=0, out=out, mode="clip")
+        path, offset = self.files[tap]
+        f = self._handles.get(tap)
+        if f is None:
+            with self._handles_lock:
+                f = self._handles.get(tap) or self._handles.setdefault(tap, io.FileIO(path, "r"))
+        row = out.nbytes // max(len(pos), 1)
+        buf = memoryview(out).cast("B")
+        fd, preadv = f.fileno(), os.preadv
+        for j, o in enumerate((offset + pos.astype(np.int64) * row).tolist()):
+            if preadv(fd, [buf[j * row:(j + 1) * row]], o) != row:
+                raise CacheCorruptError(f"cache shard '{path}' ended before row {int(pos[j])} (changed on disk "
+                                        "since it was opened); rebuild the cache")
+        return out
 
     def release(self) -> None:
         """Unmap the pages read so far (``madvise(MADV_DONTNEED)``); the next read faults them back in.
@@ -288,6 +330,7 @@ def _open_split(d: Path, teacher: str, identity: dict[str, Any], fingerprint: st
                                 f"expected '{split}'")
     arrays: dict[str, np.ndarray] = {}
     maps: list[Any] = []
+    files: dict[str, tuple[Path, int]] = {}
     for key, info in man.shards.items():
         p = d / info.file
         if not p.is_file():
@@ -310,11 +353,13 @@ def _open_split(d: Path, teacher: str, identity: dict[str, Any], fingerprint: st
         # a plain ndarray view: fancy indexing on np.memmap goes through slower subclass machinery
         arrays[key] = a.view(np.ndarray)
         maps.append(a)
+        if key.startswith("hidden.") and a.nbytes > MAP_BYTES and _PREADV and a.flags.c_contiguous:
+            files[key[len("hidden."):]] = (p, int(a.offset))
     missing = [k for k in ("rows", "logits", *(f"hidden.{t}" for t in man.taps)) if k not in arrays]
     if missing:
         raise CacheCorruptError(f"teacher '{teacher}': manifest '{mpath}' lists no shard for {missing}")
     hidden = {t: arrays[f"hidden.{t}"] for t in man.taps}
-    return SplitShards(split, d, man, arrays["rows"], arrays["logits"], hidden, maps)
+    return SplitShards(split, d, man, arrays["rows"], arrays["logits"], hidden, maps, files)
 
 
 # ====================================================================================== the cache

@@ -9,7 +9,7 @@ import logging
 import math
 import sys
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -239,42 +239,44 @@ class TeacherCache:
             parts.append((names[k], idx, p[idx]))
         return _Located(n, parts)
 
-    def gather(self, loc: _Located, taps: Sequence[str] | None = None, upcast: bool = True) -> TeacherOutput:
-        """Materialise the rows found by :meth:`locate` (see :meth:`lookup` for ``taps``/``upcast``)."""
+    def gather(self, loc: _Located, taps: Sequence[str] | None = None, upcast: bool = True,
+               lazy: bool = False) -> TeacherOutput:
+        """Materialise the rows found by :meth:`locate` (see :meth:`lookup` for ``taps``/``upcast``).
+
+        ``lazy=True`` gathers the logits now and each hidden tap when a consumer first reads it
+        (:class:`LazyTaps`).
+        """
         if taps is None:
             taps = self._taps
         elif any(t not in self._tap_info for t in taps):
             unknown = [t for t in taps if t not in self._tap_info]
             raise CacheError(f"teacher '{self.name}': the cache has no hidden taps {unknown} (it has {self._taps})")
-        pool, n = self._pool, loc.n
-        hidden: dict[str, np.ndarray] = {}
         if len(loc.parts) == 1 and loc.parts[0][1] is None:  # the usual case: one split covers the batch
             s, _, pos = loc.parts[0]
-            sh = self.shards[s]
-            logits = np.take(sh.logits, pos)
-            for t in taps:
-                row_shape, dtype, _ = self._tap_info[t]
-                # np.take (one memcpy per row; ~3x faster than fancy indexing) into a recycled buffer;
-                # mode="clip" skips numpy's bounce buffer -- locate() has checked every position
-                hidden[t] = np.take(sh.hidden[t], pos, axis=0, out=pool.get((n, *row_shape), dtype), mode="clip")
+            logits = np.take(self.shards[s].logits, pos)
         else:
-            logits = np.empty(n, np.float32)
-            for t in taps:
-                row_shape, dtype, _ = self._tap_info[t]
-                hidden[t] = pool.get((n, *row_shape), dtype)
+            logits = np.empty(loc.n, np.float32)
             for s, idx, pos in loc.parts:
-                sh = self.shards[s]
-                logits[idx] = np.take(sh.logits, pos)
-                for t in taps:
-                    hidden[t][idx] = np.take(sh.hidden[t], pos, axis=0)
-        if upcast:  # consumers get the dtypes a live teacher gives: float32 states, int64 indices
-            for t in taps:
-                wide_dtype = self._tap_info[t][2]
-                if wide_dtype is not None:
-                    wide = pool.get(hidden[t].shape, wide_dtype)
-                    np.copyto(wide, hidden[t])
-                    hidden[t] = wide  # the narrow buffer is free again once this call returns
-        return TeacherOutput(torch.from_numpy(logits), {t: torch.from_numpy(h) for t, h in hidden.items()})
+                logits[idx] = np.take(self.shards[s].logits, pos)
+        hidden: Mapping[str, torch.Tensor] = (LazyTaps(self, loc, list(taps), upcast) if lazy
+                                              else {t: self.gather_tap(loc, t, upcast) for t in taps})
+        return TeacherOutput(torch.from_numpy(logits), hidden)
+
+    def gather_tap(self, loc: _Located, tap: str, upcast: bool = True) -> torch.Tensor:
+        """One hidden tap of the rows found by :meth:`locate`: ``[B, *row]``."""
+        row_shape, dtype, wide_dtype = self._tap_info[tap]
+        out = self._pool.get((loc.n, *row_shape), dtype)
+        if len(loc.parts) == 1 and loc.parts[0][1] is None:
+            s, _, pos = loc.parts[0]
+            self.shards[s].take(tap, pos, out)
+        else:
+            for s, idx, pos in loc.parts:
+                out[idx] = self.shards[s].take(tap, pos, np.empty((len(pos), *row_shape), dtype))
+        if upcast and wide_dtype is not None:  # consumers get what a live teacher gives: float32, int64
+            wide = self._pool.get(out.shape, wide_dtype)
+            np.copyto(wide, out)
+            out = wide  # the narrow buffer is free again once this call returns
+        return torch.from_numpy(out)
 
     def release_pages(self) -> None:
         """Drop the cache's pages from this process's resident set (see :meth:`SplitShards.release`)."""
@@ -317,6 +319,55 @@ class TeacherCache:
                          f"the cache was built on (fingerprint {self.fingerprint})")
 
 
+class LazyTaps(Mapping[str, torch.Tensor]):
+    """A batch's hidden taps, each gathered from the cache the first time a consumer reads it.
+
+    Why: a method may read hidden states on some steps only (DiverseDistill's committee path runs on
+    every ``committee_every``-th step): gathering them for every batch would read 8x the bytes it
+    uses. The rows are fixed when the batch is built, so a late read returns what an eager one would.
+
+    Args:
+        cache: the teacher's cache.
+        loc: the batch's rows (:meth:`TeacherCache.locate`).
+        taps: the taps the mapping holds.
+        upcast: see :meth:`TeacherCache.lookup`.
+        device: move each tap there once gathered (``Batch.to``).
+
+    Example:
+        >>> out = cache.gather(cache.locate("train", rows), lazy=True)
+        >>> out.hidden["h"].shape   # gathered now: [B, d]
+    """
+
+    def __init__(self, cache: TeacherCache, loc: _Located, taps: list[str], upcast: bool = True,
+                 device: torch.device | None = None, non_blocking: bool = False) -> None:
+        self._cache, self._loc, self._taps, self._upcast = cache, loc, taps, upcast
+        self._device, self._non_blocking = device, non_blocking
+        self._got: dict[str, torch.Tensor] = {}
+
+    def __getitem__(self, tap: str) -> torch.Tensor:
+        h = self._got.get(tap)
+        if h is None:
+            if tap not in self._taps:
+                raise KeyError(tap)
+            h = self._cache.gather_tap(self._loc, tap, self._upcast)
+            if self._device is not None:
+                h = h.to(self._device, non_blocking=self._non_blocking)
+            self._got[tap] = h
+        return h
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._taps)
+
+    def __len__(self) -> int:
+        return len(self._taps)
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> LazyTaps:
+        """The same taps, each moved to ``device`` when it is read."""
+        moved = LazyTaps(self._cache, self._loc, self._taps, self._upcast, torch.device(device), non_blocking)
+        moved._got = {t: h.to(device, non_blocking=non_blocking) for t, h in self._got.items()}
+        return moved
+
+
 class CacheJoin:
     """``BatchLoader`` hook: fills ``batch.teacher[name]`` from cached outputs for ``batch.row_ids``.
 
@@ -326,6 +377,8 @@ class CacheJoin:
             same cost).
         taps: optional ``{teacher name: taps to gather}`` (default: all taps of every teacher).
         upcast: see :meth:`TeacherCache.lookup`.
+        lazy: gather each hidden tap when the method first reads it (:class:`LazyTaps`); the logits
+            are gathered with the batch either way.
 
     Example:
         >>> join = CacheJoin({"dlrm": dlrm_cache, "lightgbm": lgbm_cache}, split="train")
@@ -334,10 +387,10 @@ class CacheJoin:
     """
 
     def __init__(self, caches: Mapping[str, TeacherCache], split: str | None = None,
-                 taps: Mapping[str, Sequence[str]] | None = None, upcast: bool = True) -> None:
+                 taps: Mapping[str, Sequence[str]] | None = None, upcast: bool = True, lazy: bool = True) -> None:
         if not caches:
             raise CacheError("CacheJoin needs at least one teacher cache")
-        self.caches, self.split, self.upcast = dict(caches), split, upcast
+        self.caches, self.split, self.upcast, self.lazy = dict(caches), split, upcast, lazy
         self._since_release = 0  # rows gathered since the mapped pages were last released
         self.taps = {k: list(v) for k, v in (taps or {}).items()}
         unknown = sorted(set(self.taps) - set(self.caches))
@@ -364,7 +417,7 @@ class CacheJoin:
             loc = located.get(key)
             if loc is None:
                 loc = located[key] = cache.locate(self.split, ids)
-            outs[name] = cache.gather(loc, self.taps.get(name), self.upcast)
+            outs[name] = cache.gather(loc, self.taps.get(name), self.upcast, self.lazy)
         batch.teacher = {**batch.teacher, **outs}
         # random rows touch a new page per row and shard: release the mapped pages every
         # RELEASE_ROWS rows so resident memory stays bounded instead of growing to the whole cache

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -47,7 +47,7 @@ class TeacherOutput:
     """
 
     logits: torch.Tensor
-    hidden: dict[str, torch.Tensor] = field(default_factory=dict)
+    hidden: Mapping[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass
@@ -83,8 +83,16 @@ class Batch:
         return replace(self, sparse=self.sparse.to(dev, non_blocking=non_blocking), dense=mv(self.dense),
                        labels=mv(self.labels), row_ids=mv(self.row_ids), user_ids=mv(self.user_ids),
                        item_ids=mv(self.item_ids),
-                       teacher={k: TeacherOutput(mv(v.logits), {n: mv(h) for n, h in v.hidden.items()})
+                       teacher={k: TeacherOutput(mv(v.logits), _hidden_to(v.hidden, dev, non_blocking))
                                 for k, v in self.teacher.items()})
+
+
+def _hidden_to(hidden: Mapping[str, torch.Tensor], dev: torch.device, non_blocking: bool) -> Mapping[str, torch.Tensor]:
+    # a lazy mapping (the cache join's) moves each tap when it is read, so unread taps are never gathered
+    to = getattr(hidden, "to", None)
+    if to is not None:
+        return to(dev, non_blocking=non_blocking)
+    return {n: h.to(dev, non_blocking=non_blocking) for n, h in hidden.items()}
 
 
 class BatchBuilder:
