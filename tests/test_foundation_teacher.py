@@ -76,6 +76,8 @@ def test_save_load_round_trip(fitted, monkeypatch: pytest.MonkeyPatch) -> None:
     t.save(tmp / "t")
     monkeypatch.setenv("APPDISTILL_CACHE", str(tmp))  # the loaded teacher opens the same store
     t2 = FoundationTeacher.load(tmp / "t", spec, ds)
+    # loaded for its heads and identity (a student training from the cache), it computes no user vectors
+    assert t2._users_for is None and t2.identity() == t.identity()
     rows = ds.splits["valid"][:50]
     np.testing.assert_allclose(t2.predict(ds, rows).logits.numpy(), t.predict(ds, rows).logits.numpy(), atol=1e-6)
     assert t2.identity_hash() == t.identity_hash()

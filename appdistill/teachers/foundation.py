@@ -154,6 +154,7 @@ class FoundationTeacher(Teacher):
         self.net: LayerwiseNet | None = None
         self.encoder_params = 0
         self._ready_for: str | None = None
+        self._users_for: str | None = None  # the data set the users' liked-item sums were computed on
 
     # ------------------------------------------------------------------ inputs
     def _stores(self, ds: Dataset) -> dict[str, Any]:
@@ -180,6 +181,16 @@ class FoundationTeacher(Teacher):
         # what the frozen features are: encoder identity + encoded-data fingerprint of each store
         self.store_identity = {f"{f.name}:{out}": [e.manifest.encoder, e.manifest.data_fingerprint]
                                for f in self.media for out, e in stores[f.name].items()}
+        self.id_cols = [ds.sparse[f.name] for f in self.id_features]
+        self.dense_cols = [(ds.dense[f.name], f.table) for f in self.dense_features]
+        self._ready_for = ds.fingerprint
+
+    def _prepare_users(self, ds: Dataset) -> None:
+        """The users' liked-item sums per layer, on first use: only predictions read them, so a teacher
+        loaded for its heads and identity (a student training from its cache) never pays a pass over
+        every liked training row (a minute at 10M interactions)."""
+        if self._users_for == ds.fingerprint:
+            return
         train = ds.splits["train"]
         self.is_train = np.zeros(ds.n, bool)
         self.is_train[train] = True
@@ -192,9 +203,7 @@ class FoundationTeacher(Teacher):
         for m, table in zip(self.mats, self.tables):
             self.user_sum.append(np.zeros((n_users, m.shape[1]), np.float32) if table == "users" else
                                  grouped_sums(ds.user_ids[order], m, ds.table_rows[table][order], n_users))
-        self.id_cols = [ds.sparse[f.name] for f in self.id_features]
-        self.dense_cols = [(ds.dense[f.name], f.table) for f in self.dense_features]
-        self._ready_for = ds.fingerprint
+        self._users_for = ds.fingerprint
 
     def _inputs(self, ds: Dataset, rows: np.ndarray, train_mode: bool = False,
                 rng: np.random.Generator | None = None,
@@ -206,6 +215,7 @@ class FoundationTeacher(Teacher):
         normalised as the store's are. Everything else (ids, id lists, dense, user vectors) is built
         as for ``predict``, so such a path cannot drift from the inputs the net was fitted on.
         """
+        self._prepare_users(ds)
         ids = np.stack([c[rows] for c in self.id_cols], 1) if self.id_cols else np.zeros((len(rows), 0), np.int64)
         if train_mode and rng is not None and self.kwargs["id_dropout"] > 0:
             for j, f in enumerate(self.id_features):
