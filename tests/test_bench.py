@@ -172,3 +172,13 @@ def test_runs_are_keyed_by_the_resolved_kwargs(monkeypatch: pytest.MonkeyPatch) 
     kwargs_model(KD)  # cached per class: make sure there is one for monkeypatch to put back afterwards
     monkeypatch.delattr(KD, "_kwargs_model")
     assert resolved_kwargs(cfg)["method"]["alpha"] == 0.123 and resolved_kwargs(cfg) != before
+
+
+def test_sub_committee_content_variants_share_diverse_distills_setting() -> None:
+    from appdistill.bench.variants import VARIANTS, ordered
+
+    for kind in ("foundation", "complementary"):
+        v = VARIANTS[f"dd_{kind}_only+content"]
+        assert (v.key, v.teachers, v.follows) == ("diverse_distill", kind, "diverse_distill")
+        assert v.config == {"student.content.enabled": True}
+    assert ordered(["dd_foundation_only+content"]) == ["diverse_distill", "dd_foundation_only+content"]

@@ -77,6 +77,12 @@ for _m in ("none", "kd", "avg_kd", "taid", "diverse_distill", "dd_stacked", "dd_
     VARIANTS[f"{_m}+content"] = Variant(VARIANTS[_m].key, VARIANTS[_m].kwargs, _m,
                                         config={"student.content.enabled": True},
                                         doc=f"{_m}, the student with a content table (config `student.content`)")
+# the sub-committees with a content table: DiverseDistill's chosen setting (the setting the plain
+# sub-committees take too), so that both share one tuning run
+for _m in ("dd_foundation_only", "dd_complementary_only"):
+    VARIANTS[f"{_m}+content"] = Variant("diverse_distill", {}, "diverse_distill", teachers=VARIANTS[_m].teachers,
+                                        config={"student.content.enabled": True},
+                                        doc=f"{_m}, the student with a content table (config `student.content`)")
 #: what ``--methods`` runs by default: every method, no ablation
 DEFAULT = ["none", "kd", "avg_kd", "taid", "talking", "diverse_distill"]
 
