@@ -179,7 +179,10 @@ def generate(n_users: int = 2000, n_items: int = 1000, n_interactions: int = 100
     if cold.any():
         late_idx = np.flatnonzero(late & (rng.random(n_interactions) < 0.3))
         i[late_idx] = rng.choice(n_items, len(late_idx), p=p_cold / p_cold.sum())
-    affinity = (taste[u] * mix[i]).sum(1) * n_topics  # ~1 on average, >1 when tastes match
+    affinity = np.empty(n_interactions)
+    for a in range(0, n_interactions, 1 << 18):  # in chunks: [N, topics] temporaries grew 1.3x faster than N
+        affinity[a:a + (1 << 18)] = (taste[u[a:a + (1 << 18)]] * mix[i[a:a + (1 << 18)]]).sum(1)
+    affinity *= n_topics  # ~1 on average, >1 when tastes match
     logit = 2.5 * (affinity - 1.0) + quality_scale * quality[i] + rng.normal(0, 0.5, n_interactions)
     label = (rng.random(n_interactions) < 1 / (1 + np.exp(-logit))).astype(np.int8)
     inter = pd.DataFrame({"user_id": u.astype(np.int64), "item_id": i.astype(np.int64),

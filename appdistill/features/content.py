@@ -180,8 +180,7 @@ class ContentTable:
         key = ds.spec.tables[table].keys[0]
         df = ds.tables[table]
         n = len(df)
-        used = np.unique(ds.table_rows[table][ds.splits["train"]])
-        used = used[used < n]  # items seen in training; cold items are projected, not fitted on
+        used = ds.train_rows_of(table)  # items seen in training; cold items are projected, not fitted on
         if len(used) < 2:
             raise AppDistillError(f"content table: only {len(used)} item(s) of table '{table}' appear in training rows")
         sources = []

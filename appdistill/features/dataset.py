@@ -116,9 +116,7 @@ class Dataset:
         # fit on the training rows of each table (side tables: rows referenced by training data)
         train_tables = {}
         for name, df in tables.items():
-            rows = np.unique(table_rows[name][train])
-            rows = rows[rows < len(df)]
-            train_tables[name] = df.iloc[rows]
+            train_tables[name] = df.iloc[referenced_rows(table_rows[name][train], len(df))]
         locs = {n: table_location(spec, n) for n in tables}
         servable = [f for f in spec.features if f.kind in ("sparse_id", "id_list", "dense")]
         proc = FeatureProcessor.fit(servable, train_tables, locs)
@@ -174,6 +172,10 @@ class Dataset:
             self._counts[kind] = counts
         return self._counts[kind]
 
+    def train_rows_of(self, table: str) -> np.ndarray:
+        """Rows of side table ``table`` that training rows reference, sorted (the missing row excluded)."""
+        return referenced_rows(self.gather(self.table_rows[table], self.splits["train"]), len(self.tables[table]))
+
     def release_pages(self) -> None:
         """Unmap the pages of the memory-mapped columns read so far (a streamed data set; otherwise
         nothing): the loaders call it every window of rows, so resident memory stays bounded by what a
@@ -208,6 +210,19 @@ class Dataset:
             "fingerprint": self.fingerprint,
             "join_coverage": self.join_coverage,
         }
+
+
+def referenced_rows(refs: np.ndarray, n: int) -> np.ndarray:
+    """The distinct values of ``refs`` below ``n``, sorted: ``np.unique`` through a mask of ``n + 1``
+    flags, which is linear where ``np.unique`` sorts every reference (half of encoding at 10M rows).
+
+    Example:
+        >>> referenced_rows(np.array([4, 1, 4, 9]), 5).tolist()
+        [1, 4]
+    """
+    seen = np.zeros(n + 1, bool)
+    seen[np.minimum(refs, n)] = True
+    return np.flatnonzero(seen[:n])
 
 
 def encode_list_table(proc: FeatureProcessor, f: FeatureSpec, df: pd.DataFrame) -> Jagged:

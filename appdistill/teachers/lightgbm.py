@@ -165,8 +165,7 @@ class LightGBMTeacher(Teacher):
         if f.table == "interactions" or emb.ndim != 2 or emb.shape[0] not in (n, n + 1):
             raise TeacherError(f"teacher '{self.name}': text embeddings of '{f.name}' must be "
                                f"[{n} rows of table '{f.table}', d], got {emb.shape}")
-        used = np.unique(ds.table_rows[f.table][ds.splits["train"]])
-        used = used[used < n]  # fit the projection on items seen in training only
+        used = ds.train_rows_of(f.table)  # fit the projection on items seen in training only
         mean, comps = pca_projection(emb[used], self.config["text_dim"])  # [d], [d, k]
         keys = ds.tables[f.table][self.spec.tables[f.table].keys[0]].to_numpy()
         keys = keys.astype(str) if keys.dtype == object else keys
