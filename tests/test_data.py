@@ -17,7 +17,7 @@ from appdistill.features.dataset import Dataset
 from appdistill.features.processor import FeatureProcessor, split_lists
 from appdistill.features.spec import FeatureSpec, FeatureSpecSet
 from appdistill.features.tables import load_tables, split_rows
-from appdistill.features.vocab import DenseTransform, Vocabulary, normalize_ids
+from appdistill.features.vocab import DenseTransform, KeyIndex, Vocabulary, normalize_ids
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_YEARS = np.array([1990.0, 2000.0, 2010.0, 1995.0])  # items 10-14 in training; 13 has no year
@@ -467,3 +467,22 @@ def test_synthetic_10m_interactions_is_fast():
     assert len(t["interactions"]) == 10_000_000 and len(t["items"]) == 50_000
     assert elapsed < 300, f"generate() took {elapsed:.0f} s for 10M interactions"  # measured ~8 s on 2 cores
 
+
+
+@pytest.mark.parametrize("keys", [
+    np.array([7, 3, 0, 12, 5], np.int64),                     # dense integer keys: the lookup table
+    np.array([7, 3, 10**12], np.int64),                        # too sparse for a table: pandas' path
+    np.array(["a", "7", "b"], dtype=object),                    # string keys
+    pd.Series([4, 1, 9], dtype="int32"),                        # a key column of another integer width
+])
+def test_key_index_answers_as_pandas_get_indexer(keys) -> None:
+    rng = np.random.default_rng(0)
+    queries = [rng.integers(-5, 20, 500), np.array([10**12, -(2**62), 3]), np.array(["a", "x", "7"], dtype=object),
+               pd.Series([1.0, 7.0, np.nan]), pd.Series(rng.integers(0, 15, 50), dtype="int16")]
+    for q in queries:
+        got = KeyIndex(keys).get_indexer(q)
+        assert got.dtype == np.int64
+        np.testing.assert_array_equal(got, pd.Index(keys).get_indexer(q))
+    assert KeyIndex(np.array([7, 3, 0, 12, 5]))._table is not None  # the fast path is taken where it can be
+    with pytest.raises(Exception, match="unique"):  # duplicate keys are refused as pandas refuses them
+        KeyIndex(np.array([1, 2, 2])).get_indexer(np.array([2]))

@@ -20,6 +20,7 @@ from appdistill.errors import ConfigError
 from appdistill.features.processor import FeatureProcessor, Jagged
 from appdistill.features.spec import FeatureSpec, FeatureSpecSet
 from appdistill.features.tables import check_joins, load_tables, make_labels, split_rows, table_location
+from appdistill.features.vocab import KeyIndex
 from appdistill.io import release_mapped
 
 #: rows a streamed data set's whole-split reads (evaluation gathers, training counts) take at a time,
@@ -110,7 +111,7 @@ class Dataset:
             if name == "interactions":
                 continue
             key = t.keys[0]
-            idx = pd.Index(tables[name][key]).get_indexer(inter[key])
+            idx = KeyIndex(tables[name][key]).get_indexer(inter[key])
             table_rows[name] = np.where(idx < 0, len(tables[name]), idx).astype(np.int64)
 
         # fit on the training rows of each table (side tables: rows referenced by training data)

@@ -45,7 +45,7 @@ from appdistill.features.processor import FeatureProcessor
 from appdistill.features.spec import FeatureSpecSet
 from appdistill.features.tables import (check_key_kinds, check_table, join_report, load_tables, one_class_message,
                                         split_rows, table_location)
-from appdistill.features.vocab import DenseMoments, DenseTransform, Vocabulary, normalize_ids
+from appdistill.features.vocab import DenseMoments, DenseTransform, KeyIndex, Vocabulary, normalize_ids
 from appdistill.io import (atomic_write_text, digest_problem, file_digests, json_digest, locked, release_mapped,
                            staged_dir)
 from appdistill.progress import bar as progress_bar
@@ -270,7 +270,7 @@ def _encode(spec: FeatureSpecSet, files: list[Path], schemas: list[Any], side: d
 
     # 2. pass 1: checks, labels, side rows, fingerprint, training counts and moments
     sides = [t for t in spec.tables if t != "interactions"]
-    key_index = {t: pd.Index(side[t][spec.tables[t].keys[0]]) for t in sides}
+    key_index = {t: KeyIndex(side[t][spec.tables[t].keys[0]]) for t in sides}
     labels = cols.new("labels", np.float32)
     rows = {t: cols.new(f"rows.{t}", np.int64) for t in sides}
     ident = cols.new("rows.interactions", np.int64)
@@ -358,7 +358,7 @@ def _encode(spec: FeatureSpecSet, files: list[Path], schemas: list[Any], side: d
             encode_list_table(proc, feat, side[feat.table])
 
     # 3. pass 2: encoded features and key codes
-    codes = {k: pd.Index(keys_seen[k].result()[0]) for k in {spec.user_key, spec.item_key}}
+    codes = {k: KeyIndex(keys_seen[k].result()[0]) for k in {spec.user_key, spec.item_key}}
     seen = np.zeros(len(codes[spec.item_key]), bool)
     seen[codes[spec.item_key].get_indexer(keys_seen["train:" + spec.item_key].result()[0])] = True
     user_ids, item_ids, cold = cols.new("user_ids", np.int64), cols.new("item_ids", np.int64), cols.new("cold", bool)

@@ -17,7 +17,7 @@ import pandas as pd
 
 from appdistill.errors import SpecError
 from appdistill.features.spec import FeatureSpecSet
-from appdistill.features.vocab import first_out_of_float32, odd_id, odd_id_message, out_of_float32_message
+from appdistill.features.vocab import KeyIndex, first_out_of_float32, odd_id, odd_id_message, out_of_float32_message
 
 log = logging.getLogger("appdistill.data")
 
@@ -198,7 +198,7 @@ def check_joins(spec: FeatureSpecSet, tables: dict[str, pd.DataFrame]) -> dict[s
             continue
         key, side = t.keys[0], tables[name]
         check_key_kinds(spec, name, inter[key], side[key], iloc)
-        idx = pd.Index(side[key]).get_indexer(inter[key])
+        idx = KeyIndex(side[key]).get_indexer(inter[key])
         out[name] = join_report(spec, name, int((idx >= 0).sum()), len(inter), iloc,
                                 inter[key].head(3).tolist(), side[key].head(3).tolist())
     return out

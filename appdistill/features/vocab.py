@@ -111,6 +111,40 @@ def normalize_ids(values: Any, *, as_int: bool | None = None, what: str = "") ->
     return s.astype(str).to_numpy(dtype=object)
 
 
+class KeyIndex:
+    """Positions of distinct keys, as ``pd.Index(keys).get_indexer``: ``[N]`` int64, -1 where absent.
+
+    Why: at 10M rows the hash lookups of joins and vocabularies were a quarter of encoding and grew
+    2.5x faster than the rows (the hash tables of 10^5-10^6 keys leave the CPU caches). Integer keys
+    in ``[0, max(2**20, 8 * len(keys)))`` are looked up in a dense table instead (one gather per query,
+    at most 64 bytes per key); other keys, non-integer queries and duplicate keys (which
+    ``get_indexer`` refuses) take pandas' path.
+
+    Example:
+        >>> KeyIndex(np.array([7, 3])).get_indexer(np.array([3, 5, 7, -1])).tolist()
+        [1, -1, 0, -1]
+    """
+
+    def __init__(self, keys: Any) -> None:
+        self.index = pd.Index(keys)
+        self._table: np.ndarray | None = None
+        k = self.index.to_numpy()
+        if (k.dtype.kind == "i" and len(k) and int(k.min()) >= 0 and int(k.max()) < max(1 << 20, 8 * len(k))
+                and self.index.is_unique):
+            self._table = np.full(int(k.max()) + 2, -1, np.int64)  # the last slot answers every absent key
+            self._table[k] = np.arange(len(k))
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def get_indexer(self, queries: Any) -> np.ndarray:
+        q = queries.to_numpy() if isinstance(queries, (pd.Series, pd.Index)) else np.asarray(queries)
+        if self._table is None or q.dtype.kind != "i":
+            return self.index.get_indexer(queries).astype(np.int64, copy=False)
+        top = len(self._table) - 1
+        return self._table[np.where((q < 0) | (q > top), top, q)]
+
+
 @dataclass
 class Vocabulary:
     """Maps raw ids of one feature to embedding rows (0 = OOV).
@@ -127,7 +161,7 @@ class Vocabulary:
     num_embeddings: int
     hashing: bool = False
     is_int: bool = True
-    _index: pd.Index | None = field(default=None, repr=False)
+    _index: KeyIndex | None = field(default=None, repr=False)
 
     @classmethod
     def fit(cls, spec: FeatureSpec, ids: np.ndarray, file: str = "") -> Vocabulary:
@@ -153,9 +187,9 @@ class Vocabulary:
         return cls(spec.name, uniq, n, False, is_int)
 
     @property
-    def index(self) -> pd.Index:
+    def index(self) -> KeyIndex:
         if self._index is None:
-            self._index = pd.Index(self.values)
+            self._index = KeyIndex(self.values)
         return self._index
 
     def encode(self, ids: Any) -> np.ndarray:
