@@ -28,7 +28,7 @@ itself holds; mapped file pages are page cache the kernel can drop at any time).
 
 Usage:
     python benchmarks/bench_scale.py --rows 1000000 10000000 --out DIR [--epochs 1] [--trees 200]
-        [--fit-rows 2000000] [--store DIR] [--set KEY=VALUE ...]
+        [--fit-rows 2000000] [--store DIR] [--set KEY=VALUE ...] [--reuse]
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -119,8 +120,13 @@ def train_and_evaluate(meter: Meter, run: Any) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------------- one size
 def run_one(rows: int, out: Path, epochs: int, trees: int, overrides: list[str],
-            fit_rows: int | None = None) -> dict[str, Any]:
-    """The whole pipeline at ``rows`` interactions, in this process; returns the stage table."""
+            fit_rows: int | None = None, reuse: bool = False) -> dict[str, Any]:
+    """The whole pipeline at ``rows`` interactions, in this process; returns the stage table.
+
+    ``reuse``: take the teachers and caches an earlier run left in ``OUT/rows-N`` (``teachers_dir``)
+    and measure only data, encode, train, evaluate and export, into ``OUT/rows-N-reuse``: re-measures
+    the student's stages after a change without the hour of store, fits and caches at 10M.
+    """
     from appdistill.config import REPO_ROOT, load_config
     from appdistill.export.artifact import export_run
     from appdistill.features.dataset import Dataset
@@ -134,25 +140,33 @@ def run_one(rows: int, out: Path, epochs: int, trees: int, overrides: list[str],
             "teachers.foundation.kwargs.epochs=" + str(epochs), f"teachers.lightgbm.kwargs.num_boost_round={trees}",
             *(f"teachers.{t}.kwargs.max_train_rows={fit_rows}" for t in ("lightgbm", "dlrm", "foundation")
               if fit_rows), *overrides]
-    raw = yaml.safe_load((REPO_ROOT / "feature_specs/synthetic_1m.yaml").read_text())
-    raw["name"], raw["source"]["kwargs"] = f"synthetic-{rows}", {**raw["source"]["kwargs"], **src}
     spec_path = (out / f"spec-{rows}.yaml").resolve()
-    spec_path.write_text(yaml.safe_dump(raw))  # the shipped 1M spec, resized
+    if reuse:
+        if not (run / "teachers").is_dir():
+            raise SystemExit(f"--reuse: no teachers under '{run}'; run this size without --reuse first")
+        sets.append(f"teachers_dir={run.resolve()}")
+        shutil.rmtree(out / f"rows-{rows}-reuse", ignore_errors=True)
+        run = out / f"rows-{rows}-reuse"  # a fresh student run; the teachers and caches stay where they are
+    else:
+        raw = yaml.safe_load((REPO_ROOT / "feature_specs/synthetic_1m.yaml").read_text())
+        raw["name"], raw["source"]["kwargs"] = f"synthetic-{rows}", {**raw["source"]["kwargs"], **src}
+        spec_path.write_text(yaml.safe_dump(raw))  # the shipped 1M spec, resized
     cfg = load_config(REPO_ROOT / "configs/synthetic_committee.yaml", [*sets, f"spec={spec_path}"])
     spec = cfg.load_spec()
-    meter = Meter([run, store], out / f"rows-{rows}.partial.json")
+    meter = Meter([run, store], out / f"{run.name}.partial.json")
     with meter.stage("data"):
         tables = load_tables(spec)
     with meter.stage("encode"):
         ds = Dataset.build(spec, tables)
     del tables
-    with meter.stage("store"):
-        emb = text_embeddings_for(cfg, ds)
-    for name in cfg.teachers:
-        with meter.stage(f"fit:{name}"):
-            fit_teachers(cfg, run, [name], ds, text_embeddings=emb, progress=False)
-    with meter.stage("cache"):
-        build_caches(cfg, run, ds, progress=False, echo=lambda *_: None)
+    if not reuse:
+        with meter.stage("store"):
+            emb = text_embeddings_for(cfg, ds)
+        for name in cfg.teachers:
+            with meter.stage(f"fit:{name}"):
+                fit_teachers(cfg, run, [name], ds, text_embeddings=emb, progress=False)
+        with meter.stage("cache"):
+            build_caches(cfg, run, ds, progress=False, echo=lambda *_: None)
     metrics = train_and_evaluate(meter, lambda: train(cfg, run, dataset=ds, progress=False))
     with meter.stage("export"):
         export_run(run, run / "export")
@@ -232,23 +246,29 @@ def main() -> None:
                    help="teachers fit on a uniform sample of at most this many training rows (0: all)")
     p.add_argument("--store", default=None, help="embedding store / cache root (default: OUT/store, a cold start)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--reuse", action="store_true",
+                   help="reuse OUT/rows-N's teachers and caches: measure data, encode, train, evaluate and export "
+                        "only (report in OUT/reuse)")
     p.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)  # internal: run one size here
     a = p.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     if a.one is not None:
-        res = run_one(a.one, out, a.epochs, a.trees, a.set, a.fit_rows or None)
-        (out / f"rows-{a.one}.json").write_text(json.dumps(res, indent=1))
+        res = run_one(a.one, out, a.epochs, a.trees, a.set, a.fit_rows or None, a.reuse)
+        (out / f"rows-{a.one}{'-reuse' if a.reuse else ''}.json").write_text(json.dumps(res, indent=1))
         return
     env = {**os.environ, "APPDISTILL_CACHE": str(Path(a.store or out / "store").resolve())}
     results = []
     for n in a.rows:
         print(f"[bench_scale] {n:,} rows", flush=True)
         cmd = [sys.executable, __file__, "--one", str(n), "--out", str(out), "--epochs", str(a.epochs),
-               "--trees", str(a.trees), "--fit-rows", str(a.fit_rows), *(x for s in a.set for x in ("--set", s))]
+               "--trees", str(a.trees), "--fit-rows", str(a.fit_rows), *(x for s in a.set for x in ("--set", s)),
+               *(["--reuse"] if a.reuse else [])]
         subprocess.run(cmd, check=True, env=env)
-        results.append(json.loads((out / f"rows-{n}.json").read_text()))
-        print(report(results, out), flush=True)
+        results.append(json.loads((out / f"rows-{n}{'-reuse' if a.reuse else ''}.json").read_text()))
+        rep = out / "reuse" if a.reuse else out
+        rep.mkdir(exist_ok=True)
+        print(report(results, rep), flush=True)
 
 
 if __name__ == "__main__":

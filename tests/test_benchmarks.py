@@ -201,6 +201,12 @@ def test_bench_scale_runs_the_whole_pipeline_at_a_tiny_size(tmp_path: Path, monk
     assert res["stages"]["cache"]["disk_gb"] > 0 and 0.3 < res["test_auc"] < 1
     assert res["budget"]["teacher_fit_rows"] == 1000
     assert (tmp_path / "rows-4000" / "export" / "manifest.json").is_file()
+    # --reuse: the student's stages again on the same teachers and caches, nothing refitted
+    again = mod.run_one(4000, tmp_path, epochs=1, trees=5, overrides=[
+        "teachers.dlrm.kwargs.over_arch=[16]", "teachers.foundation.kwargs.d_a=16"], fit_rows=1000, reuse=True)
+    assert list(again["stages"]) == ["data", "encode", "train", "evaluate", "export"]
+    assert abs(again["test_auc"] - res["test_auc"]) < 1e-9  # the same student from the same teachers
+    assert (tmp_path / "rows-4000-reuse" / "export" / "manifest.json").is_file()
 
 
 # ------------------------------------------------------------------------------------- bench_stream
