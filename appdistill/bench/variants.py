@@ -83,6 +83,15 @@ for _m in ("dd_foundation_only", "dd_complementary_only"):
     VARIANTS[f"{_m}+content"] = Variant("diverse_distill", {}, "diverse_distill", teachers=VARIANTS[_m].teachers,
                                         config={"student.content.enabled": True},
                                         doc=f"{_m}, the student with a content table (config `student.content`)")
+# both: the student's content table and a transfer set. Transfer rows draw half their items uniformly
+# over the catalogue, so items no training row shows get teacher labels, and with a content table
+# the student has a feature (the item's vectors) through which those labels can reach such items
+for _m in ("none", "kd", "avg_kd", "taid", "diverse_distill", "dd_stacked", "dd_stack_only",
+           "dd_foundation_only", "dd_complementary_only"):
+    _c = VARIANTS[f"{_m}+content"]
+    VARIANTS[f"{_m}+content+transfer"] = Variant(_c.key, _c.kwargs, _c.follows or _m, teachers=_c.teachers,
+                                                 config={**_c.config, "transfer.enabled": True},
+                                                 doc=f"{_m}, content table and transfer set")
 #: what ``--methods`` runs by default: every method, no ablation
 DEFAULT = ["none", "kd", "avg_kd", "taid", "talking", "diverse_distill"]
 
@@ -96,12 +105,17 @@ def grid_points(key: str, budget: int | None = None) -> list[dict[str, Any]]:
 
 
 def ordered(names: list[str]) -> list[str]:
-    """``names`` with every ablation after the variant it follows (which is added if missing)."""
+    """``names`` with every ablation after the variant it follows (added if missing, and so on up the
+    chain: ``dd_stack_only+content`` follows ``dd_stack_only``, which follows ``diverse_distill``)."""
     out: list[str] = []
-    for n in names:
+
+    def add(n: str) -> None:
         f = VARIANTS[n].follows
-        if f and f not in out:
-            out.append(f)
+        if f:
+            add(f)
         if n not in out:
             out.append(n)
+
+    for n in names:
+        add(n)
     return out
