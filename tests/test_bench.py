@@ -182,3 +182,15 @@ def test_sub_committee_content_variants_share_diverse_distills_setting() -> None
         assert (v.key, v.teachers, v.follows) == ("diverse_distill", kind, "diverse_distill")
         assert v.config == {"student.content.enabled": True}
     assert ordered(["dd_foundation_only+content"]) == ["diverse_distill", "dd_foundation_only+content"]
+
+
+def test_content_transfer_variants_follow_their_method_up_the_whole_chain() -> None:
+    from appdistill.bench.variants import VARIANTS, ordered
+
+    v = VARIANTS["dd_stack_only+content+transfer"]
+    assert v.kwargs == VARIANTS["dd_stack_only"].kwargs and v.follows == "dd_stack_only"
+    assert v.config == {"student.content.enabled": True, "transfer.enabled": True}
+    assert VARIANTS["dd_foundation_only+content+transfer"].teachers == "foundation"
+    # an ablation of an ablation: every variant it follows runs first, once
+    assert ordered(["dd_stack_only+content+transfer", "kd+content+transfer", "diverse_distill"]) == [
+        "diverse_distill", "dd_stack_only", "dd_stack_only+content+transfer", "kd", "kd+content+transfer"]

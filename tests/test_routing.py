@@ -68,3 +68,37 @@ def test_the_routed_gate_reads_teacher_logits_and_item_frequency() -> None:
     assert not torch.allclose(p1[0], p1[2])    # so does the item's frequency (same logits, same h)
     r = dd.route_features(b, z)
     assert r.shape == (4, 6) and r[0, -1] == 1 and r[3, -1] == 1 and r[2, -1] == 0  # code 7: unseen = cold
+
+
+def test_routing_reports_each_teachers_share_of_the_distilled_target() -> None:
+    """With the held-out stack the report shows the stack's weights (not an untrained gate), and
+    without gating and stack the uniform weights the teacher term really uses."""
+    from types import SimpleNamespace
+
+    from appdistill.methods.diverse_distill import DiverseDistill
+    from appdistill.methods.stack import HeldOut
+    from appdistill.teachers.base import Tap
+
+    class T:
+        key, kind = "dlrm", "complementary"
+
+        def taps(self):
+            return {"h": Tap("h", 4, has_head=True)}
+
+        def head(self, tap):
+            return torch.nn.Linear(4, 1)
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 2000).astype(np.float64)
+    held = HeldOut({"a": (2 * y - 1) * 2 + rng.normal(size=2000), "b": rng.normal(size=2000)}, y,
+                   np.zeros(2000, np.int64))
+    b = SimpleNamespace(item_ids=torch.zeros(5, dtype=torch.long),
+                        teacher={"a": SimpleNamespace(logits=torch.randn(5)),
+                                 "b": SimpleNamespace(logits=torch.randn(5))})
+    h = torch.randn(5, 8)
+    stacked = DiverseDistill({"a": T(), "b": T()}, student_dim=8, gating=False, kd_weights="stacked", held_out=held)
+    w = stacked.route_weights(h, b)
+    assert torch.allclose(w.sum(1), torch.ones(5))
+    assert (w[:, 0] > 0.9).all()  # the stack trusts the informative teacher, whatever the gate says
+    plain = DiverseDistill({"a": T(), "b": T()}, student_dim=8, gating=False, kd_weights="soft")
+    assert torch.allclose(plain.route_weights(h, b), torch.full((5, 2), 0.5))

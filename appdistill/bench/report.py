@@ -190,7 +190,8 @@ def segment_table(sub: pd.DataFrame, t: dict[str, Any]) -> list[str]:
 
 
 def routing_table(sub: pd.DataFrame, t: dict[str, Any]) -> list[str]:
-    """Mean gate importance per item segment (over seeds) beside the segment oracle's choice."""
+    """Each teacher's mean share of the distilled target per item segment (over seeds) beside the
+    segment oracle's choice."""
     if "routing" not in sub.columns:
         return []
     choice = ((t or {}).get("segment_oracle") or {}).get("choice", {})
@@ -201,8 +202,9 @@ def routing_table(sub: pd.DataFrame, t: dict[str, Any]) -> list[str]:
             continue
         names = reps[0]["teachers"]
         if not out:
-            out += ["", "Routing: mean gate importance per teacher on the test rows of each item segment "
-                        "(mean over seeds), and the teacher the segment oracle picks there:", "",
+            out += ["", "Routing: each teacher's mean share of the distilled target (the gate's weights, or the "
+                        "held-out stack's modulated by them) on the test rows of each item segment (mean "
+                        "over seeds), and the teacher the segment oracle picks there:", "",
                     "| method | segment | " + " | ".join(f"`{n}`" for n in names) + " | oracle's pick |",
                     "|---|---|" + "---:|" * len(names) + "---|"]
         for seg in [s for s in BUCKETS if s in reps[0]["segments"]]:

@@ -231,9 +231,23 @@ class DiverseDistill(Method):
 
     @torch.no_grad()
     def route_weights(self, h: torch.Tensor, batch: Batch) -> torch.Tensor:
-        """The importance ``[B, n]`` the gate gives each teacher on ``batch`` (routing reports)."""
+        """Each teacher's share ``[B, n]`` (rows sum to 1) of what the student distils on ``batch``
+        (routing reports): the KD weights the teacher term uses (gated, soft or uniform), or with
+        the held-out stack ``|a_{s,i} · n·p_i| / Σ_j |a_{s,j} · n·p_j|``, its segment's weights
+        modulated by the gate. Not the raw gate: without gating (or with ``uniform``) the gate's
+        softmax weights nothing, and reporting it would show a routing that does not happen."""
         z_t = torch.stack([self.ports[n].logit(batch) for n in self.names], 1)
-        return self.gate_probs(h, self.route_features(batch, z_t))
+        n = len(self.names)
+        if self.kd_weights == "uniform" or not self.gating:
+            wd = torch.full_like(z_t, 1.0 / n)
+        else:
+            w, _, probs = self.importance(h, self.route_features(batch, z_t))
+            wd = w if self.kd_weights == "gated" else probs
+        if self.stack is None:
+            return wd
+        a = self.stack.weights.index_select(0, self.stack.segment_of(batch.item_ids))[:, :-1]
+        share = (a * wd * n).abs()
+        return share / share.sum(1, keepdim=True).clamp_min(1e-12)
 
     # ------------------------------------------------------------------ answers
     def committee_message(self, h: torch.Tensor, batch: Batch, w: torch.Tensor, keep: torch.Tensor,

@@ -410,9 +410,10 @@ def _restore(path: Path, ident: dict[str, Any], model: torch.nn.Module, opt: Any
 @torch.no_grad()
 def routing_report(model: torch.nn.Module, method: Any, ds: Dataset, builder: BatchBuilder, hooks: list[Any],
                    ctx: DistContext, batch_size: int) -> dict[str, Any] | None:
-    """Mean importance the method's gate gives each teacher on the test rows, overall and per item
-    segment (the bench sets it beside the segment oracle's choices). Methods without a gate, and
-    torchrun runs, report none."""
+    """Each teacher's mean share of what the method distils on the test rows (its gate's weights,
+    or the held-out stack's modulated by them), overall and per item segment (the bench sets it
+    beside the segment oracle's choices). Methods without ``route_weights``, and torchrun runs,
+    report none."""
     if ctx.is_dist or not hasattr(method, "route_weights") or not hooks:
         return None
     from appdistill.eval.segments import split_buckets
