@@ -110,10 +110,36 @@ def kwargs_errors(factory: Callable[..., Any], kwargs: dict[str, Any], where: st
     except ValidationError as e:
         out = []
         for err in e.errors():
-            loc = ".".join(str(x) for x in err["loc"])
-            if err["type"] == "extra_forbidden":
-                out.append(f"{where}.{loc}: unknown key (accepted: {', '.join(sorted(model.model_fields))})")
+            path = [str(x) for x in err["loc"]]
+            # a union's member tags (``bool``, ``CommitteePath``) are pydantic's, not the user's keys;
+            # a map given where a model or a bool is accepted was meant for the model
+            if len(path) > 1 and path[1] in _SCALARS and isinstance((kwargs or {}).get(path[0]), dict):
+                continue
+            path = [x for x in path if x not in _SCALARS and not x[:1].isupper()]
+            loc = ".".join(path)
+            moved = (getattr(factory, "moved_kwargs", None) or {}).get(loc)
+            if err["type"] == "extra_forbidden" and moved:
+                out.append(f"{where}.{loc}: {moved}")
+            elif err["type"] == "extra_forbidden":
+                out.append(f"{where}.{loc}: unknown key (accepted: {', '.join(_accepted(model, path[:-1]))})")
             else:
                 out.append(f"{where}.{loc}: {err['msg']}")
         return out
     return []
+
+
+_SCALARS = frozenset({"bool", "int", "float", "str", "none"})
+
+
+def _accepted(model: Any, path: list[str]) -> list[str]:
+    """The field names of the (nested) model at ``path`` of ``model``."""
+    from pydantic import BaseModel
+
+    for name in path:
+        ann = model.model_fields[name].annotation
+        members = typing.get_args(ann) or (ann,)
+        nested = [m for m in members if isinstance(m, type) and issubclass(m, BaseModel)]
+        if not nested:
+            return []
+        model = nested[0]
+    return sorted(model.model_fields)

@@ -2,10 +2,11 @@
 
 Batches (with the teachers' cached outputs already joined) are prebuilt, so the timing is the step
 itself: student forward, method loss terms, backward, optimiser steps. All methods are timed in the
-same run, interleaved round by round (median round). Target: ``diverse_distill`` <= 1.5x plain. It also
-trains DiverseDistill with and without gating (``--gating-seeds``, 3 by default) to report the
-fraction of teacher answers skipped and the mean validation-AUC difference (target: >= 30% skipped,
-|ΔAUC| <= 0.001).
+same run, interleaved round by round (median round). Target: ``diverse_distill`` <= 1.5x plain; it is
+timed as the config trains it and, as ``dd_committee``, with its committee path on. It also trains
+DiverseDistill's committee path with and without gating (``--gating-seeds``, 3 by default) to report
+the fraction of teacher answers skipped and the mean validation-AUC difference (target: >= 30%
+skipped, |ΔAUC| <= 0.001).
 
 ``--transfer``: the batches are drawn from the training rows plus the config's transfer set (``transfer:``,
 enabled here; unlabelled rows the teachers label, teacher terms only) as ``train()`` mixes them, and each
@@ -41,6 +42,15 @@ from appdistill.train.loop import (build_method, build_model_for_run, method_opt
 
 METHODS = {"none": {}, "kd": {"teacher": "dlrm"}, "avg_kd": {}, "taid": {"teacher": "dlrm"}, "talking": {},
            "diverse_distill": {}}
+
+
+def with_path(kwargs: dict, fields: dict | None) -> dict:
+    """DiverseDistill ``kwargs`` with the committee path on: its fields in ``kwargs`` (if a map) updated
+    by ``fields`` (``None``: ``kwargs`` unchanged)."""
+    if fields is None:
+        return kwargs
+    cp = kwargs.get("committee_path")
+    return {**kwargs, "committee_path": {**(cp if isinstance(cp, dict) else {}), **fields}}
 
 
 def make_step(cfg, ds, key: str, kwargs: dict, committee, caches=None):
@@ -95,7 +105,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--transfer", action="store_true",
                     help="batches mix the transfer set's rows in (methods built as train() builds them)")
     ap.add_argument("--dd-variant", action="append", default=[], metavar="JSON",
-                    help='also time diverse_distill with these kwargs merged in, e.g. \'{"taps": {"dlrm": "over"}}\'')
+                    help='also time diverse_distill with these kwargs merged in (committee_path maps merged '
+                         'too), e.g. \'{"committee_path": {"every": 1}}\'')
     a = ap.parse_args(argv)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -116,8 +127,12 @@ def main(argv: list[str] | None = None) -> dict:
     variants = {k: (k, kw) for k, kw in METHODS.items()}
     dd = dict(cfg.method.kwargs) if cfg.method.key == "diverse_distill" else {}
     variants["diverse_distill"] = ("diverse_distill", dd)  # as the config trains it
+    variants["dd_committee"] = ("diverse_distill", with_path(dd, {}))  # its committee path on
     for v in a.dd_variant:
-        variants[f"diverse_distill {v}"] = ("diverse_distill", {**dd, **json.loads(v)})
+        extra = json.loads(v)
+        variants[f"diverse_distill {v}"] = ("diverse_distill", with_path({**dd, **{k: x for k, x in extra.items()
+                                                                                  if k != "committee_path"}},
+                                                                      extra.get("committee_path")))
     steps = {name: make_step(cfg, ds, k, kw, committee, parts.caches if a.transfer else None)
              for name, (k, kw) in variants.items()}
     if a.transfer:  # the plain student never reads transfer rows: its step on labelled batches of that size
@@ -142,10 +157,13 @@ def main(argv: list[str] | None = None) -> dict:
         diffs, gated_auc, ungated_auc, skipped = [], [], [], []
         for seed in a.gating_seeds:
             c = cfg.model_copy(update={"seed": seed})
-            gated = train(c, out / f"dd_gated_seed{seed}", dataset=ds, progress=False)
-            ungated = train(c.model_copy(update={"method": c.method.model_copy(
-                update={"kwargs": {**c.method.kwargs, "gating": False}})}), out / f"dd_ungated_seed{seed}",
-                dataset=ds, progress=False)
+
+            def path(gating: bool):
+                kw = with_path(dict(c.method.kwargs), {"gating": gating})
+                return c.model_copy(update={"method": c.method.model_copy(update={"kwargs": kw})})
+
+            gated = train(path(True), out / f"dd_gated_seed{seed}", dataset=ds, progress=False)
+            ungated = train(path(False), out / f"dd_ungated_seed{seed}", dataset=ds, progress=False)
             gated_auc.append(gated["valid"]["auc"])
             ungated_auc.append(ungated["valid"]["auc"])
             diffs.append(gated_auc[-1] - ungated_auc[-1])
@@ -163,7 +181,7 @@ def main(argv: list[str] | None = None) -> dict:
                "plain student: labelled rows only)\n")
     if "gating" in res:
         g = res["gating"]
-        md += (f"\nDiverseDistill gating: {g['skipped']:.1%} of teacher answers skipped; validation AUC "
+        md += (f"\nDiverseDistill's committee path, gating: {g['skipped']:.1%} of teacher answers skipped; validation AUC "
                f"(mean of seeds {g['seeds']}) {g['valid_auc_gated']:.4f} gated vs {g['valid_auc_ungated']:.4f} "
                f"ungated (diff {g['valid_auc_diff']:+.4f}; per seed "
                + ", ".join(f"{d:+.4f}" for d in g["valid_auc_diff_per_seed"]) + ")\n")

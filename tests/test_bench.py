@@ -31,13 +31,13 @@ SPEC = {
 }
 CONFIG = {
     "name": "tinybench", "spec": "spec.yaml", "student": {"dense_arch": [8], "over_arch": [16]},
-    "method": {"key": "diverse_distill", "kwargs": {"top_k": 2, "committee_every": 2}},
+    "method": {"key": "diverse_distill", "kwargs": {}},
     "train": {"epochs": 2, "batch_size": 256, "prefetch": 0},
     "teachers": {"lightgbm": {"key": "lightgbm", "kwargs": {"num_leaves": 15, "num_boost_round": 30, "n_jobs": 1}},
                  "dlrm": {"key": "dlrm", "kwargs": {"embedding_dim": 8, "dense_arch": [8], "over_arch": [16],
                                                     "epochs": 2}}},
 }
-METHODS = ["none", "kd", "diverse_distill", "dd_no_gating", "kd+transfer", "dd_stacked", "dd_foundation_only"]
+METHODS = ["none", "kd", "diverse_distill", "dd_committee", "kd+transfer", "dd_no_stack", "dd_foundation_only"]
 
 
 @pytest.fixture(scope="module")
@@ -79,12 +79,16 @@ def test_each_method_is_tuned_on_validation_with_the_same_budget(bench) -> None:
         assert len(tried) == 2, name
         best = max(tried, key=lambda t: t["valid_auc"])
         assert choices[name]["setting"] == best["setting"], name
-    assert choices["dd_no_gating"]["setting"] == choices["diverse_distill"]["setting"]
-    assert choices["dd_no_gating"]["tuned"] == []
+    assert choices["dd_committee"]["setting"] == choices["diverse_distill"]["setting"]
+    assert choices["dd_committee"]["tuned"] == []
     assert choices["kd+transfer"]["setting"] == choices["kd"]["setting"]
-    # the held-out stack: the loop hands DiverseDistill the committee's cached validation outputs
-    stacked = [r for r in res["rows"] if r["method"] == "dd_stacked"]
-    assert len(stacked) == 2 and all(0.5 < r["auc"] < 1 for r in stacked)
+    # the held-out stack (the default): the loop hands DiverseDistill the committee's cached validation
+    # outputs, and the routing report shows the stack's weights; the committee path's gate modulates them
+    for name in ("diverse_distill", "dd_committee", "dd_no_stack"):
+        rows = [r for r in res["rows"] if r["method"] == name]
+        assert len(rows) == 2 and all(0.5 < r["auc"] < 1 for r in rows), name
+    assert all(r["skipped"] == 0 for r in res["rows"] if r["method"] == "diverse_distill")
+    assert any(r["skipped"] > 0 for r in res["rows"] if r["method"] == "dd_committee")  # top-k skips answers
     # seed 0's reported run is the chosen tuning run itself (same validation AUC)
     row = next(r for r in res["rows"] if r["method"] == "kd" and r["seed"] == 0)
     assert row["valid_auc"] == max(t["valid_auc"] for t in choices["kd"]["tuned"])
@@ -133,7 +137,9 @@ def test_config_values_and_kwargs_are_typed_and_checked_before_data(tmp_path: Pa
     bad = {"train.epochs=-3": "train.epochs", "train.batch_size=0": "train.batch_size",
            "train.lr=.nan": "train.lr", "train.lr=-1": "train.lr", "student.over_arch=[-4]": "student.over_arch",
            "method.kwargs.lamda_t=1": "method.kwargs.lamda_t: unknown key",
-           "method.kwargs.top_k=0": "method.kwargs.top_k", "method.kwargs.tau=-1": "method.kwargs.tau",
+           "method.kwargs.committee_path.top_k=0": "method.kwargs.committee_path.top_k",
+           "method.kwargs.committee_path.tau=-1": "method.kwargs.committee_path.tau",
+           "method.kwargs.committee_every=2": "method.kwargs.committee_every: moved to committee_path.every",
            "teachers.lightgbm.kwargs.num_leavs=3": "teachers.lightgbm.kwargs.num_leavs: unknown key",
            "teachers.dlrm.kwargs.dropout=1.5": "teachers.dlrm.kwargs.dropout"}
     for ov, where in bad.items():
@@ -187,10 +193,10 @@ def test_sub_committee_content_variants_share_diverse_distills_setting() -> None
 def test_content_transfer_variants_follow_their_method_up_the_whole_chain() -> None:
     from appdistill.bench.variants import VARIANTS, ordered
 
-    v = VARIANTS["dd_stack_only+content+transfer"]
-    assert v.kwargs == VARIANTS["dd_stack_only"].kwargs and v.follows == "dd_stack_only"
+    v = VARIANTS["dd_committee+content+transfer"]
+    assert v.kwargs == VARIANTS["dd_committee"].kwargs and v.follows == "dd_committee"
     assert v.config == {"student.content.enabled": True, "transfer.enabled": True}
     assert VARIANTS["dd_foundation_only+content+transfer"].teachers == "foundation"
     # an ablation of an ablation: every variant it follows runs first, once
-    assert ordered(["dd_stack_only+content+transfer", "kd+content+transfer", "diverse_distill"]) == [
-        "diverse_distill", "dd_stack_only", "dd_stack_only+content+transfer", "kd", "kd+content+transfer"]
+    assert ordered(["dd_committee+content+transfer", "kd+content+transfer", "diverse_distill"]) == [
+        "diverse_distill", "dd_committee", "dd_committee+content+transfer", "kd", "kd+content+transfer"]

@@ -119,13 +119,14 @@ def test_bench_step(tmp_path: Path) -> None:
                 "dlrm": {"key": "dlrm", "kwargs": SMALL_DLRM},
                 "foundation": {"key": "foundation", "kwargs": {**SMALL_FOUNDATION, "epochs": 1}}}
     cfg = bench_config(tmp_path, teachers=teachers, train={"epochs": 1},
-                       method={"key": "diverse_distill", "kwargs": {"top_k": 2, "committee_every": 2}})
+                       method={"key": "diverse_distill",
+                                                 "kwargs": {"committee_path": {"top_k": 2, "every": 2}}})
     out = tmp_path / "bstep"
     ret = load_bench("bench_step").main(["--out", str(out), "--config", str(cfg), "--rounds", "2",
                                          "--round-steps", "2", "--gating-seeds", "0"])
     res = written(out, ret)
     assert sorted(res["teachers"]) == ["dlrm", "foundation", "lightgbm"]
-    methods = {"none", "kd", "avg_kd", "taid", "talking", "diverse_distill"}
+    methods = {"none", "kd", "avg_kd", "taid", "talking", "diverse_distill", "dd_committee"}
     assert set(res["step_ms"]) == set(res["ratio_to_plain"]) == methods
     assert all(positive(v) for v in res["step_ms"].values()) and res["ratio_to_plain"]["none"] == 1.0
     g = res["gating"]

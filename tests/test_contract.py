@@ -120,11 +120,17 @@ def test_every_method_trains_from_every_teacher(fitted: dict, method: str) -> No
 
 
 def test_foundation_only_ablation_reads_the_declared_kind(fitted: dict) -> None:
-    """``complementary: false`` keeps the teachers whose class declares ``kind = "foundation"``."""
+    """The bench's sub-committees (``dd_foundation_only``) keep the teachers whose class declares
+    ``kind = "foundation"``; the old ``complementary: false`` switch says where it went."""
+    from appdistill.registry import kwargs_errors
+
     t = fitted["teachers"]
-    committee = {"a": t["lightgbm"], "b": t["foundation"], "c": t["dlrm"]}
-    m = METHODS.build("diverse_distill", {"complementary": False}, "method", committee=committee, student_dim=8)
-    assert list(m.names) == ["b"]
+    assert {n: t[n].kind for n in ("lightgbm", "foundation", "dlrm")} == {
+        "lightgbm": "complementary", "foundation": "foundation", "dlrm": "complementary"}
+    m = METHODS.build("diverse_distill", {"teachers": ["foundation"]}, "method", committee=t, student_dim=8)
+    assert list(m.names) == ["foundation"]
+    errs = kwargs_errors(METHODS.get("diverse_distill"), {"complementary": False}, "method.kwargs")
+    assert errs == ["method.kwargs.complementary: removed: list the teachers to keep under `teachers:` instead"]
 
 
 def test_text_columns_and_foundation_layers_encode_each_item_once(tmp_path: Path,

@@ -364,7 +364,7 @@ def test_export_after_diverse_distill_is_the_plain_student(tmp_path: Path) -> No
 
     teachers = {"lightgbm": {"key": "lightgbm", "kwargs": SMALL_LGB}, "dlrm": {"key": "dlrm", "kwargs": SMALL_DLRM}}
     cfg = load_config(tiny_config(tmp_path, teachers=teachers, method={
-        "key": "diverse_distill", "kwargs": {"top_k": 1, "committee_every": 2}}), ["train.epochs=1"])
+        "key": "diverse_distill", "kwargs": {"committee_path": {"top_k": 1, "every": 2}}}), ["train.epochs=1"])
     m = distill(cfg, tmp_path / "dd", progress=False)
     assert m["train"]["teacher_passes_skipped"] == pytest.approx(0.5)  # top-1 of 2 teachers
     ds = Dataset.build(cfg.load_spec())

@@ -31,7 +31,8 @@ def test_plain_student_trains_on_cuda_and_agrees_with_cpu(tmp_path: Path, monkey
 
 def test_diverse_distill_trains_on_cuda(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("APPDISTILL_DEVICE", "cuda")
-    cfg = load_config(tiny_config(tmp_path, method={"key": "diverse_distill", "kwargs": {"top_k": 2, "d_e": 8}},
+    cfg = load_config(tiny_config(tmp_path, method={"key": "diverse_distill",
+                                                           "kwargs": {"committee_path": {"top_k": 2, "d_e": 8}}},
                                   teachers={"lightgbm": {"key": "lightgbm", "kwargs": SMALL_LGB},
                                             "dlrm": {"key": "dlrm", "kwargs": SMALL_DLRM}}))
     m = distill(cfg, tmp_path / "run", progress=False)

@@ -125,13 +125,15 @@ def test_taid_loss_golden_and_t_sequence() -> None:
     assert s2.update(1.0, total - 1, total) == 1.0  # the linear floor reaches t_end
 
 
-def _dd(**kw):
-    return METHODS.build("diverse_distill", {"d_e": 8, **kw}, committee=COMMITTEE, student_dim=5)
+def _dd(committee_path: dict | bool = True, **kw):
+    """DiverseDistill on the fake committee; ``committee_path``: its fields (``d_e`` 8), ``True`` or ``False``."""
+    cp = {"d_e": 8, **(committee_path if isinstance(committee_path, dict) else {})} if committee_path else False
+    return METHODS.build("diverse_distill", {"committee_path": cp, **kw}, committee=COMMITTEE, student_dim=5)
 
 
 def test_diverse_distill_gating_skips_answers() -> None:
     torch.manual_seed(0)
-    m = _dd(top_k=2)
+    m = _dd({"top_k": 2, "lambda_kd": 0.5})
     model = nn.Module()
     model.over_arch = OverArch(5, [4])
     h = torch.randn(4, 5, requires_grad=True)
@@ -151,15 +153,14 @@ def test_diverse_distill_ablations() -> None:
     model = nn.Module()
     model.over_arch = OverArch(5, [4])
     h = torch.randn(4, 5)
-    m = _dd(gating=False)
+    m = _dd({"gating": False})
     m(StudentOutput(Z_S, h), make_batch(), model)
     assert m.skipped_fraction() == 0.0 and sum(m.answer_calls.values()) == 12
-    m = _dd(committee_path=False)
-    assert "bce_committee" not in m(StudentOutput(Z_S, h), make_batch(), model)
-    assert sum(m.answer_calls.values()) == 0
-    m = _dd(complementary=False)
-    assert m.names == ["foundation"]
-    m = _dd(questions=False, output_loss="taid")
+    m = _dd(False)  # the default: no committee path, no method parameters, no hidden taps read
+    assert set(m(StudentOutput(Z_S, h), make_batch(), model)) == {"bce", "kd_teachers"}
+    assert sum(m.answer_calls.values()) == 0 and not list(m.parameters())
+    assert _dd(teachers=["foundation"]).names == ["foundation"]
+    m = _dd({"questions": False}, output_loss="taid")
     terms = m(StudentOutput(Z_S, h), make_batch(), model)
     assert "taid_teachers" in terms
     m.on_step_end(torch.tensor(0.7), 0, 10)
@@ -172,7 +173,7 @@ def test_committee_rows_and_every_bound_where_answers_are_computed() -> None:
     model.over_arch = OverArch(5, [4])
     h = torch.randn(4, 5)
     # committee_rows: 2 of the 4 rows take the committee path, each asking top_k = 2 teachers
-    m = _dd(top_k=2, committee_rows=2)
+    m = _dd({"top_k": 2, "rows": 2})
     torch.manual_seed(3)
     terms = m(StudentOutput(Z_S, h), make_batch(), model)
     assert sum(m.answer_calls.values()) == 2 * 2 and m.skipped_fraction() == pytest.approx(1 / 3)
@@ -181,27 +182,28 @@ def test_committee_rows_and_every_bound_where_answers_are_computed() -> None:
     x = h[rows] + m.committee_message(h[rows], make_batch(), *m.importance(h[rows])[:2], rows)
     want = F.binary_cross_entropy_with_logits(model.over_arch(x), Y[rows])
     assert float(terms["bce_committee"]) == pytest.approx(float(want), abs=1e-6)
-    # the teacher KD still covers every row
-    full = _dd(top_k=2, committee_path=False)
-    full.load_state_dict(m.state_dict())
-    assert float(terms["kd_teachers"]) == pytest.approx(float(full(StudentOutput(Z_S, h), make_batch(), model)["kd_teachers"]))
+    # the teacher KD still covers every row: per-teacher KD weighted by the gate's softmax on all 4
+    probs = m.gate_probs(h).detach()
+    z_t = torch.stack([Z_A, Z_B, torch.zeros(4)], 1)
+    per = F.binary_cross_entropy_with_logits(Z_S.unsqueeze(1).expand_as(z_t), torch.sigmoid(z_t), reduction="none")
+    assert float(terms["kd_teachers"]) == pytest.approx(1.5 * float((probs * per).sum(1).mean()), abs=1e-5)
     # committee_every: the committee path (and the gate's training) runs on steps 0, 3, 6, ...
-    m = _dd(top_k=2, committee_every=3)
+    m = _dd({"top_k": 2, "every": 3})
     seen = [set(m(StudentOutput(Z_S, h), make_batch(), model)) for _ in range(4)]
     assert [("bce_committee" in t, "balance" in t) for t in seen] == [(True, True), (False, False), (False, False), (True, True)]
     assert all("kd_teachers" in t for t in seen) and sum(m.answer_calls.values()) == 2 * 4 * 2
-    resumed = _dd(top_k=2, committee_every=3)
+    resumed = _dd({"top_k": 2, "every": 3})
     resumed.load_state(m.state())                                             # the step count survives a resume
     assert [("bce_committee" in resumed(StudentOutput(Z_S, h), make_batch(), model)) for _ in range(3)] == [False, False, True]
-    with pytest.raises(ConfigError, match="committee_every"):
-        _dd(committee_every=0)
-    with pytest.raises(ConfigError, match="committee_rows"):
-        _dd(committee_rows=0)
+    with pytest.raises(ConfigError, match="committee_path.every"):
+        _dd({"every": 0})
+    with pytest.raises(ConfigError, match="committee_path.rows"):
+        _dd({"rows": 0})
 
 
 def test_diverse_distill_kd_term_golden() -> None:
     """With gating off (w uniform) the teacher term is the mean of per-teacher KD."""
-    m = _dd(gating=False, committee_path=False, lambda_t=1.0, teachers=["dlrm", "foundation"])
+    m = _dd(False, lambda_t=1.0, teachers=["dlrm", "foundation"])
     terms = m(StudentOutput(Z_S, torch.zeros(4, 5)), make_batch(), None)
     zs = Z_S.numpy()
     want = 0.5 * np_bce(zs, sig(Z_A.numpy())) + 0.5 * np_bce(zs, sig(Z_B.numpy()))
@@ -251,6 +253,7 @@ def test_leaf_state_is_the_mean_leaf_embedding_over_evenly_spaced_trees() -> Non
 
 def test_methods_declare_the_cache_taps_they_read() -> None:
     assert _dd().cache_taps() == {"dlrm": ["h"], "foundation": ["h"], "lightgbm": ["leaves"]}
+    assert _dd(False).cache_taps() == {"dlrm": [], "foundation": [], "lightgbm": []}  # the stack: logits only
     assert METHODS.build("kd", {"teacher": "dlrm"}, committee=COMMITTEE).cache_taps() == {"dlrm": []}
     talking = METHODS.build("talking", {}, committee=COMMITTEE, student_dim=5)
     assert talking.cache_taps()["lightgbm"] == ["leaves"]
@@ -263,7 +266,7 @@ def test_committee_grad_scales_what_the_committee_path_sends_into_the_student() 
         model.over_arch = OverArch(5, [4])
         h = torch.randn(4, 5, generator=torch.Generator().manual_seed(1), requires_grad=True)
         torch.manual_seed(2)
-        m = _dd(committee_grad=g)
+        m = _dd({"grad": g})
         terms = m(StudentOutput(Z_S.clone(), h), make_batch(), model)
         (terms["bce_committee"] + terms.get("balance", 0.0)).backward()
         return terms["bce_committee"].detach(), h.grad, model.over_arch.out.weight.grad, float(m.Q[0].weight.grad.abs().sum())
@@ -274,8 +277,8 @@ def test_committee_grad_scales_what_the_committee_path_sends_into_the_student() 
     assert torch.allclose(half[2], 0.5 * full[2], atol=1e-6)                       # over-arch: scaled
     assert none[1] is None and none[2] is None                                     # a teaching assistant
     assert none[3] > 0 and abs(none[3] - full[3]) < 1e-5 * max(1.0, full[3])       # the method learns alike
-    with pytest.raises(ConfigError, match="committee_grad"):
-        _dd(committee_grad=1.5)
+    with pytest.raises(ConfigError, match="committee_path.grad"):
+        _dd({"grad": 1.5})
 
 
 def test_uniform_kd_weights_imitate_every_teacher_alike() -> None:

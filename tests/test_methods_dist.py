@@ -35,8 +35,8 @@ def _worker(rank: int, world: int, init: str, out: str) -> None:
             ts.append(taid.schedule.t)
 
         torch.manual_seed(0)  # the same initial method weights on both ranks, as train() seeds them
-        dd = METHODS.build("diverse_distill", {"d_e": 8, "top_k": 2, "committee_every": 2, "committee_grad": 0.0,
-                                               "lambda_kd": 0.0, "kd_weights": "soft"},
+        dd = METHODS.build("diverse_distill", {"committee_path": {"d_e": 8, "top_k": 2, "every": 2, "grad": 0.0,
+                                                                  "lambda_kd": 0.0}, "kd_weights": "soft"},
                            committee=COMMITTEE, student_dim=5)
         init_params = torch.cat([p.detach().flatten() for p in dd.parameters()]).clone()
         ddp = nn.parallel.DistributedDataParallel(dd, find_unused_parameters=True)

@@ -20,16 +20,17 @@ def runs(tmp_path_factory: pytest.TempPathFactory):
     tmp = tmp_path_factory.mktemp("routing")
     (tmp / "spec.yaml").write_text(yaml.safe_dump(SPEC))
     (tmp / "c.yaml").write_text(yaml.safe_dump({**CONFIG, "train": {**CONFIG["train"], "epochs": 1}}))
-    ov = [f"teachers_dir={tmp / 't'}", "method.kwargs.committee_every=1"]
+    ov = [f"teachers_dir={tmp / 't'}", "method.kwargs.committee_path.every=1"]
     fit_committee(load_config(tmp / "c.yaml", ov), tmp / "t", progress=False)
-    routed = train(load_config(tmp / "c.yaml", [*ov, "method.kwargs.routing=true"]), tmp / "r", progress=False)
+    routed = train(load_config(tmp / "c.yaml", [*ov, "method.kwargs.committee_path.routing=true"]), tmp / "r",
+                   progress=False)
     plain = train(load_config(tmp / "c.yaml", ov), tmp / "p", progress=False)
-    return routed, plain
+    stack = train(load_config(tmp / "c.yaml", [f"teachers_dir={tmp / 't'}"]), tmp / "s", progress=False)
+    return routed, plain, stack
 
 
 def test_runs_report_gate_importance_per_item_segment(runs) -> None:
-    routed, plain = runs
-    for m in (routed, plain):
+    for m in runs:  # the committee path with and without routing, and the default (the stack alone)
         r = m["routing"]
         assert sorted(r["teachers"]) == ["dlrm", "lightgbm"]
         assert sum(r["overall"].values()) == pytest.approx(1.0, abs=1e-3)
@@ -52,7 +53,8 @@ def test_the_routed_gate_reads_teacher_logits_and_item_frequency() -> None:
         def head(self, tap):
             return torch.nn.Linear(4, 1)
 
-    dd = DiverseDistill({"a": T(), "b": T()}, student_dim=8, routing=True, item_frequency=np.array([0, 5, 50]))
+    dd = DiverseDistill({"a": T(), "b": T()}, student_dim=8, committee_path={"routing": True},
+                        item_frequency=np.array([0, 5, 50]))
     torch.nn.init.normal_(dd.V.weight)
 
     class B:
@@ -96,9 +98,11 @@ def test_routing_reports_each_teachers_share_of_the_distilled_target() -> None:
                         teacher={"a": SimpleNamespace(logits=torch.randn(5)),
                                  "b": SimpleNamespace(logits=torch.randn(5))})
     h = torch.randn(5, 8)
-    stacked = DiverseDistill({"a": T(), "b": T()}, student_dim=8, gating=False, kd_weights="stacked", held_out=held)
+    stacked = DiverseDistill({"a": T(), "b": T()}, student_dim=8, kd_weights="stacked", held_out=held)
     w = stacked.route_weights(h, b)
     assert torch.allclose(w.sum(1), torch.ones(5))
     assert (w[:, 0] > 0.9).all()  # the stack trusts the informative teacher, whatever the gate says
-    plain = DiverseDistill({"a": T(), "b": T()}, student_dim=8, gating=False, kd_weights="soft")
+    plain = DiverseDistill({"a": T(), "b": T()}, student_dim=8, kd_weights="uniform")
     assert torch.allclose(plain.route_weights(h, b), torch.full((5, 2), 0.5))
+    ungated = DiverseDistill({"a": T(), "b": T()}, student_dim=8, kd_weights="soft", committee_path={"gating": False})
+    assert torch.allclose(ungated.route_weights(h, b), torch.full((5, 2), 0.5))

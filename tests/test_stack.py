@@ -81,15 +81,15 @@ def test_diverse_distill_stacked_target() -> None:
     rng = np.random.default_rng(0)
     held = HeldOut({"dlrm": rng.normal(size=500), "foundation": rng.normal(size=500)},
                    (rng.random(500) < 0.5).astype(np.float32), rng.integers(0, 4, 500))
-    kw = {"d_e": 8, "teachers": ["dlrm", "foundation"], "kd_weights": "stacked", "lambda_t": 1.0}
-    m = METHODS.build("diverse_distill", {**kw, "gating": False, "committee_path": False}, committee=COMMITTEE,
+    kw = {"teachers": ["dlrm", "foundation"], "kd_weights": "stacked", "lambda_t": 1.0}
+    m = METHODS.build("diverse_distill", kw, committee=COMMITTEE,
                       student_dim=5, item_frequency=np.array([10, 10, 10, 10]), held_out=held)
     terms = m(StudentOutput(Z_S, torch.zeros(4, 5)), make_batch(), None)
     z_c = m.stack(torch.stack([Z_A, Z_B], 1), torch.arange(4)).numpy()  # batch item ids 0..3
     assert float(terms["kd_teachers"]) == pytest.approx(np_bce(Z_S.numpy(), sig(z_c)), abs=1e-6)
     assert float(terms["bce"]) == pytest.approx(np_bce(Z_S.numpy(), Y.numpy()), abs=1e-6)
     # gated: the gate's importance modulates the stack per sample; still one finite target
-    g = METHODS.build("diverse_distill", kw, committee=COMMITTEE, student_dim=5,
+    g = METHODS.build("diverse_distill", {**kw, "committee_path": {"d_e": 8}}, committee=COMMITTEE, student_dim=5,
                       item_frequency=np.array([10, 10, 10, 10]), held_out=held)
     from torch import nn
 
@@ -118,9 +118,13 @@ def test_auto_kd_weights_stack_when_the_held_out_outputs_are_there() -> None:
     rng = np.random.default_rng(0)
     held = HeldOut({"dlrm": rng.normal(size=200), "foundation": rng.normal(size=200)},
                    (rng.random(200) < 0.5).astype(np.float32), rng.integers(0, 4, 200))
-    kw = {"d_e": 8, "teachers": ["dlrm", "foundation"]}  # kd_weights: auto, the default
+    kw = {"teachers": ["dlrm", "foundation"]}  # kd_weights: auto, the default
     with_held = METHODS.build("diverse_distill", kw, committee=COMMITTEE, student_dim=5,
                               item_frequency=np.array([10, 10, 10, 10]), held_out=held)
     without = METHODS.build("diverse_distill", kw, committee=COMMITTEE, student_dim=5)
     assert with_held.kd_weights == "stacked" and with_held.stack is not None
-    assert without.kd_weights == "soft" and without.stack is None
+    assert without.kd_weights == "uniform" and without.stack is None  # no stack, no gate: the mean KD
+    path = METHODS.build("diverse_distill", {**kw, "committee_path": {"d_e": 8}}, committee=COMMITTEE, student_dim=5)
+    assert path.kd_weights == "soft"  # the committee path's gate weighs the teachers
+    with pytest.raises(ConfigError, match="committee path's gate"):
+        METHODS.build("diverse_distill", {**kw, "kd_weights": "soft"}, committee=COMMITTEE, student_dim=5)

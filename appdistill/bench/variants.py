@@ -5,7 +5,7 @@ the same number of settings each); an ablation is not tuned: it takes the settin
 ``follows`` method and flips one switch, so the ablation measures the switch and nothing else.
 
 Example:
-    >>> VARIANTS["dd_no_gating"].follows
+    >>> VARIANTS["dd_committee"].follows
     'diverse_distill'
 """
 
@@ -45,35 +45,33 @@ VARIANTS: dict[str, Variant] = {
     "avg_kd": Variant("avg_kd", doc="KD towards the mean committee probability"),
     "taid": Variant("taid", {"teacher": BEST}, doc="TAID from the best single teacher on validation"),
     "talking": Variant("talking", doc="Talking Models (message passing through teachers' heads)"),
-    "diverse_distill": Variant("diverse_distill", doc="the teaching committee"),
-    "dd_no_gating": Variant("diverse_distill", {"gating": False}, "diverse_distill",
-                            doc="DiverseDistill, every teacher answers every sample"),
-    "dd_no_questions": Variant("diverse_distill", {"questions": False}, "diverse_distill",
-                               doc="DiverseDistill, answers without questions"),
-    "dd_no_committee_path": Variant("diverse_distill", {"committee_path": False}, "diverse_distill",
-                                    doc="DiverseDistill without the committee path"),
-    "dd_routing": Variant("diverse_distill", {"routing": True}, "diverse_distill",
-                          doc="DiverseDistill whose gate also reads teachers' confidences, disagreement, item frequency"),
-    "dd_stacked": Variant("diverse_distill", {"kd_weights": "stacked"}, "diverse_distill",
-                          doc="DiverseDistill distilling the committee's held-out stack (per-segment teacher "
-                              "weights fitted on validation), modulated per sample by the gate"),
-    "dd_stack_only": Variant("diverse_distill", {"kd_weights": "stacked", "gating": False}, "diverse_distill",
-                             doc="DiverseDistill distilling the held-out stack alone (no per-sample gate)"),
+    "diverse_distill": Variant("diverse_distill", doc="the teaching committee, distilled through its held-out stack"),
+    "dd_committee": Variant("diverse_distill", {"committee_path": True}, "diverse_distill",
+                            doc="DiverseDistill with the committee path: questions, answers, a per-sample gate "
+                                "modulating the stack (the default until this release)"),
+    "dd_no_stack": Variant("diverse_distill", {"kd_weights": "uniform"}, "diverse_distill",
+                           doc="DiverseDistill without the held-out stack: the mean of per-teacher KD"),
+    "dd_soft": Variant("diverse_distill", {"committee_path": True, "kd_weights": "soft"}, "diverse_distill",
+                       doc="the committee path's gate weighting per-teacher KD, no stack (two releases ago)"),
+    "dd_no_questions": Variant("diverse_distill", {"committee_path": {"questions": False}}, "diverse_distill",
+                               doc="dd_committee, answers without questions"),
+    "dd_routing": Variant("diverse_distill", {"committee_path": {"routing": True}}, "diverse_distill",
+                          doc="dd_committee whose gate also reads teachers' confidences, disagreement, item frequency"),
     "dd_taid": Variant("diverse_distill", {"output_loss": "taid"}, "diverse_distill",
-                       doc="DiverseDistill with TAID as the teacher term"),
+                       doc="DiverseDistill with TAID towards the stack as the teacher term"),
     "dd_foundation_only": Variant("diverse_distill", {}, "diverse_distill", teachers="foundation",
                                   doc="DiverseDistill with the foundation teachers only"),
     "dd_complementary_only": Variant("diverse_distill", {}, "diverse_distill", teachers="complementary",
                                      doc="DiverseDistill with the complementary teachers only"),
 }
 # the transfer-set ablation of each distillation method: its chosen setting plus a transfer set
-for _m in ("kd", "avg_kd", "taid", "diverse_distill", "dd_stacked", "dd_stack_only"):
+for _m in ("kd", "avg_kd", "taid", "diverse_distill", "dd_committee"):
     VARIANTS[f"{_m}+transfer"] = Variant(VARIANTS[_m].key, VARIANTS[_m].kwargs, _m,
                                          config={"transfer.enabled": True},
                                          doc=f"{_m} with a transfer set (config `transfer:`; ratio as configured)")
 
 # the content-table ablation: the method's chosen setting, the student carrying per-item content vectors
-for _m in ("none", "kd", "avg_kd", "taid", "diverse_distill", "dd_stacked", "dd_stack_only"):
+for _m in ("none", "kd", "avg_kd", "taid", "diverse_distill", "dd_committee"):
     VARIANTS[f"{_m}+content"] = Variant(VARIANTS[_m].key, VARIANTS[_m].kwargs, _m,
                                         config={"student.content.enabled": True},
                                         doc=f"{_m}, the student with a content table (config `student.content`)")
@@ -86,8 +84,8 @@ for _m in ("dd_foundation_only", "dd_complementary_only"):
 # both: the student's content table and a transfer set. Transfer rows draw half their items uniformly
 # over the catalogue, so items no training row shows get teacher labels, and with a content table
 # the student has a feature (the item's vectors) through which those labels can reach such items
-for _m in ("none", "kd", "avg_kd", "taid", "diverse_distill", "dd_stacked", "dd_stack_only",
-           "dd_foundation_only", "dd_complementary_only"):
+for _m in ("none", "kd", "avg_kd", "taid", "diverse_distill", "dd_committee", "dd_foundation_only",
+           "dd_complementary_only"):
     _c = VARIANTS[f"{_m}+content"]
     VARIANTS[f"{_m}+content+transfer"] = Variant(_c.key, _c.kwargs, _c.follows or _m, teachers=_c.teachers,
                                                  config={**_c.config, "transfer.enabled": True},
@@ -106,7 +104,7 @@ def grid_points(key: str, budget: int | None = None) -> list[dict[str, Any]]:
 
 def ordered(names: list[str]) -> list[str]:
     """``names`` with every ablation after the variant it follows (added if missing, and so on up the
-    chain: ``dd_stack_only+content`` follows ``dd_stack_only``, which follows ``diverse_distill``)."""
+    chain: ``dd_committee+content`` follows ``dd_committee``, which follows ``diverse_distill``)."""
     out: list[str] = []
 
     def add(n: str) -> None:

@@ -323,7 +323,7 @@ class LazyTaps(Mapping[str, torch.Tensor]):
     """A batch's hidden taps, each gathered from the cache the first time a consumer reads it.
 
     Why: a method may read hidden states on some steps only (DiverseDistill's committee path runs on
-    every ``committee_every``-th step): gathering them for every batch would read 8x the bytes it
+    every ``committee_path.every``-th step): gathering them for every batch would read 8x the bytes it
     uses. The rows are fixed when the batch is built, so a late read returns what an eager one would.
 
     Args:

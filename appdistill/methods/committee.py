@@ -11,11 +11,57 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from appdistill.errors import ConfigError
 from appdistill.features.batch import Batch
 from appdistill.teachers.base import Head
+
+
+class CommitteePath(BaseModel):
+    """DiverseDistill's committee path (``method.kwargs.committee_path``: ``false``, ``true`` or a map of
+    these fields): teacher-conditioned questions from the student state, answers through each
+    teacher's frozen head, and the per-sample importance gate they train, which then modulates the
+    teacher KD. Off by default (README, "Methods": on no regime measured did it beat the held-out stack
+    alone); these fields are its internals, with the measured defaults.
+
+    Args:
+        every: run the path on every k-th training step (its cost is per-op overhead that fewer rows
+            do not shrink; the gate's softmax still weights the KD in between).
+        rows: rows of a batch that take the path, drawn at random per step (``None`` = all).
+        grad: scale of the gradient the path sends into the student (``0``: a teaching assistant that
+            trains only the method's modules; ``1``: the path also trains the student).
+        lambda_kd: weight of distilling the path's own logit ``z_qa`` into the student.
+        gating: per-sample importance with top-k skipping (``false``: every teacher answers, uniform).
+        top_k / threshold: keep the ``top_k`` most important teachers per sample (default ``n - 1``),
+            or those with importance ``>= threshold`` (the most important always kept).
+        questions: ``false``: answers ``head_i(H_i)`` without a question (ablation).
+        routing: the gate also reads each teacher's cached logit, its distance from the committee
+            mean and the row's item training frequency (log-scaled, plus a cold flag).
+        d_e: teacher-embedding / question width.  tau: gate temperature.
+        lambda_lb: weight of the load-balancing term.
+        leaf_dim / leaf_trees: GBDT leaf-embedding width and trees in the leaf state (:class:`TeacherPort`).
+        taps: ``{teacher: tap}`` overrides of the hidden tap each teacher answers from.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    every: int = Field(8, ge=1)
+    rows: int | None = Field(None, ge=1)
+    grad: float = Field(0.0, ge=0, le=1)
+    lambda_kd: float = Field(0.0, ge=0)
+    gating: bool = True
+    top_k: int | None = Field(None, ge=1)
+    threshold: float | None = Field(None, ge=0, le=1)
+    questions: bool = True
+    routing: bool = False
+    d_e: int = Field(32, ge=1, le=4096)
+    tau: float = Field(1.0, gt=0, le=100)
+    lambda_lb: float = Field(0.01, ge=0)
+    leaf_dim: int = Field(32, ge=1, le=4096)
+    leaf_trees: int | None = Field(32, ge=1)
+    taps: dict[str, str] | None = None
 
 
 class TeacherPort(nn.Module):

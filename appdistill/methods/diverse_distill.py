@@ -1,25 +1,26 @@
-"""``diverse_distill``: the teaching committee with questions, answers and per-sample importance.
+"""``diverse_distill``: the teaching committee distilled through its held-out stack, optionally with
+the committee path of questions, answers and per-sample importance.
 
-Our concrete reading of DiverseDistill (arXiv 2402.14035). For student state ``h``
-``[B, d_s]`` (the over-arch input) and teachers ``i = 1..n``:
+Our reading of DiverseDistill (arXiv 2402.14035), reduced to the parts the benchmark shows matter.
+For student logit ``z_s`` ``[B]``, state ``h`` ``[B, d_s]`` and teachers ``i = 1..n`` with cached
+logits ``z_i``:
 
-1. teacher embeddings ``E`` ``[n, d_e]``;
-2. question ``q_i = P_i(Q(h) ⊙ e_i)`` ``[B, d_i]`` — one shared question augmenter ``Q: d_s -> d_e``,
-   conditioned on the teacher by ``e_i`` and projected to teacher ``i``'s hidden width by ``P_i``
-   (the product is taken in the shared ``d_e`` space so one ``Q`` serves teachers of any width);
-3. answer ``a_i = head_i(H_i + q_i)`` from the cached hidden tap ``H_i`` through the teacher's own
-   frozen upper layers (DLRM over-arch, foundation adapting layers), or a learned answer MLP over
-   ``[H_i ; q_i]`` when it has none (LightGBM: ``H_i`` = learned leaf embeddings);
-4. answer augmenter ``ã_i = LN(A_i(a_i))`` ``[B, d_s]``;
-5. importance ``w = softmax(⟨W h, E⟩ / τ)`` ``[B, n]``; only the top-k (or ``w_i >= θ``) teachers
-   of each sample are kept, **before** answers are computed, so skipped answers cost nothing;
-   a load-balancing term ``n·Σ_i f_i·P_i`` keeps the gate from collapsing;
-6. committee path ``z_qa = over_arch(h + Σ_i w_i ã_i)`` through the student's own over-arch;
-7. loss ``BCE(z_s, y) + BCE(z_qa, y) + λ_kd·T²·BCE(z_s/T, σ(sg(z_qa)/T)) + λ_t·Σ_i w_i·KD(z_s, z_i)``
-   (or TAID towards the gated committee logit with ``output_loss: taid``).
+- **Default**: the student distils one target, the committee's *held-out stack*
+  ``z* = b_s + Σ_i a_{s,i} z_i`` (:mod:`appdistill.methods.stack`: per item segment ``s``, fitted
+  on the validation split, which no teacher trained on), so each teacher teaches where it is
+  really good: ``loss = BCE(z_s, y) + λ_t·T²·BCE(z_s/T, σ(z*/T))``.
+- **The committee path** (``committee_path: true`` or a map of
+  :class:`~appdistill.methods.committee.CommitteePath` fields; off by default):
 
-Steps 2-4 and 6 (the committee path) cost several student steps; ``committee_every`` runs them on
-every k-th training step only and ``committee_rows`` on a random subset of each batch's rows.
+  1. teacher embeddings ``E`` ``[n, d_e]``; question ``q_i = P_i(Q(h) ⊙ e_i)`` ``[B, d_i]``;
+  2. answer ``a_i = head_i(H_i + q_i)`` from the cached hidden tap ``H_i`` through the teacher's
+     frozen upper layers, or a learned answer MLP over ``[H_i ; q_i]`` when it has none (LightGBM:
+     learned leaf embeddings); answer augmenter ``ã_i = LN(A_i(a_i))`` ``[B, d_s]``;
+  3. importance ``w = softmax(⟨W h, E⟩ / τ)`` ``[B, n]``, top-k applied **before** answers are
+     computed (skipped answers cost nothing), a load-balancing term against collapse;
+  4. ``z_qa = over_arch(h + Σ_i w_i ã_i)`` through the student's own over-arch, trained with
+     ``BCE(z_qa, y)``; the gate's importance modulates the teacher KD (the stack's weights become
+     ``a_{s,i} · n·w_i(x)``). It costs several student steps, so it runs on every ``every``-th step.
 
 Everything here is training-only: export keeps the plain student.
 """
@@ -30,12 +31,13 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from pydantic import ValidationError
 from torch import nn
 
 from appdistill.errors import ConfigError
 from appdistill.features.batch import Batch
 from appdistill.methods.base import METHODS, Method, label_bce
-from appdistill.methods.committee import build_ports
+from appdistill.methods.committee import CommitteePath, build_ports
 from appdistill.methods.stack import HeldOut, SegmentStack
 from appdistill.methods.taid import TAIDSchedule, global_mean, taid_loss
 from appdistill.student.model import RankingModel, StudentOutput
@@ -44,110 +46,81 @@ from appdistill.student.model import RankingModel, StudentOutput
 
 @METHODS.register("diverse_distill")
 class DiverseDistill(Method):
-    """The defaults are the setting the shipped regime configs use (committee path as a teaching
-    assistant, soft importance weights on the teacher KD, the committee path every 8th step); the
-    bench tunes ``lambda_t`` and ``temperature`` around it (:attr:`grid`).
+    """The defaults are the setting the shipped regime configs use (the held-out stack, no committee
+    path), chosen on validation across regimes (README, "Methods"); the bench tunes ``lambda_t`` and
+    ``temperature`` around it (:attr:`grid`).
 
     Args:
         committee: ``{name: Teacher}``.
         student_dim: ``d_s`` (width of ``h``), supplied by the training loop.
         teachers: committee members to use (default: all).
-        complementary: keep LightGBM/DLRM teachers (``False`` = foundation-only ablation).
-        gating: per-sample importance with skipping (``False`` = every teacher answers, w uniform).
-        top_k / threshold: keep the ``top_k`` most important teachers per sample, or those with
-            ``w_i >= threshold`` (the most important is always kept).
-        questions: ``False`` = plain answers ``head_i(H_i)`` (no question) ablation.
-        committee_path: ``False`` = drop ``z_qa`` and its terms (ablation).
-        committee_grad: scale of the gradient the committee terms send into the student (``h`` and
-            the over-arch); the forward is unchanged. ``0`` makes the committee path a teaching
-            assistant: it trains only the method's modules, and the student learns from it through
-            ``kd_committee`` alone, so the student's state is not bent towards what helps *with* the
-            teachers' answers (which the served model never has). (It replaces an earlier
-            ``committee_trains_over_arch`` switch, whose only effect is the ``0`` end of this scale.)
-        d_e: teacher-embedding / question width.
-        tau: gate temperature.
-        lambda_kd, lambda_t, lambda_lb: weights of the committee-KD, teacher-KD and balance terms.
+        lambda_t: weight of the teacher term.
         temperature: KD temperature ``T``.
-        output_loss: ``kd`` or ``taid`` for the teacher term.
-        kd_weights: how the teacher term weighs the teachers' cached logits: ``gated`` (the top-k
-            weights ``w``), ``soft`` (the ungated importance ``softmax``: cached logits cost nothing
-            to read, so only *answers* need skipping, and every teacher keeps teaching each sample),
-            ``uniform`` (``1/n``: the gate and committee path then shape the student's state, not
-            whom it imitates) or ``stacked``: one target, the committee's held-out stack
-            ``z* = b_s + Σ_i a_{s,i} · n·p_i(x) · z_i`` (:mod:`appdistill.methods.stack`: per item
-            segment ``s``, ``a, b`` fitted on the validation split, which no teacher trained on),
-            the gate's ungated importance ``p`` modulating it per sample (with ``gating: false`` it
-            is the stack itself). ``auto`` (the default): ``stacked`` when the committee's
-            validation outputs are supplied (training through the pipeline), else ``soft``.
-        committee_rows: rows of each batch that take the committee path (questions, answers,
-            ``z_qa``), drawn at random per step; ``None`` = all. The gate's importance and the
-            teacher KD still cover every row. Answers run teachers' frozen heads and the answer
-            nets forward and backward, several times the student's own step at full batch; with
-            ``committee_grad: 0`` the path only trains the method's modules (the gate first), and a
-            random quarter of each batch trains them about as well (README, "Step cost").
-        committee_every: run the committee path on every k-th training step only (the gate, the
-            teacher KD and the balance term still run every step): its cost is mostly per-op
-            overhead that fewer rows do not shrink, so this is the lever that amortises it.
-        taps: ``{teacher: tap}`` overrides of the hidden tap each teacher answers from.
-        leaf_dim / leaf_trees: GBDT leaf-embedding width and trees (evenly spaced) in the leaf state
-            (:class:`~appdistill.methods.committee.TeacherPort`; ``None`` = every tree).
-        routing: the gate also reads what routing needs, not only ``h``: each teacher's cached
-            logit (its confidence), its distance from the committee mean (disagreement), and the
-            row's item training frequency (log-scaled, plus a cold flag). ``w = softmax(⟨W h + V r,
-            E⟩ / τ)`` with ``r`` ``[B, 2n + 2]``, no gradient into ``r``.
+        kd_weights: what the teacher term distils: ``stacked`` (one target, the held-out stack
+            ``z*``; with the committee path, its weights modulated per sample by the gate,
+            ``a_{s,i} · n·p_i(x)``), ``uniform`` (the mean of per-teacher KD), and with the committee
+            path ``soft`` (per-teacher KD weighted by the gate's ungated importance) or ``gated``
+            (by its top-k weights). ``auto`` (the default): ``stacked`` when the loop supplies the
+            committee's validation outputs (training through the pipeline), else ``soft`` with the
+            committee path and ``uniform`` without.
+        output_loss: ``kd`` or ``taid`` (TAID towards the target, ``taid:`` its schedule).
+        committee_path: ``false`` (default), ``true`` or a map of
+            :class:`~appdistill.methods.committee.CommitteePath` fields.
         item_frequency: ``[n_item_codes]`` training rows per item code (supplied by the loop).
         held_out: the committee's cached validation logits and labels
             (:class:`~appdistill.methods.stack.HeldOut`, supplied by the loop; ``stacked`` needs it).
+
+    Example:
+        >>> m = METHODS.build("diverse_distill", {"committee_path": {"every": 4}}, committee=teachers,
+        ...                   student_dim=64)  # doctest: +SKIP
     """
 
     # lambda_t 1 / 4: the same teacher-KD-to-label ratios as kd's alpha 0.5 / 0.8
     grid = {"lambda_t": [1.0, 4.0], "temperature": [1.0, 2.0]}
 
-    kwarg_ranges = {"top_k": {"ge": 1}, "threshold": {"ge": 0, "le": 1}, "committee_grad": {"ge": 0, "le": 1},
-                    "d_e": {"ge": 1, "le": 4096}, "tau": {"gt": 0, "le": 100}, "lambda_kd": {"ge": 0},
-                    "lambda_t": {"ge": 0}, "lambda_lb": {"ge": 0}, "temperature": {"gt": 0, "le": 100},
-                    "leaf_dim": {"ge": 1, "le": 4096}, "leaf_trees": {"ge": 1}, "committee_rows": {"ge": 1},
-                    "committee_every": {"ge": 1}}
+    kwarg_ranges = {"lambda_t": {"ge": 0}, "temperature": {"gt": 0, "le": 100}}
+    #: kwargs of earlier releases, and where they went (config errors say so)
+    moved_kwargs = {
+        **{old: f"moved to committee_path.{new} (the committee path's settings are one map now)"
+           for old, new in (("gating", "gating"), ("top_k", "top_k"), ("threshold", "threshold"),
+                            ("questions", "questions"), ("committee_grad", "grad"), ("d_e", "d_e"), ("tau", "tau"),
+                            ("lambda_kd", "lambda_kd"), ("lambda_lb", "lambda_lb"), ("taps", "taps"),
+                            ("leaf_dim", "leaf_dim"), ("leaf_trees", "leaf_trees"), ("committee_rows", "rows"),
+                            ("committee_every", "every"), ("routing", "routing"))},
+        "complementary": "removed: list the teachers to keep under `teachers:` instead",
+    }
 
     def __init__(self, committee: dict[str, Any] | None = None, student_dim: int = 0,
-                 teachers: list[str] | None = None, complementary: bool = True, gating: bool = True,
-                 top_k: int | None = None, threshold: float | None = None, questions: bool = True,
-                 committee_path: bool = True,
-                 committee_grad: float = 0.0, d_e: int = 32,
-                 tau: float = 1.0, lambda_kd: float = 0.0,
-                 lambda_t: float = 1.5, lambda_lb: float = 0.01, temperature: float = 1.0,
-                 output_loss: str = "kd", taps: dict[str, str] | None = None, leaf_dim: int = 32,
-                 leaf_trees: int | None = 32, taid: dict[str, float] | None = None,
-                 kd_weights: str = "auto", committee_rows: int | None = None,
-                 committee_every: int = 8, routing: bool = False,
+                 teachers: list[str] | None = None, lambda_t: float = 1.5, temperature: float = 1.0,
+                 kd_weights: str = "auto", output_loss: str = "kd", taid: dict[str, float] | None = None,
+                 committee_path: bool | CommitteePath = False,
                  item_frequency: Any = None, held_out: HeldOut | None = None) -> None:
         super().__init__(committee)
         committee = committee or {}
         names = self.pick(teachers)
-        if not complementary:
-            names = [n for n in names if committee[n].kind != "complementary"]
-            if not names:
-                raise ConfigError("diverse_distill: complementary=false leaves no (foundation) teacher")
         if output_loss not in ("kd", "taid"):
             raise ConfigError(f"diverse_distill: output_loss must be 'kd' or 'taid', got '{output_loss}'")
-        if student_dim <= 0:
-            raise ConfigError("diverse_distill: student_dim must be supplied (the width of h)")
         self.names, self.requires = names, tuple(names)
         n = len(names)
-        self.gating, self.questions, self.committee_path = gating, questions, committee_path
-        if not 0.0 <= committee_grad <= 1.0:
-            raise ConfigError(f"diverse_distill: committee_grad must be in [0, 1], got {committee_grad}")
-        self.committee_grad = committee_grad
-        self.top_k = top_k if top_k is not None else (max(1, n - 1) if threshold is None else None)
-        self.threshold = threshold
-        self.tau, self.T = tau, temperature
-        self.lambda_kd, self.lambda_t, self.lambda_lb = lambda_kd, lambda_t, lambda_lb
-        self.output_loss = output_loss
+        if isinstance(committee_path, dict):
+            try:
+                committee_path = CommitteePath.model_validate(committee_path)
+            except ValidationError as e:
+                bad = "; ".join(f"committee_path.{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())
+                raise ConfigError(f"diverse_distill: {bad}") from None
+        cp = CommitteePath() if committee_path is True else committee_path or None
+        self.path: CommitteePath | None = cp
+        self.committee_path = cp is not None
+        self.gating = bool(cp and cp.gating)
+        self.T, self.lambda_t, self.output_loss = temperature, lambda_t, output_loss
         if kd_weights not in ("auto", "gated", "soft", "uniform", "stacked"):
             raise ConfigError(f"diverse_distill: kd_weights must be 'auto', 'gated', 'soft', 'uniform' or 'stacked', "
                               f"got '{kd_weights}'")
-        if kd_weights == "auto":  # the stack where the loop supplies the held-out outputs, else soft
-            kd_weights = "stacked" if held_out is not None else "soft"
+        if kd_weights == "auto":  # the stack where the loop supplies the held-out outputs
+            kd_weights = "stacked" if held_out is not None else ("soft" if cp else "uniform")
+        if kd_weights in ("soft", "gated") and not cp:
+            raise ConfigError(f"diverse_distill: kd_weights '{kd_weights}' weighs the teachers by the committee "
+                              "path's gate; set committee_path: true, or use 'stacked' / 'uniform'")
         self.kd_weights = kd_weights
         self.stack: SegmentStack | None = None
         if kd_weights == "stacked":
@@ -156,16 +129,17 @@ class DiverseDistill(Method):
                                   "validation outputs; train through appdistill.pipeline (`appdistill train`), "
                                   "which supplies them")
             self.stack = SegmentStack.fit(held_out, names, item_frequency)
-        if committee_rows is not None and committee_rows < 1:
-            raise ConfigError(f"diverse_distill: committee_rows must be >= 1 or null, got {committee_rows}")
-        self.committee_rows = committee_rows
-        if committee_every < 1:
-            raise ConfigError(f"diverse_distill: committee_every must be >= 1, got {committee_every}")
-        self.committee_every = committee_every
-        self._calls = 0  # training forwards so far (committee_every counts them; checkpointed)
+        self._calls = 0  # training forwards so far (the path's `every` counts them; checkpointed)
         self.schedule = TAIDSchedule(**(taid or {})) if output_loss == "taid" else None
-
-        self.ports = build_ports(committee, names, taps, leaf_dim, leaf_trees)
+        self._kept = self._total = 0
+        self.answer_calls = {k: 0 for k in names}  # rows answered per teacher (tests count these)
+        if cp is None:
+            return  # logits only: no ports, no gate, the cache join reads no hidden tap
+        if student_dim <= 0:
+            raise ConfigError("diverse_distill: student_dim must be supplied (the width of h)")
+        self.top_k = cp.top_k if cp.top_k is not None else (max(1, n - 1) if cp.threshold is None else None)
+        self.ports = build_ports(committee, names, cp.taps, cp.leaf_dim, cp.leaf_trees)
+        d_e = cp.d_e
         self.E = nn.Parameter(torch.randn(n, d_e) * 0.1)              # teacher embeddings
         self.W = nn.Linear(student_dim, d_e, bias=False)                # gate query
         # ReLU, not GELU: erf-GELU was ~10% of the method's CPU step at these widths
@@ -179,15 +153,16 @@ class DiverseDistill(Method):
             k: nn.Sequential(nn.Linear(64 if k in self.answer_net else p.answer_dim, student_dim),
                              nn.LayerNorm(student_dim))
             for k, p in self.ports.items()})
-        self.routing = routing
-        if routing:
+        if cp.routing:
             freq = torch.as_tensor(item_frequency if item_frequency is not None else [], dtype=torch.float32)
             self.register_buffer("item_freq", torch.log1p(freq) / max(float(torch.log1p(freq).max()), 1.0)
                                  if freq.numel() else freq, persistent=False)
             self.V = nn.Linear(2 * n + 2, d_e, bias=False)               # routing features -> gate query
             nn.init.zeros_(self.V.weight)  # starts as the plain gate; learns to route from there
-        self.answer_calls = {k: 0 for k in names}  # rows answered per teacher (tests count these)
-        self._kept = self._total = 0
+
+    def logits(self, batch: Batch) -> torch.Tensor:
+        """The teachers' cached logits ``[B, n]``."""
+        return torch.stack([batch.teacher[n].logits.float() for n in self.names], 1)
 
     # ------------------------------------------------------------------ gate
     def importance(self, h: torch.Tensor, r: torch.Tensor | None = None
@@ -198,8 +173,8 @@ class DiverseDistill(Method):
         if not self.gating:
             keep = torch.ones_like(probs, dtype=torch.bool)
             return torch.full_like(probs, 1.0 / probs.shape[1]), keep, probs
-        if self.threshold is not None:
-            keep = probs >= self.threshold
+        if self.path.threshold is not None:
+            keep = probs >= self.path.threshold
             keep |= F.one_hot(probs.argmax(1), probs.shape[1]).bool()
         else:
             k = min(self.top_k or probs.shape[1], probs.shape[1])
@@ -214,11 +189,11 @@ class DiverseDistill(Method):
         logits = F.linear(h, self.E @ self.W.weight)
         if r is not None:
             logits = logits + F.linear(r, self.E @ self.V.weight)
-        return torch.softmax(logits / self.tau, dim=1)
+        return torch.softmax(logits / self.path.tau, dim=1)
 
     def route_features(self, batch: Batch, z_t: torch.Tensor) -> torch.Tensor | None:
-        """``r`` ``[B, 2n + 2]`` (see ``routing``), or None without routing."""
-        if not self.routing:
+        """``r`` ``[B, 2n + 2]`` (see ``CommitteePath.routing``), or None without routing."""
+        if self.path is None or not self.path.routing:
             return None
         z = z_t.detach()
         feats = [torch.tanh(z / 4), torch.tanh((z - z.mean(1, keepdim=True)).abs() / 4)]
@@ -236,7 +211,7 @@ class DiverseDistill(Method):
         the held-out stack ``|a_{s,i} · n·p_i| / Σ_j |a_{s,j} · n·p_j|``, its segment's weights
         modulated by the gate. Not the raw gate: without gating (or with ``uniform``) the gate's
         softmax weights nothing, and reporting it would show a routing that does not happen."""
-        z_t = torch.stack([self.ports[n].logit(batch) for n in self.names], 1)
+        z_t = self.logits(batch)
         n = len(self.names)
         if self.kd_weights == "uniform" or not self.gating:
             wd = torch.full_like(z_t, 1.0 / n)
@@ -257,7 +232,7 @@ class DiverseDistill(Method):
         ``h``, ``w``, ``keep`` hold the committee rows; ``rows`` are their batch indices (None = all).
         """
         msg = torch.zeros_like(h)
-        qh = self.Q(h) if self.questions else None
+        qh = self.Q(h) if self.path.questions else None
         for j, name in enumerate(self.names):
             idx = keep[:, j].nonzero(as_tuple=True)[0]
             if idx.numel() == 0:
@@ -275,53 +250,22 @@ class DiverseDistill(Method):
 
     def committee_subset(self, n: int, device: torch.device) -> torch.Tensor | None:
         """Sorted batch rows that take the committee path this step (None = all ``n``)."""
-        if self.committee_rows is None or self.committee_rows >= n or not self.training:
+        k = self.path.rows
+        if k is None or k >= n or not self.training:
             return None
         # torch's global RNG: seeded by train() and restored on resume
-        return torch.randperm(n, device=device)[: self.committee_rows].sort().values
+        return torch.randperm(n, device=device)[:k].sort().values
 
     # ------------------------------------------------------------------ loss
     def forward(self, out: StudentOutput, batch: Batch, model: RankingModel) -> dict[str, torch.Tensor]:
-        h, z_s, y = out.h, out.logits, batch.labels
-        g = self.committee_grad if self.committee_path else 1.0
-        h_c = scale_grad(h, g)  # what the method's modules read of the student
-        run_committee = self.committee_path and (not self.training or self._calls % self.committee_every == 0)
-        self._calls += int(self.training)
-        # between committee steps nothing trains the gate (its weights on the teacher KD are
-        # detached), so it runs without a graph and the balance term waits for the next one
-        train_gate = run_committee or not self.committee_path
-        z_t = torch.stack([self.ports[n].logit(batch) for n in self.names], 1)  # [B, n]
-        r = self.route_features(batch, z_t)
-        if train_gate or (self.gating and self.kd_weights == "gated"):
-            with torch.set_grad_enabled(train_gate and torch.is_grad_enabled()):
-                w, keep, probs = self.importance(h_c, r)
-        else:  # the teacher KD reads only the ungated importance (or none): skip the top-k
-            with torch.no_grad():
-                probs = self.gate_probs(h_c, r)
+        z_s, y = out.logits, batch.labels
+        z_t = self.logits(batch)  # [B, n]
         terms = {"bce": label_bce(z_s, y)}
-        if run_committee:
-            rows = self.committee_subset(h.shape[0], h.device)
-            sub = (lambda t: t) if rows is None else (lambda t: t.index_select(0, rows))
-            kept = sub(keep)
-            self._kept += int(kept.sum())
-            self._total += kept.numel()
-            x = sub(h_c) + self.committee_message(sub(h_c), batch, sub(w), kept, rows)
-            if g == 1.0:
-                z_qa = model.over_arch(x)
-            else:
-                weights = {k: scale_grad(v, g) for k, v in model.over_arch.named_parameters()}
-                z_qa = torch.func.functional_call(model.over_arch, weights, (x,))
-            terms["bce_committee"] = label_bce(z_qa, sub(y))
-            terms["kd_committee"] = self.lambda_kd * self.T ** 2 * F.binary_cross_entropy_with_logits(
-                sub(z_s) / self.T, torch.sigmoid(z_qa.detach() / self.T))
-        elif not self.committee_path:
-            self._kept += int(keep.sum())
-            self._total += keep.numel()
-        if self.kd_weights == "uniform" or not self.gating:
-            wd = torch.full_like(probs, 1.0 / probs.shape[1])
+        if self.path is None:
+            wd = torch.full_like(z_t, 1.0 / z_t.shape[1])
         else:
-            wd = (w if self.kd_weights == "gated" else probs).detach()
-        if self.stack is not None:  # one target: the held-out stack, modulated per sample by the gate
+            wd = self.committee_terms(out, batch, model, z_t, terms)
+        if self.stack is not None:  # one target: the held-out stack (modulated per sample by the gate)
             z_c = self.stack(z_t * (wd * wd.shape[1]), batch.item_ids)
             if self.output_loss == "kd":
                 terms["kd_teachers"] = self.lambda_t * self.T ** 2 * F.binary_cross_entropy_with_logits(
@@ -335,14 +279,52 @@ class DiverseDistill(Method):
             terms["kd_teachers"] = self.lambda_t * self.T ** 2 * (wd * per).sum(1).mean()
         else:
             assert self.schedule is not None
-            z_c = (wd * z_t).sum(1)
-            t = self.schedule.t
-            terms["taid_teachers"] = self.lambda_t * taid_loss(z_s, z_c, t)
-        if train_gate and self.gating and self.lambda_lb and len(self.names) > 1:
-            f = keep.float().mean(0)
-            f = f / f.sum()
-            terms["balance"] = self.lambda_lb * len(self.names) * (f.detach() * probs.mean(0)).sum()
+            terms["taid_teachers"] = self.lambda_t * taid_loss(z_s, (wd * z_t).sum(1), self.schedule.t)
         return terms
+
+    def committee_terms(self, out: StudentOutput, batch: Batch, model: RankingModel, z_t: torch.Tensor,
+                        terms: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The committee path's terms (added to ``terms``); returns the teacher-KD weights ``[B, n]``
+        (detached)."""
+        cp = self.path
+        assert cp is not None
+        h, z_s, y = out.h, out.logits, batch.labels
+        g = cp.grad
+        h_c = scale_grad(h, g)  # what the method's modules read of the student
+        run = not self.training or self._calls % cp.every == 0
+        self._calls += int(self.training)
+        # between committee steps nothing trains the gate (its weights on the teacher KD are
+        # detached), so it runs without a graph and the balance term waits for the next one
+        r = self.route_features(batch, z_t)
+        if run or (self.gating and self.kd_weights == "gated"):
+            with torch.set_grad_enabled(run and torch.is_grad_enabled()):
+                w, keep, probs = self.importance(h_c, r)
+        else:  # the teacher KD reads only the ungated importance (or none): skip the top-k
+            with torch.no_grad():
+                probs = self.gate_probs(h_c, r)
+        if run:
+            rows = self.committee_subset(h.shape[0], h.device)
+            sub = (lambda t: t) if rows is None else (lambda t: t.index_select(0, rows))
+            kept = sub(keep)
+            self._kept += int(kept.sum())
+            self._total += kept.numel()
+            x = sub(h_c) + self.committee_message(sub(h_c), batch, sub(w), kept, rows)
+            if g == 1.0:
+                z_qa = model.over_arch(x)
+            else:
+                weights = {k: scale_grad(v, g) for k, v in model.over_arch.named_parameters()}
+                z_qa = torch.func.functional_call(model.over_arch, weights, (x,))
+            terms["bce_committee"] = label_bce(z_qa, sub(y))
+            if cp.lambda_kd:
+                terms["kd_committee"] = cp.lambda_kd * self.T ** 2 * F.binary_cross_entropy_with_logits(
+                    sub(z_s) / self.T, torch.sigmoid(z_qa.detach() / self.T))
+            if self.gating and cp.lambda_lb and len(self.names) > 1:
+                f = keep.float().mean(0)
+                f = f / f.sum()
+                terms["balance"] = cp.lambda_lb * len(self.names) * (f.detach() * probs.mean(0)).sum()
+        if self.kd_weights == "uniform" or not self.gating:
+            return torch.full_like(probs, 1.0 / probs.shape[1])
+        return (w if self.kd_weights == "gated" else probs).detach()
 
     def on_step_end(self, loss: torch.Tensor, step: int, total_steps: int) -> None:
         if self.schedule is not None:
