@@ -200,3 +200,17 @@ def test_content_transfer_variants_follow_their_method_up_the_whole_chain() -> N
     # an ablation of an ablation: every variant it follows runs first, once
     assert ordered(["dd_committee+content+transfer", "kd+content+transfer", "diverse_distill"]) == [
         "diverse_distill", "dd_committee", "dd_committee+content+transfer", "kd", "kd+content+transfer"]
+
+
+def test_report_compares_diverse_distill_with_each_baseline_under_the_same_additions() -> None:
+    import pandas as pd
+
+    from appdistill.bench.report import against_baselines
+
+    rows = [(m, s, a) for m, base in (("none", 0.70), ("kd", 0.71), ("avg_kd", 0.7195), ("diverse_distill", 0.72),
+                                      ("kd+transfer", 0.73), ("diverse_distill+transfer", 0.725))
+            for s, a in enumerate((base - 0.001, base, base + 0.001))]
+    lines = against_baselines(pd.DataFrame(rows, columns=["method", "seed", "auc"]))
+    assert "- `diverse_distill` against `kd` +0.0100 (better); `avg_kd` +0.0005 (tie)" in lines
+    assert "- `diverse_distill+transfer` against `kd+transfer` -0.0050 (worse)" in lines
+    assert against_baselines(pd.DataFrame(rows[:6], columns=["method", "seed", "auc"])) == []  # no DD: no block

@@ -67,6 +67,34 @@ def verdict(df: pd.DataFrame, method: str) -> str:
     return f"{d:+.4f} ({word})"
 
 
+BASELINES = ("kd", "avg_kd", "taid")
+
+
+def compare(df: pd.DataFrame, a: str, b: str) -> str:
+    """Mean test-AUC difference ``a - b`` and whether it exceeds the larger of their two stds."""
+    (ma, sa), (mb, sb) = _ms(df[df.method == a].auc), _ms(df[df.method == b].auc)
+    d, sd = ma - mb, max(sa, sb)
+    if math.isnan(d):
+        return "n/a"
+    return f"{d:+.4f} ({'tie' if abs(d) <= sd else ('better' if d > 0 else 'worse')})"
+
+
+def against_baselines(sub: pd.DataFrame) -> list[str]:
+    """DiverseDistill (with each suffix that ran: ``+content+transfer`` ...) against ``kd``, ``avg_kd`` and
+    ``taid`` with the same suffix: the comparison its claim rests on, each under the same budget."""
+    names = set(sub.method)
+    out: list[str] = []
+    for name in [n for n in dict.fromkeys(sub.method) if n.split("+", 1)[0] == "diverse_distill"]:
+        suffix = name[len("diverse_distill"):]
+        cells = [f"`{b}{suffix}` {compare(sub, name, b + suffix)}" for b in BASELINES if b + suffix in names]
+        if cells:
+            out.append(f"- `{name}` against " + "; ".join(cells))
+    if out:
+        out = ["", "DiverseDistill against the single-teacher and averaged baselines with the same additions "
+                   "(test AUC difference; *better* / *worse* only beyond the larger std):", "", *out]
+    return out
+
+
 def summary(df: pd.DataFrame) -> list[dict[str, Any]]:
     out = []
     for (split, method), g in df.groupby(["split", "method"], sort=False):
@@ -135,6 +163,7 @@ def markdown(b: Any, df: pd.DataFrame, seconds: float) -> str:
             lines.append(f"| `{name}` | {_fmt(am, as_)} | {_fmt(vm, vs)} | {verdict(sub, name)} | {_fmt(gm, gs, True)} "
                          f"| {_fmt(cm, cs)} | {g.skipped.mean():.0%} | {g.train_seconds.mean():.1f} | "
                          f"`{g.setting.iloc[0]}` |")
+        lines += against_baselines(sub)
         lines += segment_table(sub, t)
         lines += routing_table(sub, t)
         choices = b.choices.get(tag, {})
