@@ -106,7 +106,7 @@ def kwargs_errors(factory: Callable[..., Any], kwargs: dict[str, Any], where: st
 
     model = kwargs_model(factory)
     try:
-        model.model_validate(kwargs or {})
+        valid = model.model_validate(kwargs or {})
     except ValidationError as e:
         out = []
         for err in e.errors():
@@ -125,7 +125,9 @@ def kwargs_errors(factory: Callable[..., Any], kwargs: dict[str, Any], where: st
             else:
                 out.append(f"{where}.{loc}: {err['msg']}")
         return out
-    return []
+    # constraints between kwargs (one kwarg's value needs another's), declared by the factory
+    check = getattr(factory, "check_kwargs", None)
+    return [f"{where}.{m}" for m in check(valid.model_dump())] if check else []
 
 
 _SCALARS = frozenset({"bool", "int", "float", "str", "none"})

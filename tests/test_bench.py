@@ -140,6 +140,7 @@ def test_config_values_and_kwargs_are_typed_and_checked_before_data(tmp_path: Pa
            "method.kwargs.committee_path.top_k=0": "method.kwargs.committee_path.top_k",
            "method.kwargs.committee_path.tau=-1": "method.kwargs.committee_path.tau",
            "method.kwargs.committee_every=2": "method.kwargs.committee_every: moved to committee_path.every",
+           "method.kwargs.kd_weights=soft": "method.kwargs.kd_weights: 'soft' weighs the teachers by the committee",
            "teachers.lightgbm.kwargs.num_leavs=3": "teachers.lightgbm.kwargs.num_leavs: unknown key",
            "teachers.dlrm.kwargs.dropout=1.5": "teachers.dlrm.kwargs.dropout"}
     for ov, where in bad.items():

@@ -90,6 +90,14 @@ class DiverseDistill(Method):
         "complementary": "removed: list the teachers to keep under `teachers:` instead",
     }
 
+    @classmethod
+    def check_kwargs(cls, kw: dict[str, Any]) -> list[str]:
+        """Constraints between kwargs, checked when a config loads (``registry.kwargs_errors``)."""
+        if kw.get("kd_weights") in ("soft", "gated") and not kw.get("committee_path"):
+            return [f"kd_weights: '{kw['kd_weights']}' weighs the teachers by the committee path's gate; "
+                    "set committee_path: true, or use 'stacked' / 'uniform'"]
+        return []
+
     def __init__(self, committee: dict[str, Any] | None = None, student_dim: int = 0,
                  teachers: list[str] | None = None, lambda_t: float = 1.5, temperature: float = 1.0,
                  kd_weights: str = "auto", output_loss: str = "kd", taid: dict[str, float] | None = None,
