@@ -181,7 +181,7 @@ def test_committee_rows_and_every_bound_where_answers_are_computed() -> None:
     rows = torch.randperm(4)[:2].sort().values                               # the same draw
     x = h[rows] + m.committee_message(h[rows], make_batch(), *m.importance(h[rows])[:2], rows)
     want = F.binary_cross_entropy_with_logits(model.over_arch(x), Y[rows])
-    assert float(terms["bce_committee"]) == pytest.approx(float(want), abs=1e-6)
+    assert float(terms["bce_committee"].detach()) == pytest.approx(float(want.detach()), abs=1e-6)
     # the teacher KD still covers every row: per-teacher KD weighted by the gate's softmax on all 4
     probs = m.gate_probs(h).detach()
     z_t = torch.stack([Z_A, Z_B, torch.zeros(4)], 1)
