@@ -272,9 +272,9 @@ def cmd_content_refresh(a: argparse.Namespace) -> int:
 
 def cmd_bench(a: argparse.Namespace) -> int:
     from appdistill.bench.runner import BenchOptions, run_bench
-    from appdistill.bench.variants import DEFAULT, VARIANTS
+    from appdistill.bench.variants import expand
 
-    methods = list(VARIANTS) if a.methods == ["all"] else (a.methods or list(DEFAULT))
+    methods = expand(a.methods)
     run_bench(BenchOptions(configs=a.configs, out=a.out, methods=methods, splits=a.splits or None, seeds=a.seeds,
                            vary_data=a.vary_data, budget=a.budget, tune=not a.no_tune, overrides=a.set,
                            progress=not a.no_progress))
@@ -357,8 +357,9 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("configs", nargs="+", metavar="CONFIG")
     bn.add_argument("--out", required=True, help="output directory (resumable: finished runs are reused)")
     bn.add_argument("--methods", nargs="+", default=None, metavar="NAME",
-                    help="methods and ablations to run ('all' for every one); default: none kd avg_kd taid "
-                         "talking diverse_distill")
+                    help="methods and ablations to run, or groups: 'all' (every one), 'additions' (kd, avg_kd, taid "
+                         "and diverse_distill plain, +transfer and +content+transfer); default: none kd avg_kd "
+                         "taid talking diverse_distill")
     bn.add_argument("--splits", nargs="+", default=None, metavar="BY",
                     help="split.by values (random, time, cold_item); default: the spec's split")
     bn.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="student seeds (default 0 1 2)")

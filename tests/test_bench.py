@@ -215,3 +215,13 @@ def test_report_compares_diverse_distill_with_each_baseline_under_the_same_addit
     assert "- `diverse_distill` against `kd` +0.0100 (better); `avg_kd` +0.0005 (tie)" in lines
     assert "- `diverse_distill+transfer` against `kd+transfer` -0.0050 (worse)" in lines
     assert against_baselines(pd.DataFrame(rows[:6], columns=["method", "seed", "auc"])) == []  # no DD: no block
+
+
+def test_methods_groups_expand_once_each() -> None:
+    from appdistill.bench.variants import DEFAULT, VARIANTS, expand
+
+    assert expand(None) == DEFAULT and expand(["all"]) == list(VARIANTS)
+    got = expand(["additions", "dd_committee", "kd"])
+    assert got[:6] == ["none", "none+content", "kd", "avg_kd", "taid", "diverse_distill"]
+    assert "diverse_distill+content+transfer" in got and "taid+transfer" in got
+    assert got[-1] == "dd_committee" and len(got) == len(set(got)) and all(m in VARIANTS for m in got)

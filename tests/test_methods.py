@@ -219,7 +219,7 @@ def test_talking_terms_and_frozen_teachers() -> None:
     h = torch.randn(4, 5, requires_grad=True)
     terms = m(StudentOutput(Z_S.clone().requires_grad_(), h), make_batch(), model)
     assert set(terms) == {"bce", "bce_interaction", "message", "reconstruction", "kd_interaction"}
-    assert float(terms["bce"]) == pytest.approx(np_bce(Z_S.numpy(), Y.numpy()), abs=1e-6)
+    assert float(terms["bce"].detach()) == pytest.approx(np_bce(Z_S.numpy(), Y.numpy()), abs=1e-6)
     sum(terms.values()).backward()
     assert m.enc_s[0].weight.grad is not None and m.dec["dlrm"][0].weight.grad is not None
     assert all(p.grad is None for p in COMMITTEE["dlrm"].head("h").parameters())

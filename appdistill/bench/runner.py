@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from appdistill.bench.variants import BEST, DEFAULT, VARIANTS, grid_points, ordered
+from appdistill.bench.variants import BEST, DEFAULT, GROUPS, VARIANTS, grid_points, ordered
 from appdistill.config import ExperimentConfig, config_from_dict, load_config, resolved_kwargs
 from appdistill.errors import AppDistillError, ConfigError
 from appdistill.eval.metrics import auc
@@ -69,7 +69,8 @@ def check_options(o: BenchOptions) -> None:
     """Refuse bad options before any data is read (exit 2 through the CLI)."""
     unknown = [m for m in o.methods if m not in VARIANTS]
     if unknown:
-        raise ConfigError(f"bench: unknown method(s) {unknown}; known: {', '.join(VARIANTS)}")
+        raise ConfigError(f"bench: unknown method(s) {unknown}; known: {', '.join(VARIANTS)}; "
+                          f"groups: {', '.join(GROUPS)}")
     if not o.seeds:
         raise ConfigError("bench: --seeds needs at least one seed")
     if len(set(o.seeds)) != len(o.seeds):

@@ -92,6 +92,24 @@ for _m in ("none", "kd", "avg_kd", "taid", "diverse_distill", "dd_committee", "d
                                                  doc=f"{_m}, content table and transfer set")
 #: what ``--methods`` runs by default: every method, no ablation
 DEFAULT = ["none", "kd", "avg_kd", "taid", "talking", "diverse_distill"]
+#: named groups ``--methods`` accepts besides single names. ``additions``: the distillation methods
+#: with a transfer set, and with a content table plus a transfer set (the recommended setting where
+#: items have text or images; on data without them the ``+content`` variants are reported as not run)
+GROUPS = {
+    "all": list(VARIANTS),
+    "default": DEFAULT,
+    "additions": ["none", "none+content", "kd", "avg_kd", "taid", "diverse_distill",
+                  *(f"{m}+transfer" for m in ("kd", "avg_kd", "taid", "diverse_distill")),
+                  *(f"{m}+content+transfer" for m in ("kd", "avg_kd", "taid", "diverse_distill"))],
+}
+
+
+def expand(names: list[str] | None) -> list[str]:
+    """``--methods`` as given, group names (:data:`GROUPS`) replaced by their members, each name once."""
+    out: list[str] = []
+    for n in names or DEFAULT:
+        out += [m for m in GROUPS.get(n, [n]) if m not in out]
+    return out
 
 
 def grid_points(key: str, budget: int | None = None) -> list[dict[str, Any]]:
