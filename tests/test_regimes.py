@@ -106,9 +106,8 @@ def test_config_loads_and_spec_validates(path):
     for name in cfg.teachers:
         assert spec.visible(name), f"{path.name}: teacher {name} sees nothing"
     if cfg.method.key == "diverse_distill":
-        top_k = (cfg.method.kwargs.get("committee_path") or {}) if isinstance(
-            cfg.method.kwargs.get("committee_path"), dict) else {}
-        top_k = top_k.get("top_k")
+        cp = cfg.method.kwargs.get("committee_path")
+        top_k = cp.get("top_k") if isinstance(cp, dict) else None
         assert top_k is None or 1 <= top_k <= len(cfg.teachers), f"{path.name}: top_k {top_k} > committee"
 
 

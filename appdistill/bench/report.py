@@ -58,13 +58,7 @@ def verdict(df: pd.DataFrame, method: str) -> str:
     """Mean AUC difference to the plain student, and whether it exceeds one standard deviation."""
     if method == "none" or "none" not in set(df.method):
         return ""
-    a, sa = _ms(df[df.method == method].auc)
-    b, sb = _ms(df[df.method == "none"].auc)
-    d, sd = a - b, max(sa, sb)
-    if math.isnan(d):
-        return "n/a"
-    word = "tie" if abs(d) <= sd else ("better" if d > 0 else "worse")
-    return f"{d:+.4f} ({word})"
+    return compare(df, method, "none")
 
 
 BASELINES = ("kd", "avg_kd", "taid")

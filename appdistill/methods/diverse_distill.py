@@ -118,17 +118,16 @@ class DiverseDistill(Method):
                 raise ConfigError(f"diverse_distill: {bad}") from None
         cp = CommitteePath() if committee_path is True else committee_path or None
         self.path: CommitteePath | None = cp
-        self.committee_path = cp is not None
         self.gating = bool(cp and cp.gating)
         self.T, self.lambda_t, self.output_loss = temperature, lambda_t, output_loss
         if kd_weights not in ("auto", "gated", "soft", "uniform", "stacked"):
             raise ConfigError(f"diverse_distill: kd_weights must be 'auto', 'gated', 'soft', 'uniform' or 'stacked', "
                               f"got '{kd_weights}'")
+        problems = self.check_kwargs({"kd_weights": kd_weights, "committee_path": cp})
+        if problems:
+            raise ConfigError(f"diverse_distill: {problems[0]}")
         if kd_weights == "auto":  # the stack where the loop supplies the held-out outputs
             kd_weights = "stacked" if held_out is not None else ("soft" if cp else "uniform")
-        if kd_weights in ("soft", "gated") and not cp:
-            raise ConfigError(f"diverse_distill: kd_weights '{kd_weights}' weighs the teachers by the committee "
-                              "path's gate; set committee_path: true, or use 'stacked' / 'uniform'")
         self.kd_weights = kd_weights
         self.stack: SegmentStack | None = None
         if kd_weights == "stacked":
@@ -220,16 +219,14 @@ class DiverseDistill(Method):
         modulated by the gate. Not the raw gate: without gating (or with ``uniform``) the gate's
         softmax weights nothing, and reporting it would show a routing that does not happen."""
         z_t = self.logits(batch)
-        n = len(self.names)
-        if self.kd_weights == "uniform" or not self.gating:
-            wd = torch.full_like(z_t, 1.0 / n)
-        else:
+        w = probs = None
+        if self.gating and self.kd_weights != "uniform":
             w, _, probs = self.importance(h, self.route_features(batch, z_t))
-            wd = w if self.kd_weights == "gated" else probs
+        wd = self.teacher_weights(z_t, w, probs)
         if self.stack is None:
             return wd
         a = self.stack.weights.index_select(0, self.stack.segment_of(batch.item_ids))[:, :-1]
-        share = (a * wd * n).abs()
+        share = (a * wd * len(self.names)).abs()
         return share / share.sum(1, keepdim=True).clamp_min(1e-12)
 
     # ------------------------------------------------------------------ answers
@@ -269,10 +266,7 @@ class DiverseDistill(Method):
         z_s, y = out.logits, batch.labels
         z_t = self.logits(batch)  # [B, n]
         terms = {"bce": label_bce(z_s, y)}
-        if self.path is None:
-            wd = torch.full_like(z_t, 1.0 / z_t.shape[1])
-        else:
-            wd = self.committee_terms(out, batch, model, z_t, terms)
+        wd = self.teacher_weights(z_t) if self.path is None else self.committee_terms(out, batch, model, z_t, terms)
         if self.stack is not None:  # one target: the held-out stack (modulated per sample by the gate)
             z_c = self.stack(z_t * (wd * wd.shape[1]), batch.item_ids)
             if self.output_loss == "kd":
@@ -304,6 +298,7 @@ class DiverseDistill(Method):
         # between committee steps nothing trains the gate (its weights on the teacher KD are
         # detached), so it runs without a graph and the balance term waits for the next one
         r = self.route_features(batch, z_t)
+        w = None
         if run or (self.gating and self.kd_weights == "gated"):
             with torch.set_grad_enabled(run and torch.is_grad_enabled()):
                 w, keep, probs = self.importance(h_c, r)
@@ -330,8 +325,14 @@ class DiverseDistill(Method):
                 f = keep.float().mean(0)
                 f = f / f.sum()
                 terms["balance"] = cp.lambda_lb * len(self.names) * (f.detach() * probs.mean(0)).sum()
+        return self.teacher_weights(z_t, w, probs)
+
+    def teacher_weights(self, z_t: torch.Tensor, w: torch.Tensor | None = None,
+                        probs: torch.Tensor | None = None) -> torch.Tensor:
+        """The teacher term's weights ``[B, n]`` (detached): uniform without gating (or with
+        ``uniform``), else the gate's top-k weights ``w`` (``gated``) or its softmax ``probs``."""
         if self.kd_weights == "uniform" or not self.gating:
-            return torch.full_like(probs, 1.0 / probs.shape[1])
+            return torch.full_like(z_t, 1.0 / z_t.shape[1])
         return (w if self.kd_weights == "gated" else probs).detach()
 
     def on_step_end(self, loss: torch.Tensor, step: int, total_steps: int) -> None:
