@@ -195,7 +195,7 @@ def cmd_cache_build(a: argparse.Namespace) -> int:
     cfg = load_config(a.config, a.set)
     if not cfg.teachers:
         raise AppDistillError(f"file '{a.config}': no `teachers:` configured, nothing to cache")
-    build_caches(cfg, a.run_dir, progress=not a.no_progress)
+    build_caches(cfg, a.run_dir, progress=not a.no_progress, hidden=True if a.hidden else None)
     return 0
 
 
@@ -316,6 +316,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("config")
     c.add_argument("--run-dir", required=True)
     c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    c.add_argument("--hidden", action="store_true",
+                   help="also store the teachers' hidden taps when the config's method reads logits only "
+                        "(by default a cache holds what the method reads)")
     c.set_defaults(fn=cmd_cache_build)
     di = sub.add_parser("distill", help="whole pipeline: teachers, cache, student, evaluation, export")
     di.add_argument("config")

@@ -145,7 +145,7 @@ def fit_committee(cfg: ExperimentConfig, run_dir: str | Path, names: list[str] |
 def build_caches(cfg: ExperimentConfig, run_dir: str | Path, ds: Dataset | None = None, *,
                  teachers: dict[str, Any] | None = None, splits: Sequence[str] = ("train", "valid", "test"),
                  batch_size: int = 8192, float_dtype: str = "float32", int_dtype: str = "auto",
-                 verify: str = "checksum", progress: bool = True,
+                 verify: str = "checksum", progress: bool = True, hidden: bool | None = None,
                  echo: Callable[[str], Any] = print) -> dict[str, Any]:
     """Get or build the cache of every teacher in ``cfg.teachers`` under ``run_dir/cache``.
 
@@ -158,6 +158,8 @@ def build_caches(cfg: ExperimentConfig, run_dir: str | Path, ds: Dataset | None 
         ds: the data set; built from ``cfg``'s spec when ``None``.
         teachers: ``{name: Teacher}`` already loaded (each is loaded here otherwise).
         echo: where summary lines go (``print``; pass ``log.info`` or a no-op to silence).
+        hidden: cache the teachers' hidden taps too; ``None`` (default): when ``cfg.method`` reads them
+            (:meth:`Method.reads_hidden`), else the logits only.
         others: see :func:`appdistill.cache.get_or_build_cache`.
 
     Returns:
@@ -166,13 +168,17 @@ def build_caches(cfg: ExperimentConfig, run_dir: str | Path, ds: Dataset | None 
     from appdistill.cache import get_or_build_cache
     from appdistill.teachers.fit import load_teacher
 
+    from appdistill.methods import METHODS
+
     ds = ds if ds is not None else Dataset.build(cfg.load_spec())
     root = Path(run_dir) / "cache"
+    if hidden is None:
+        hidden = cfg.method.key in METHODS and METHODS.get(cfg.method.key).reads_hidden(cfg.method.kwargs)
     caches: dict[str, Any] = {}
     for name in cfg.teachers:
         teacher = (teachers or {}).get(name) or load_teacher(run_dir, name, ds.spec, ds)
         cache = get_or_build_cache(teacher, ds, root, splits=splits, batch_size=batch_size, progress=progress,
-                                   float_dtype=float_dtype, int_dtype=int_dtype, verify=verify)
+                                   float_dtype=float_dtype, int_dtype=int_dtype, verify=verify, hidden=hidden)
         if not cache.built:
             what = "reused"
         elif cache.rebuilt:

@@ -497,3 +497,54 @@ def test_pages_released_while_writing_still_reach_the_files(ds, tmp_path, monkey
         rows = ds.splits[split]
         _assert_same(cache.lookup(split, rows), t.predict(ds, rows))
     TeacherCache.open(tmp_path, "lgbm", t.identity(), ds.fingerprint, verify="checksum")
+
+
+# ============================================================================= logits-only caches
+def test_logits_only_cache_and_taps_on_demand(ds, tmp_path):
+    t = _teacher(ds)
+    lean = _build(t, ds, tmp_path, hidden=False)
+    assert lean.taps == [] and lean.built == ["train", "valid", "test"]
+    assert sorted(p.name for p in _split_dir(lean, "train").iterdir()) == ["logits.npy", "manifest.json", "rows.npy"]
+    ids = ds.splits["valid"][::7]
+    assert torch.equal(lean.lookup("valid", ids).logits, t.predict(ds, ids).logits)
+    assert lean.lookup("valid", ids).hidden == {}
+    with pytest.raises(CacheMissingError, match="holds logits only; hidden taps were asked"):
+        TeacherCache.open(tmp_path, "lgbm", t.identity(), ds.fingerprint)
+    # a method that reads taps: every split is built again with them, no corruption warning
+    t.calls = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CacheRebuildWarning)
+        full = _build(t, ds, tmp_path, hidden=True)
+    assert full.built == ["train", "valid", "test"] and t.calls > 0 and full.taps == ["h", "leaves"]
+    _assert_same(full.lookup("valid", ids), t.predict(ds, ids))
+    # a logits-only reader reuses the full cache and never reads its taps: a flipped byte in a
+    # hidden shard is not its concern (and is caught by the next reader of the taps)
+    f = _split_dir(full, "valid") / "hidden.h.npy"
+    del full
+    data = bytearray(f.read_bytes())
+    data[-5] ^= 0xFF
+    f.write_bytes(bytes(data))
+    t.calls = 0
+    again = _build(t, ds, tmp_path, hidden=False, verify="checksum")
+    assert again.built == [] and t.calls == 0 and again.taps == []
+    assert torch.equal(again.lookup("valid", ids).logits, t.predict(ds, ids).logits)
+    with pytest.warns(CacheRebuildWarning, match="sha256"):
+        fixed = _build(t, ds, tmp_path, hidden=True, verify="checksum")
+    assert fixed.built == ["valid"]
+
+
+def test_build_caches_stores_taps_only_for_methods_that_read_them(ds, tmp_path):
+    from appdistill.config import config_from_dict
+    from appdistill.pipeline import build_caches
+
+    def cfg(method):  # noqa: ANN001, ANN202
+        return config_from_dict({"spec": str(REPO / "feature_specs" / "synthetic.yaml"), "method": method,
+                                 "teachers": {"lightgbm": {"key": "lightgbm"}}})
+
+    t = {"lightgbm": FakeTeacher(ds.spec, "lightgbm", float_taps={"h": 4})}
+    lean = build_caches(cfg({"key": "diverse_distill"}), tmp_path, ds, teachers=t, progress=False, echo=str)
+    assert lean["lightgbm"].taps == []
+    for method in ({"key": "diverse_distill", "kwargs": {"committee_path": {"every": 2}}}, {"key": "talking"}):
+        full = build_caches(cfg(method), tmp_path, ds, teachers=t, progress=False, echo=str)
+        assert full["lightgbm"].taps == ["h"], method
+    assert build_caches(cfg({"key": "kd"}), tmp_path, ds, teachers=t, progress=False, echo=str)["lightgbm"].built == []

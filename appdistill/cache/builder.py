@@ -71,8 +71,9 @@ def _split_rows(ds: Dataset, split: str) -> np.ndarray:
 
 
 def _write_split(teacher: Teacher, ds: Dataset, split: str, tmp: Path, batch_size: int,
-                 float_dtype: FloatDtype, int_dtype: IntDtype, progress: bool) -> CacheManifest:
-    """Predict every row of ``split`` in chunks of ``batch_size`` straight into ``.npy`` memmaps in ``tmp``."""
+                 float_dtype: FloatDtype, int_dtype: IntDtype, progress: bool, hidden: bool = True) -> CacheManifest:
+    """Predict every row of ``split`` in chunks of ``batch_size`` straight into ``.npy`` memmaps in ``tmp``
+    (the logits only when ``hidden`` is false)."""
     from appdistill.progress import bar as progress_bar
 
     t0 = time.perf_counter()
@@ -96,7 +97,7 @@ def _write_split(teacher: Teacher, ds: Dataset, split: str, tmp: Path, batch_siz
                 raise CacheError(f"teacher '{name}': predict returned logits of shape {lg.shape} for {b} rows; "
                                  f"expected [{b}]")
             logits_mm[start:start + b] = lg.reshape(b)
-            if start == 0:  # the first chunk fixes the taps, their widths and dtypes
+            if hidden and start == 0:  # the first chunk fixes the taps, their widths and dtypes
                 taps = list(out.hidden)
                 declared = teacher.taps()
                 if len({_safe(t) for t in taps}) != len(taps):
@@ -107,7 +108,7 @@ def _write_split(teacher: Teacher, ds: Dataset, split: str, tmp: Path, batch_siz
                                       declared[t].cardinality if t in declared else 0)
                     hidden_mm[t] = np.lib.format.open_memmap(tmp / f"hidden.{_safe(t)}.npy", mode="w+", dtype=dt,
                                                              shape=(n, *h.shape[1:]))
-            if list(out.hidden) != taps:
+            if hidden and list(out.hidden) != taps:
                 raise CacheError(f"teacher '{name}': predict returned taps {list(out.hidden)} for rows "
                                  f"{start}..{start + b - 1} of split '{split}', but {taps} before")
             for t in taps:
@@ -143,14 +144,14 @@ def _write_split(teacher: Teacher, ds: Dataset, split: str, tmp: Path, batch_siz
         format=FORMAT_VERSION, teacher=name, identity=_normalise(teacher.identity()),
         identity_hash=teacher.identity_hash(), fingerprint=ds.fingerprint, split=split, n_rows=n, shards=shards,
         taps=taps, created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), appdistill_version=_version(),
-        build_seconds=round(time.perf_counter() - t0, 3))
+        build_seconds=round(time.perf_counter() - t0, 3), hidden=hidden)
 
 
 def _build_split(teacher: Teacher, ds: Dataset, kdir: Path, split: str, batch_size: int,
-                 float_dtype: FloatDtype, int_dtype: IntDtype, progress: bool) -> None:
+                 float_dtype: FloatDtype, int_dtype: IntDtype, progress: bool, hidden: bool = True) -> None:
     """Write one split into a stage beside ``kdir/split`` and swap it in whole (:func:`staged_dir`)."""
     with staged_dir(kdir / split) as tmp:
-        man = _write_split(teacher, ds, split, tmp, batch_size, float_dtype, int_dtype, progress)
+        man = _write_split(teacher, ds, split, tmp, batch_size, float_dtype, int_dtype, progress, hidden)
         atomic_write_text(tmp / MANIFEST, man.to_json())
 
 
@@ -176,7 +177,8 @@ def _check_args(teacher: Teacher, ds: Dataset, splits: Sequence[str], batch_size
 
 def build_teacher_cache(teacher: Teacher, ds: Dataset, root_dir: str | Path,
                         splits: Sequence[str] = DEFAULT_SPLITS, batch_size: int = 8192, progress: bool = True,
-                        float_dtype: FloatDtype = "float32", int_dtype: IntDtype = "auto") -> TeacherCache:
+                        float_dtype: FloatDtype = "float32", int_dtype: IntDtype = "auto",
+                        hidden: bool = True) -> TeacherCache:
     """Compute ``teacher``'s outputs for every row of ``splits`` and write them (replacing any old cache).
 
     Memory stays bounded by one chunk: each ``teacher.predict(ds, rows[i:i + batch_size])`` result is
@@ -192,37 +194,42 @@ def build_teacher_cache(teacher: Teacher, ds: Dataset, root_dir: str | Path,
         float_dtype: storage dtype of float taps (logits are always float32).
         int_dtype: storage dtype of integer taps; ``"auto"`` (default) takes the smallest signed type
             holding the tap's declared cardinality (LightGBM leaf indices: int8 up to 128 leaves).
+        hidden: also store the teacher's hidden taps (default). ``False`` stores the logits only, for
+            methods that read nothing else (``Method.reads_hidden``): at 10M rows the taps are ~14 GB
+            of a cache whose logits are 40 MB.
 
     Returns:
         The opened cache (``built`` = ``list(splits)``).
     """
     _check_args(teacher, ds, splits, batch_size, float_dtype, int_dtype, "size")
     return _get_or_build(teacher, ds, root_dir, splits, batch_size, progress, float_dtype, int_dtype, "size",
-                         force=True)
+                         force=True, hidden=hidden)
 
 
 def get_or_build_cache(teacher: Teacher, ds: Dataset, root_dir: str | Path,
                        splits: Sequence[str] = DEFAULT_SPLITS, batch_size: int = 8192, progress: bool = True,
                        float_dtype: FloatDtype = "float32", int_dtype: IntDtype = "auto",
-                       verify: Verify = "checksum") -> TeacherCache:
+                       verify: Verify = "checksum", hidden: bool = True) -> TeacherCache:
     """The cache of ``teacher`` on ``ds``: reused when intact, built when missing, rebuilt when corrupt.
 
     A reused cache costs no teacher call (its shards are hashed once per process). A corrupt split
     (size, header, rows or -- with the default ``verify="checksum"`` -- sha256 mismatch) is rebuilt with
     a :class:`CacheRebuildWarning`. A split
-    stored with other dtypes than asked is rebuilt too. Caches of other identities / fingerprints are
-    never touched (they live in other directories).
+    stored with other dtypes than asked is rebuilt too, and so is a logits-only split when ``hidden``
+    asks for the taps; with ``hidden=False`` a split holding taps is reused for its logits (the taps
+    are neither hashed nor mapped). Caches of other identities / fingerprints are never touched (they
+    live in other directories).
 
     Args: as :func:`build_teacher_cache`, plus ``verify`` (see :meth:`TeacherCache.open`).
     """
     _check_args(teacher, ds, splits, batch_size, float_dtype, int_dtype, verify)
     return _get_or_build(teacher, ds, root_dir, splits, batch_size, progress, float_dtype, int_dtype, verify,
-                         force=False)
+                         force=False, hidden=hidden)
 
 
 def _get_or_build(teacher: Teacher, ds: Dataset, root_dir: str | Path, splits: Sequence[str], batch_size: int,
                   progress: bool, float_dtype: FloatDtype, int_dtype: IntDtype, verify: Verify,
-                  force: bool) -> TeacherCache:
+                  force: bool, hidden: bool = True) -> TeacherCache:
     t0 = time.perf_counter()
     name, ident, ihash = teacher.name, _normalise(teacher.identity()), teacher.identity_hash()
     tdir = Path(root_dir) / _safe(name)
@@ -234,7 +241,7 @@ def _get_or_build(teacher: Teacher, ds: Dataset, root_dir: str | Path, splits: S
         for s in splits:
             if not force:
                 try:
-                    sh = _open_split(kdir / s, name, ident, ds.fingerprint, s, verify)
+                    sh = _open_split(kdir / s, name, ident, ds.fingerprint, s, verify, hidden)
                     if not np.array_equal(sh.rows, _split_rows(ds, s)):
                         raise CacheCorruptError(f"teacher '{name}': cache shard '{sh.path / 'rows.npy'}' does not "
                                                 f"hold the rows of split '{s}'")
@@ -243,16 +250,17 @@ def _get_or_build(teacher: Teacher, ds: Dataset, root_dir: str | Path, splits: S
                         shards[s] = sh
                         continue
                     log.info("teacher '%s', split '%s': %s; rebuilding", name, s, other)  # asked for, not a fault
-                except CacheMissingError:
-                    pass
+                except CacheMissingError as e:
+                    if (kdir / s).is_dir():  # a logits-only split, the taps asked for now
+                        log.info("%s; rebuilding", e)
                 except (CacheCorruptError, CacheMismatchError) as e:
                     # a mismatch *inside* the keyed directory means an edited manifest: never reuse it
                     warnings.warn(f"{e}; rebuilding", CacheRebuildWarning, stacklevel=3)
                     log.warning("%s; rebuilding", e)
                     rebuilt[s] = str(e)
-            _build_split(teacher, ds, kdir, s, batch_size, float_dtype, int_dtype, progress)
+            _build_split(teacher, ds, kdir, s, batch_size, float_dtype, int_dtype, progress, hidden)
             built.append(s)
-            shards[s] = _open_split(kdir / s, name, ident, ds.fingerprint, s, "size")
+            shards[s] = _open_split(kdir / s, name, ident, ds.fingerprint, s, "size", hidden)
     cache = TeacherCache(name, ident, ds.fingerprint, kdir, shards)
     cache.built, cache.rebuilt, cache.seconds = built, rebuilt, time.perf_counter() - t0
     return cache

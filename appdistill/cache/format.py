@@ -61,7 +61,7 @@ import os
 import re
 import threading
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -133,6 +133,8 @@ class CacheManifest:
     Attributes:
         shards: ``{"rows" | "logits" | "hidden.<tap>": ShardInfo}``.
         taps: hidden tap names in the teacher's order.
+        hidden: whether the split holds the teacher's hidden taps (``False``: logits only, built for
+            methods that read no hidden state; a method that does rebuilds the split with them).
     """
 
     format: int
@@ -147,6 +149,7 @@ class CacheManifest:
     created: str
     appdistill_version: str
     build_seconds: float
+    hidden: bool = True
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1, sort_keys=True)
@@ -311,8 +314,12 @@ class SplitShards:
 
 
 def _open_split(d: Path, teacher: str, identity: dict[str, Any], fingerprint: str, split: str,
-                verify: Verify) -> SplitShards:
-    """Open and check one split directory; raises Missing / Mismatch / Corrupt errors."""
+                verify: Verify, hidden: bool = True) -> SplitShards:
+    """Open and check one split directory; raises Missing / Mismatch / Corrupt errors.
+
+    ``hidden=False`` opens the logits only: the hidden shards are neither checked nor mapped (at 10M
+    rows they are ~10 GB to hash), and the split reads as logits-only. ``hidden=True`` on a split built
+    logits-only raises :class:`CacheMissingError` (the getter builds it again, with its taps)."""
     mpath = d / MANIFEST
     if not mpath.is_file():
         if d.is_dir():  # a split directory only ever appears complete: someone removed the manifest
@@ -328,6 +335,12 @@ def _open_split(d: Path, teacher: str, identity: dict[str, Any], fingerprint: st
     if man.split != split:
         raise CacheCorruptError(f"teacher '{teacher}': manifest '{mpath}' describes split '{man.split}', "
                                 f"expected '{split}'")
+    if hidden and not man.hidden:
+        raise CacheMissingError(f"teacher '{teacher}': cache split '{split}' at '{d}' holds logits only; "
+                                "hidden taps were asked")
+    if not hidden and man.taps:
+        man = replace(man, taps=[], hidden=False, shards={k: v for k, v in man.shards.items()
+                                                          if k in ("rows", "logits")})
     arrays: dict[str, np.ndarray] = {}
     maps: list[Any] = []
     files: dict[str, tuple[Path, int]] = {}

@@ -124,7 +124,7 @@ class TeacherCache:
     @classmethod
     def open(cls, root_dir: str | Path, teacher_name: str, identity: Mapping[str, Any], fingerprint: str,
              verify: Verify = "checksum", splits: Sequence[str] | None = None,
-             identity_hash: str | None = None) -> TeacherCache:
+             identity_hash: str | None = None, hidden: bool = True) -> TeacherCache:
         """Open an existing cache, refusing anything that does not match.
 
         Args:
@@ -137,6 +137,8 @@ class TeacherCache:
             splits: splits to open; ``None`` = every split present.
             identity_hash: directory key; defaults to :func:`identity_key` of ``identity`` (pass
                 ``teacher.identity_hash()`` if a teacher overrides it).
+            hidden: open the hidden taps too (default); ``False`` opens the logits only (the taps are
+                not checked or mapped).
 
         Raises:
             CacheMismatchError: identity or fingerprint differ (names the teacher and each difference).
@@ -161,7 +163,7 @@ class TeacherCache:
                             key=lambda s: (DEFAULT_SPLITS.index(s) if s in DEFAULT_SPLITS else 99, s))
             if not splits:
                 raise CacheMissingError(f"teacher '{teacher_name}': cache directory '{kdir}' holds no split")
-        shards = {s: _open_split(kdir / s, teacher_name, ident, fingerprint, s, verify) for s in splits}
+        shards = {s: _open_split(kdir / s, teacher_name, ident, fingerprint, s, verify, hidden) for s in splits}
         return cls(teacher_name, ident, fingerprint, kdir, shards)
 
     # ------------------------------------------------------------------ info

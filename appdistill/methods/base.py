@@ -57,6 +57,13 @@ class Method(nn.Module):
     def forward(self, out: StudentOutput, batch: Batch, model: RankingModel) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
+    @classmethod
+    def reads_hidden(cls, kwargs: dict[str, Any]) -> bool:
+        """Whether the method built with ``kwargs`` reads teachers' hidden taps (its :meth:`cache_taps`
+        name any), decided from the config before the caches are built: those that do not get
+        logits-only caches."""
+        return False
+
     def cache_taps(self) -> dict[str, list[str]]:
         """``{teacher: hidden taps}`` each batch must carry. The cache join gathers nothing else: a
         GBDT's leaf indices are by far the widest tap, and a method that reads logits only needs none.

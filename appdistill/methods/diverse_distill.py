@@ -91,6 +91,11 @@ class DiverseDistill(Method):
     }
 
     @classmethod
+    def reads_hidden(cls, kwargs: dict[str, Any]) -> bool:
+        """Only the committee path reads hidden taps (its answers); the held-out stack reads logits."""
+        return bool(kwargs.get("committee_path"))
+
+    @classmethod
     def check_kwargs(cls, kw: dict[str, Any]) -> list[str]:
         """Constraints between kwargs, checked when a config loads (``registry.kwargs_errors``)."""
         if kw.get("kd_weights") in ("soft", "gated") and not kw.get("committee_path"):

@@ -52,6 +52,10 @@ class TalkingModels(Method):
                     "lambda_rec": {"ge": 0}, "lambda_kd": {"ge": 0}, "temperature": {"gt": 0, "le": 100},
                     "leaf_dim": {"ge": 1, "le": 4096}, "leaf_trees": {"ge": 1}}
 
+    @classmethod
+    def reads_hidden(cls, kwargs: dict[str, Any]) -> bool:
+        return True  # messages go through every teacher's hidden tap
+
     def __init__(self, committee: dict[str, Any] | None = None, student_dim: int = 0,
                  teachers: list[str] | None = None, d_m: int = 32, lambda_int: float = 1.0,
                  lambda_msg: float = 0.1, lambda_rec: float = 0.1, lambda_kd: float = 0.5,
