@@ -9,6 +9,7 @@ traceback), and a second invocation reuses every finished run.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -62,6 +63,8 @@ def test_report_is_named_after_the_config_and_complete(bench) -> None:
     assert "Tuning budget: each method tried [2] setting(s)" in md
     assert "Best teacher's lead over the best-epoch plain student" in md
     assert "segment oracle" in md and "per-sample oracle" in md and "Upper bounds" in md
+    assert re.search(r"DiverseDistill's target, the committee's held-out stack: test AUC 0\.\d{4} \([+-]0\.\d{4} over", md)
+    assert "| held-out stack (DiverseDistill's target) | 0." in md
     assert "Test AUC per item segment" in md
     assert "dd_foundation_only`: the committee has no foundation teacher" in md  # reported, not a traceback
     res = json.loads((out / "results.json").read_text())

@@ -147,6 +147,13 @@ def markdown(b: Any, df: pd.DataFrame, seconds: float) -> str:
                               + ", ".join(f"`{k}` {v:.0%}" for k, v in po["share"].items()) + ")")
             if bounds:
                 lines.append("Upper bounds, not servable models: " + "; ".join(bounds) + ".")
+            st = t.get("stack")
+            if st:
+                top = max(mem, key=lambda n: mem[n]["test_auc"])
+                lines.append(f"DiverseDistill's target, the committee's held-out stack: test AUC {st['auc']:.4f} "
+                             f"({st['auc'] - mem[top]['test_auc']:+.4f} over the best teacher on test, `{top}`); "
+                             "where it is level with one teacher, DiverseDistill and `kd` distil nearly the same "
+                             "function and tie.")
         lines += ["", "| method | test AUC | valid AUC | vs plain (test) | gap recovered | cold-item AUC | "
                       "skipped answers | train s | setting |", "|---|---:|---:|---|---:|---:|---:|---:|---|"]
         for name, g in sub.groupby("method", sort=False):
@@ -198,8 +205,9 @@ def segment_table(sub: pd.DataFrame, t: dict[str, Any]) -> list[str]:
             out.append(f"| teacher `{n}` | " + " | ".join(_fmt((segs.get(c) or {}).get("auc") or math.nan)
                                                          for c in cols) + " |")
         if kind == "items" and t:
-            for label, key in (("segment oracle (bound)", "segment_oracle"), ("per-sample oracle (bound)",
-                                                                             "sample_oracle")):
+            for label, key in (("held-out stack (DiverseDistill's target)", "stack"),
+                               ("segment oracle (bound)", "segment_oracle"),
+                               ("per-sample oracle (bound)", "sample_oracle")):
                 segs = (t.get(key) or {}).get("segments") or {}
                 if segs:
                     out.append(f"| {label} | " + " | ".join(_fmt((segs.get(c) or {}).get("auc") or math.nan)

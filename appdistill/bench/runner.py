@@ -243,6 +243,7 @@ class ConfigBench:
         out["segment_oracle"] = (segment_oracle(zs["valid"], ds.labels[va], items_v, zs["test"], ds.labels[te], items_t)
                                  if items_t is not None else None)
         out["sample_oracle"] = sample_oracle(zs["test"], ds.labels[te], items_t)
+        out["stack"] = _stack_target(zs, ds, list(cfg.teachers), items_t)
         from appdistill.eval.segments import segmenters
 
         out["segment_edges"] = {k: (s.edges() if s.reason is None else s.reason) for k, s in segmenters(ds).items()}
@@ -284,3 +285,22 @@ def run_bench(o: BenchOptions) -> list[dict[str, Any]]:
         reports.append(write_report(b, time.perf_counter() - t0))
         _say(f"report: {b.dir / 'results.md'}")
     return reports
+
+
+def _stack_target(zs: dict[str, dict[str, np.ndarray]], ds: Dataset, names: list[str],
+                  items: np.ndarray | None) -> dict[str, Any]:
+    """DiverseDistill's target, the committee's held-out stack (fitted on validation), scored on test:
+    where it is no better than the best teacher, DiverseDistill and single-teacher KD distil nearly
+    the same function, and a tie between them is what to expect."""
+    import torch
+
+    from appdistill.methods.stack import HeldOut, SegmentStack
+
+    va, te = ds.splits["valid"], ds.splits["test"]
+    stack = SegmentStack.fit(HeldOut(zs["valid"], ds.labels[va], ds.item_ids[va]), names, ds.train_counts("items"))
+    z = stack(torch.as_tensor(np.column_stack([zs["test"][n] for n in names]), dtype=torch.float32),
+              torch.as_tensor(np.asarray(ds.item_ids[te], np.int64))).double().numpy()
+    out: dict[str, Any] = {"auc": auc(z, ds.labels[te]), "weights": stack.describe()}
+    if items is not None:
+        out["segments"] = segment_metrics(z, ds.labels[te], items)
+    return out
