@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from appdistill.eval.metrics import auc, evaluate
-from appdistill.eval.segments import Segmenter, sample_oracle, segment_metrics, segment_oracle
+from appdistill.eval.segments import Segmenter, auc_standard_error, sample_oracle, segment_metrics, segment_oracle
 
 
 def test_frequency_buckets_by_share_of_training_rows() -> None:
@@ -29,7 +29,7 @@ def test_segment_metrics_count_rows_and_skip_one_class_auc() -> None:
     y = np.array([0, 1, 0, 1, 1])
     b = np.array(["head", "head", "tail", "tail", "cold"])
     m = segment_metrics(z, y, b)
-    assert m["head"] == {"auc": 1.0, "n": 2, "positive_rate": 0.5}
+    assert m["head"] == {"auc": 1.0, "auc_se": 0.0, "n": 2, "positive_rate": 0.5}
     assert m["cold"]["auc"] is None and m["cold"]["n"] == 1  # one class: undefined, not NaN or 1.0
     assert "torso" not in m
 
@@ -76,3 +76,20 @@ def test_run_metrics_carry_segments(tmp_path) -> None:
     assert "users" in m["test"]["segments"]
     assert m["test"]["cold"]["covers"].startswith("rows whose item")
     assert pytest.approx(m["test"]["cold"]["n"]) == segs.get("cold", {}).get("n", 0)
+
+
+@pytest.mark.parametrize("n", [25, 400])
+def test_auc_standard_error_matches_the_spread_between_test_sets(n: int) -> None:
+    # one model, many test sets of n rows drawn from the same population: the AUC's spread between
+    # them is what Hanley & McNeil's formula predicts from one set
+    rng = np.random.default_rng(0)
+    aucs, ses = [], []
+    for _ in range(600):
+        y = rng.random(n) < 0.4
+        z = rng.normal(size=n) + 1.0 * y
+        if 0 < y.sum() < n:
+            a = auc(z, y.astype(float))
+            aucs.append(a)
+            ses.append(auc_standard_error(a, int(y.sum()), int(n - y.sum())))
+    assert np.std(aucs) == pytest.approx(np.median(ses), rel=0.2)
+    assert np.isnan(auc_standard_error(0.7, 0, 10))

@@ -214,9 +214,19 @@ def segment_table(sub: pd.DataFrame, t: dict[str, Any]) -> list[str]:
                                                             for c in cols) + " |")
         for name, g in sub.groupby("method", sort=False):
             out.append(f"| `{name}` | " + " | ".join(_fmt(*_ms(g[f"{kind}_{c}_auc"])) for c in cols) + " |")
-        n_row = {c: (teach and next(iter(teach.values()))["segments"].get(kind, {}).get(c, {}).get("n")) for c in cols}
+        first = next(iter(teach.values()))["segments"].get(kind, {}) if teach else {}
+        n_row = {c: first.get(c, {}).get("n") for c in cols}
         if any(n_row.values()):
             out.append("| rows | " + " | ".join(f"{n_row[c]:,}" if n_row[c] else "" for c in cols) + " |")
+        se = {c: first.get(c, {}).get("auc_se") for c in cols}
+        if any(v is not None for v in se.values()):
+            out.append("| AUC std. error of the test rows | " + " | ".join(f"±{se[c]:.4f}" if se[c] is not None else ""
+                                                                      for c in cols) + " |")
+            small = [c for c in cols if se[c] is not None and se[c] >= 0.02]
+            if small:
+                out += ["", f"Segments {', '.join(small)}: an AUC over so few test rows moves by the standard error "
+                            "above between test sets of that size (Hanley & McNeil; the seed spread of one fixed "
+                            "test set does not show it): differences there are not evidence either way."]
     return out
 
 

@@ -95,15 +95,29 @@ class Segmenter:
                 "torso": f"{self.tail_max + 1}-{self.head_min - 1}", "head": f">= {self.head_min}"}
 
 
+def auc_standard_error(a: float, n_pos: int, n_neg: int) -> float:
+    """Hanley & McNeil (1982) standard error of an AUC ``a`` over ``n_pos`` positive and ``n_neg``
+    negative rows: how far the same model's AUC moves between test sets of that size (an AUC over 25
+    rows: about ±0.1), which no spread over student seeds on one fixed test set shows."""
+    if n_pos < 1 or n_neg < 1 or np.isnan(a):
+        return float("nan")
+    q1, q2 = a / (2 - a), 2 * a * a / (1 + a)
+    var = (a * (1 - a) + (n_pos - 1) * (q1 - a * a) + (n_neg - 1) * (q2 - a * a)) / (n_pos * n_neg)
+    return float(np.sqrt(max(var, 0.0)))
+
+
 def segment_metrics(logits: np.ndarray, labels: np.ndarray, buckets: np.ndarray) -> dict[str, dict[str, Any]]:
-    """``{bucket: {"auc", "n", "positive_rate"}}`` for the buckets present (AUC null with one class)."""
+    """``{bucket: {"auc", "auc_se", "n", "positive_rate"}}`` for the buckets present (AUC null with one
+    class; ``auc_se``: :func:`auc_standard_error`)."""
     out: dict[str, dict[str, Any]] = {}
     for b in BUCKETS:
         m = buckets == b
         if m.any():
             a = auc(logits[m], labels[m])
-            out[b] = {"auc": None if np.isnan(a) else a, "n": int(m.sum()),
-                      "positive_rate": round(float(labels[m].mean()), 4)}
+            pos = int(np.count_nonzero(labels[m] > 0.5))
+            se = auc_standard_error(a, pos, int(m.sum()) - pos)
+            out[b] = {"auc": None if np.isnan(a) else a, "auc_se": None if np.isnan(se) else round(se, 4),
+                      "n": int(m.sum()), "positive_rate": round(float(labels[m].mean()), 4)}
     return out
 
 
