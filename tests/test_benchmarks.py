@@ -139,6 +139,16 @@ def test_bench_step(tmp_path: Path) -> None:
         "--no-gating-check", "--transfer"]))
     assert res2["transfer"] and 0.2 < res2["transfer_share"] < 0.8
     assert set(res2["step_ms"]) == methods and all(positive(v) for v in res2["step_ms"].values())
+    # bench_targets on the same fitted committee (no refit): every candidate target scored on test
+    out3 = tmp_path / "targets"
+    assert load_bench("bench_targets").main([str(cfg), "--run-dir", str(out), "--out", str(out3)]) == 0
+    res3 = json.loads((out3 / "results.json").read_text())
+    t = res3["targets"]
+    assert {"teacher `dlrm`", "committee average (logits)", "held-out stack (DiverseDistill's target)",
+            "feature-weighted linear stacking", "LightGBM stacker"} <= set(t)
+    assert all(0.0 <= r["test_auc"] <= 1.0 and r["test_logloss"] > 0 for r in t.values())
+    assert res3["best_on_valid"] in res3["teachers"] and set(res3["stack"]) <= {"cold", "tail", "torso", "head", "all"}
+    assert "| held-out stack (DiverseDistill's target) | 0." in (out3 / "results.md").read_text()
 
 
 def test_bench_cache(tmp_path: Path) -> None:
