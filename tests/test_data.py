@@ -313,6 +313,25 @@ def test_time_split_with_ties_keeps_test_not_earlier_than_train():
     assert ts[s["test"]].min() >= ts[s["train"]].max()
 
 
+def test_time_split_parses_date_strings_and_refuses_missing_or_junk_times():
+    log = _log(1000)
+    ts = log["timestamp"].to_numpy()
+    days = pd.Timestamp("2020-01-01") + pd.to_timedelta(ts, unit="s")
+    spec = _log_spec({"by": "time", "column": "timestamp", "valid": 0.1, "test": 0.2})
+    want = split_rows(spec, log)
+    # month/day/year strings sort wrongly as text ("12/..." before "2/..."); as dates they split as the numbers
+    as_text = log.assign(timestamp=[f"{d.month}/{d.day}/{d.year} {d:%H:%M:%S}" for d in days])
+    assert all(np.array_equal(split_rows(spec, as_text)[k], want[k]) for k in want)
+    aware = log.assign(timestamp=pd.Series(days).dt.tz_localize("Europe/Paris"))
+    assert all(np.array_equal(split_rows(spec, aware)[k], want[k]) for k in want)
+    with pytest.raises(SpecError, match=r"column 'timestamp', row 7: missing time \(1 rows\)"):
+        split_rows(spec, log.assign(timestamp=log["timestamp"].astype(float).where(log.index != 7)))
+    junk = as_text.copy()
+    junk.loc[3, "timestamp"] = "yesterday-ish"
+    with pytest.raises(SpecError, match=r"column 'timestamp', row 3: 'yesterday-ish' is neither a number nor"):
+        split_rows(spec, junk)
+
+
 def test_cold_item_split():
     log = _log(2000, n_items=120)
     spec = _log_spec({"by": "cold_item", "valid": 0.1, "test": 0.1, "seed": 1})
@@ -486,3 +505,27 @@ def test_key_index_answers_as_pandas_get_indexer(keys) -> None:
     assert KeyIndex(np.array([7, 3, 0, 12, 5]))._table is not None  # the fast path is taken where it can be
     with pytest.raises(Exception, match="unique"):  # duplicate keys are refused as pandas refuses them
         KeyIndex(np.array([1, 2, 2])).get_indexer(np.array([2]))
+
+
+def test_non_numeric_label_or_dense_value_is_named_with_its_row(tmp_path):
+    spec = FeatureSpecSet.from_dict({
+        "name": "log",
+        "tables": {"interactions": {"path": str(tmp_path / "log.csv"), "key": ["user_id", "item_id"],
+                                    "label": {"column": "y"}}},
+        "features": [{"name": "user_id", "kind": "sparse_id", "table": "interactions"},
+                     {"name": "item_id", "kind": "sparse_id", "table": "interactions"},
+                     {"name": "price", "kind": "dense", "table": "interactions"}],
+        "visibility": {"student": ["user_id", "item_id", "price"]},
+        "split": {"by": "random", "valid": 0.1, "test": 0.1},
+    })
+    log = _log(200).assign(price=np.linspace(0, 1, 200))
+    bad_y = log.astype({"y": object})
+    bad_y.loc[5, "y"] = "yes"
+    bad_y.to_csv(tmp_path / "log.csv", index=False)
+    with pytest.raises(SpecError, match=r"column 'y', row 5 \(value 'yes'\): the label must be numeric"):
+        Dataset.build(spec)
+    bad_x = log.astype({"price": object})
+    bad_x.loc[9, "price"] = "n/a?"
+    bad_x.to_csv(tmp_path / "log.csv", index=False)
+    with pytest.raises(SpecError, match=r"feature 'price', column 'price', row 9 \(value 'n/a\?'\): kind 'dense' needs"):
+        Dataset.build(spec)

@@ -122,7 +122,8 @@ def _check_table(spec: FeatureSpecSet, name: str, df: pd.DataFrame, loc: str, wh
         where = f"file '{loc}', feature '{f.name}', column '{f.col}'"
         if f.kind == "dense":
             if not pd.api.types.is_numeric_dtype(col.dtype) or col.dtype.kind == "c":
-                raise SpecError(f"{where}: kind 'dense' needs a numeric column, got dtype {col.dtype}")
+                raise SpecError(f"{where}{_first_non_number(col)}: kind 'dense' needs a numeric column, got dtype "
+                                f"{col.dtype}")
             x = col.to_numpy(np.float64, na_value=np.nan)
             r = first_out_of_float32(x)
             if r is not None:
@@ -263,7 +264,8 @@ def make_labels(spec: FeatureSpecSet, inter: pd.DataFrame, loc: str | None = Non
     if lab.positive is not None:
         return _positive_labels(col, lab.positive, f"file '{loc}', column '{lab.column}'", both_classes)
     if not pd.api.types.is_numeric_dtype(col.dtype) and not pd.api.types.is_bool_dtype(col.dtype):
-        raise SpecError(f"file '{loc}', column '{lab.column}': the label must be numeric, got dtype {col.dtype}; "
+        raise SpecError(f"file '{loc}', column '{lab.column}'{_first_non_number(col)}: the label must be numeric, "
+                        f"got dtype {col.dtype}; "
                         f"for string labels give the positive value, e.g. `label: {{column: {lab.column}, "
                         f"positive: {str(col.iloc[0])!r}}}`")
     x = col.to_numpy().astype(np.float64)
@@ -290,7 +292,8 @@ def split_rows(spec: FeatureSpecSet, inter: pd.DataFrame) -> dict[str, np.ndarra
     elif s.by == "time":
         if s.column not in inter.columns:
             raise SpecError(f"file '{table_location(spec, 'interactions')}': split column '{s.column}' is missing")
-        order = np.argsort(inter[s.column].to_numpy(), kind="stable")
+        order = np.argsort(_time_keys(inter[s.column], f"file '{table_location(spec, 'interactions')}', column "
+                                                     f"'{s.column}'"), kind="stable")
         parts = {"train": order[:n - n_test - n_valid], "valid": order[n - n_test - n_valid:n - n_test],
                  "test": order[n - n_test:]}
     else:  # cold_item: whole items go to test (then valid); none of their rows is in train
@@ -309,6 +312,44 @@ def split_rows(spec: FeatureSpecSet, inter: pd.DataFrame) -> dict[str, np.ndarra
         if len(v) == 0:
             raise SpecError(f"split '{s.by}': the {k} split is empty ({n} interactions)")
     return out
+
+
+def _first_non_number(col: pd.Series) -> str:
+    """``", row R (value 'x')"`` for the first value of ``col`` that is not a number (empty if none is:
+    e.g. a complex column)."""
+    bad = pd.to_numeric(col, errors="coerce").isna() & col.notna()
+    if not bad.any():
+        return ""
+    r = int(np.flatnonzero(bad.to_numpy())[0])
+    return f", row {r} (value {str(col.iloc[r])[:40]!r})"
+
+
+def _time_keys(col: pd.Series, where: str) -> np.ndarray:
+    """``[N]`` sortable times of a time-split column: numbers, datetimes, or strings that parse as
+    dates/times. A missing or unparsable time is refused with its row: sorting would put it first or
+    last and silently move the row into train or test."""
+    if pd.api.types.is_bool_dtype(col.dtype):
+        raise SpecError(f"{where}: a time split needs numbers or dates/times, got booleans")
+    if pd.api.types.is_numeric_dtype(col.dtype) or pd.api.types.is_datetime64_any_dtype(col.dtype):
+        t = col
+    else:
+        with warnings.catch_warnings():  # "could not infer format": each value parsed on its own, fine here
+            warnings.simplefilter("ignore", UserWarning)
+            t = pd.to_datetime(col, errors="coerce", utc=True, format="mixed")
+        bad = t.isna() & col.notna()
+        if bad.any():
+            r = int(np.flatnonzero(bad.to_numpy())[0])
+            raise SpecError(f"{where}, row {r}: {col.iloc[r]!r} is neither a number nor a date/time (a time split "
+                            "orders the rows by this column)")
+    missing = t.isna().to_numpy()
+    if missing.any():
+        raise SpecError(f"{where}, row {int(np.flatnonzero(missing)[0])}: missing time ({int(missing.sum())} rows); a "
+                        "time split orders every row by this column")
+    if pd.api.types.is_datetime64_any_dtype(t.dtype):
+        if getattr(t.dt, "tz", None) is not None:  # aware times: compare in UTC (numpy has no time zones)
+            t = t.dt.tz_convert("UTC").dt.tz_localize(None)
+        return t.to_numpy("datetime64[ns]")
+    return t.to_numpy()
 
 
 def one_class_message(where: str, label: float) -> str:
