@@ -65,6 +65,8 @@ def test_report_is_named_after_the_config_and_complete(bench) -> None:
     assert "segment oracle" in md and "per-sample oracle" in md and "Upper bounds" in md
     assert re.search(r"DiverseDistill's target, the committee's held-out stack: test AUC 0\.\d{4} \([+-]0\.\d{4} over", md)
     assert "| held-out stack (DiverseDistill's target) | 0." in md
+    assert re.search(r"Student parameters: [\d,]+; teachers: .*`dlrm` [\d,]+ parameters \(\d+x the student\)", md)
+    assert re.search(r"`lightgbm` \d+ trees, [\d,]+ leaves", md)
     assert "Test AUC per item segment" in md
     assert re.search(r"\| AUC std\. error of the test rows \| ±0\.\d{4}", md)
     assert "dd_foundation_only`: the committee has no foundation teacher" in md  # reported, not a traceback

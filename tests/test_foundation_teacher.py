@@ -48,6 +48,7 @@ def test_taps_heads_and_mixture(fitted) -> None:
     t.head("text:final")(h).sum().backward()
     assert h.grad is not None and all(p.grad is None for p in t.head("text:final").parameters())
     assert t.params() > 20_000_000  # MiniLM (encoder) included
+    assert t.size() == {"params": t.params(), "frozen_encoder_params": t.encoder_params} and t.encoder_params > 20_000_000
     assert [f.name for f in t.dense_features] == ["year", "age"] and t.dense_inputs(ds, rows).shape == (64, 2)
     # the id-list feature (genres) is pooled by an EmbeddingBag of the id model and moves the output
     assert [f.name for f in t.list_features] == ["genres"] and len(t.net.bags) == 1

@@ -181,7 +181,7 @@ def markdown(b: Any, df: pd.DataFrame, seconds: float) -> str:
         lines += ["", "Not run:"] + [f"- `{k}`: {v}" for k, v in b.skipped.items()]
     sizes = df.student_params.dropna() if not df.empty else []
     if len(sizes):
-        lines += ["", f"Student parameters: {int(sizes.iloc[0]):,}."]
+        lines += ["", f"Student parameters: {int(sizes.iloc[0]):,}" + _teacher_sizes(b, int(sizes.iloc[0])) + "."]
     return "\n".join(lines) + "\n"
 
 
@@ -332,3 +332,19 @@ def _json(o: Any) -> Any:
     if isinstance(o, (np.floating, np.integer)):
         return o.item()
     return str(o)  # paths and anything else json cannot write
+
+
+def _teacher_sizes(b: Any, student: int) -> str:
+    """``"; teachers: `foundation` 22,926,308 parameters (335x the student; 22,713,216 in frozen
+    encoders), ..."`` from the first split's teacher report (empty without one)."""
+    t = next((v for v in (getattr(b, "teachers", None) or {}).values() if v), None)
+    parts = []
+    for n, m in ((t or {}).get("members") or {}).items():
+        z = m.get("size") or {}
+        if z.get("params"):
+            frozen = z.get("frozen_encoder_params")
+            parts.append(f"`{n}` {z['params']:,} parameters ({z['params'] / max(student, 1):.0f}x the student"
+                         + (f"; {frozen:,} in frozen encoders" if frozen else "") + ")")
+        elif z.get("trees"):
+            parts.append(f"`{n}` {z['trees']:,} trees, {z['leaves']:,} leaves")
+    return ("; teachers: " + ", ".join(parts)) if parts else ""

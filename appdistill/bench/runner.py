@@ -228,15 +228,17 @@ class ConfigBench:
 
         va, te = ds.splits["valid"], ds.splits["test"]
         zs: dict[str, dict[str, np.ndarray]] = {"valid": {}, "test": {}}
+        sizes: dict[str, dict[str, int]] = {}
         for n in cfg.teachers:
             t = load_teacher(tdir, n, ds.spec, ds)
+            sizes[n] = t.size()
             for split, rows in (("valid", va), ("test", te)):
                 zs[split][n] = t.predict_all(ds, rows).logits.double().numpy()
         bv, bt = split_buckets(ds, va), split_buckets(ds, te)
         out: dict[str, Any] = {"best": best, "members": {}}
         for n in cfg.teachers:
             out["members"][n] = {"valid_auc": auc(zs["valid"][n], ds.labels[va]),
-                                 "test_auc": auc(zs["test"][n], ds.labels[te]),
+                                 "test_auc": auc(zs["test"][n], ds.labels[te]), "size": sizes[n],
                                  "segments": {k: segment_metrics(zs["test"][n], ds.labels[te], b)
                                               for k, b in bt.items()}}
         items_v, items_t = bv.get("items"), bt.get("items")

@@ -180,6 +180,11 @@ class Teacher(ABC):
     def identity_hash(self) -> str:
         return json_digest(self.identity(), 16)
 
+    def size(self) -> dict[str, int]:
+        """What the fitted teacher weighs, for reports (``{"params": N}``; subclasses add parts, e.g.
+        a foundation teacher's frozen encoders, a GBDT's trees and leaves); ``{}`` when unknown."""
+        return {}
+
     @abstractmethod
     def save(self, path: str | Path) -> None:
         """Write the fitted teacher to directory ``path`` (atomic files, no pickle)."""

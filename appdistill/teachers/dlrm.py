@@ -214,6 +214,9 @@ class DLRMTeacher(Teacher):
     def predict_all(self, ds: Dataset, rows: np.ndarray, batch_size: int | None = None) -> TeacherOutput:
         return super().predict_all(ds, rows, batch_size or self.config["eval_batch_size"])
 
+    def size(self) -> dict[str, int]:
+        return {"params": sum(p.numel() for p in self.model.parameters())} if self.model is not None else {}
+
     def hidden_dims(self) -> dict[str, int]:
         if self.model is None:
             return {}

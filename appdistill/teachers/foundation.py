@@ -318,6 +318,9 @@ class FoundationTeacher(Teacher):
         """Trainable parameters plus the frozen encoders' (the whole foundation teacher)."""
         return sum(p.numel() for p in self.net.parameters()) + self.encoder_params if self.net else 0
 
+    def size(self) -> dict[str, int]:
+        return {"params": self.params(), "frozen_encoder_params": self.encoder_params} if self.net else {}
+
     def _encoder_params(self) -> int:
         from appdistill.foundation.catalog import make_encoder
 

@@ -273,6 +273,11 @@ class LightGBMTeacher(Teacher):
             hit = self._lookup_cache[("leaf_values", self.artifact_hash)] = values
         return hit
 
+    def size(self) -> dict[str, int]:
+        """Trees and leaves (a leaf is one value; a tree of ``L`` leaves also holds ``L - 1`` splits)."""
+        return {"trees": len(self.tree_num_leaves), "leaves": int(sum(self.tree_num_leaves))} \
+            if self.booster is not None else {}
+
     def hidden_dims(self) -> dict[str, int]:
         """``{"leaves": n_trees}``; leaf values of tree ``t`` lie in ``[0, tree_num_leaves[t])``."""
         return {"leaves": len(self.tree_num_leaves)}
