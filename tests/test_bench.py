@@ -63,7 +63,8 @@ def test_report_is_named_after_the_config_and_complete(bench) -> None:
     assert "Tuning budget: each method tried [2] setting(s)" in md
     assert "Best teacher's lead over the best-epoch plain student" in md
     assert "segment oracle" in md and "per-sample oracle" in md and "Upper bounds" in md
-    assert re.search(r"DiverseDistill's target, the committee's held-out stack: test AUC 0\.\d{4} \([+-]0\.\d{4} over", md)
+    assert re.search(r"DiverseDistill's target, the committee's held-out stack: test AUC 0\.\d{4} \([+-]0\.\d{4} over "
+                     r"the best teacher on test, `\w+`; [+-]0\.\d{4} over the committee's average logit, 0\.\d{4}\)", md)
     assert "| held-out stack (DiverseDistill's target) | 0." in md
     assert re.search(r"Student parameters: [\d,]+; teachers: .*`dlrm` [\d,]+ parameters \(\d+x the student\)", md)
     assert re.search(r"`lightgbm` \d+ trees, [\d,]+ leaves", md)

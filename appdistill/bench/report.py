@@ -150,10 +150,13 @@ def markdown(b: Any, df: pd.DataFrame, seconds: float) -> str:
             st = t.get("stack")
             if st:
                 top = max(mem, key=lambda n: mem[n]["test_auc"])
+                avg = st.get("average_auc")
                 lines.append(f"DiverseDistill's target, the committee's held-out stack: test AUC {st['auc']:.4f} "
-                             f"({st['auc'] - mem[top]['test_auc']:+.4f} over the best teacher on test, `{top}`); "
-                             "where it is level with one teacher, DiverseDistill and `kd` distil nearly the same "
-                             "function and tie.")
+                             f"({st['auc'] - mem[top]['test_auc']:+.4f} over the best teacher on test, `{top}`"
+                             + (f"; {st['auc'] - avg:+.4f} over the committee's average logit, {avg:.4f}"
+                                if avg is not None else "")
+                             + "); where it is level with one teacher DiverseDistill and `kd` distil nearly the "
+                             "same function, where it is level with the average it and `avg_kd` do.")
         lines += ["", "| method | test AUC | valid AUC | vs plain (test) | gap recovered | cold-item AUC | "
                       "skipped answers | train s | setting |", "|---|---:|---:|---|---:|---:|---:|---:|---|"]
         for name, g in sub.groupby("method", sort=False):

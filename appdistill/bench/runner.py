@@ -302,7 +302,9 @@ def _stack_target(zs: dict[str, dict[str, np.ndarray]], ds: Dataset, names: list
     stack = SegmentStack.fit(HeldOut(zs["valid"], ds.labels[va], ds.item_ids[va]), names, ds.train_counts("items"))
     z = stack(torch.as_tensor(np.column_stack([zs["test"][n] for n in names]), dtype=torch.float32),
               torch.as_tensor(np.asarray(ds.item_ids[te], np.int64))).double().numpy()
-    out: dict[str, Any] = {"auc": auc(z, ds.labels[te]), "weights": stack.describe()}
+    avg = np.mean([zs["test"][n] for n in names], 0)
+    out: dict[str, Any] = {"auc": auc(z, ds.labels[te]), "average_auc": auc(avg, ds.labels[te]),
+                           "weights": stack.describe()}
     if items is not None:
         out["segments"] = segment_metrics(z, ds.labels[te], items)
     return out
