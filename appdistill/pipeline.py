@@ -186,7 +186,7 @@ def build_caches(cfg: ExperimentConfig, run_dir: str | Path, ds: Dataset | None 
         else:
             what = f"built {','.join(cache.built)}"
         echo(f"teacher cache {name}: {what}; {cache.n_rows:,} rows, {cache.nbytes / 2**20:.1f} MB, "
-             f"taps {cache.hidden_shapes()}, {cache.seconds:.1f} s -> {cache.path}")
+             f"{f'taps {cache.hidden_shapes()}' if cache.taps else 'logits only'}, {cache.seconds:.1f} s -> {cache.path}")
         caches[name] = cache
     return caches
 

@@ -357,6 +357,7 @@ def test_build_caches_from_config(ds, tmp_path, capsys):
     assert list(caches) == ["lightgbm", "dlrm"]
     out = capsys.readouterr().out
     assert "teacher cache lightgbm: built train,valid,test" in out and f"{ds.n:,} rows" in out and "MB" in out
+    assert "taps {'h': (4,)}" in out if caches["lightgbm"].taps else "logits only" in out
     assert (tmp_path / "cache" / "dlrm").is_dir()
     calls = {n: t.calls for n, t in made.items()}
     caches = build_caches(cfg, tmp_path, ds, teachers=made, progress=False)
