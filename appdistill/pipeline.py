@@ -166,9 +166,8 @@ def build_caches(cfg: ExperimentConfig, run_dir: str | Path, ds: Dataset | None 
         ``{teacher name: TeacherCache}`` in config order.
     """
     from appdistill.cache import get_or_build_cache
-    from appdistill.teachers.fit import load_teacher
-
     from appdistill.methods import METHODS
+    from appdistill.teachers.fit import load_teacher
 
     ds = ds if ds is not None else Dataset.build(cfg.load_spec())
     root = Path(run_dir) / "cache"

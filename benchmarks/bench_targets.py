@@ -91,8 +91,6 @@ def _cv_auc(fit, x: np.ndarray, y: np.ndarray, folds: int = 5) -> float | None: 
 
 def targets(cfg: Any, run_dir: Path) -> dict[str, Any]:
     """Score every candidate target of ``cfg``'s committee fitted in ``run_dir`` (caches built if missing)."""
-    import torch
-
     from appdistill.eval.metrics import auc, logloss
     from appdistill.features.dataset import Dataset
     from appdistill.methods.stack import HeldOut, SegmentStack
@@ -120,10 +118,9 @@ def targets(cfg: Any, run_dir: Path) -> dict[str, Any]:
     pm = np.clip((1 / (1 + np.exp(-np.clip(z["test"], -30, 30)))).mean(1), 1e-7, 1 - 1e-7)
     add("committee average (logits)", z["test"].mean(1), z["valid"].mean(1))
     add("committee average (probabilities)", np.log(pm) - np.log1p(-pm))
-    stack = SegmentStack.fit(HeldOut({n: z["valid"][:, j] for j, n in enumerate(names)}, y["valid"],
-                                     items["valid"]), names, freq)
+    stack = SegmentStack.fit(HeldOut.of(ds, {n: z["valid"][:, j] for j, n in enumerate(names)}), names, freq)
     add("held-out stack (DiverseDistill's target)",
-        stack(torch.as_tensor(z["test"], dtype=torch.float32), torch.as_tensor(items["test"])).double().numpy())
+        stack.score({n: z["test"][:, j] for j, n in enumerate(names)}, items["test"]))
     mv, mt = _meta(z["valid"], items["valid"], freq), _meta(z["test"], items["test"], freq)
     xv, xt = _fwls_design(z["valid"], mv), _fwls_design(z["test"], mt)
     add("feature-weighted linear stacking", _fit_fwls(xv, y["valid"])(xt), cv=_cv_auc(_fit_fwls, xv, y["valid"]))

@@ -294,14 +294,11 @@ def _stack_target(zs: dict[str, dict[str, np.ndarray]], ds: Dataset, names: list
     """DiverseDistill's target, the committee's held-out stack (fitted on validation), scored on test:
     where it is no better than the best teacher, DiverseDistill and single-teacher KD distil nearly
     the same function, and a tie between them is what to expect."""
-    import torch
-
     from appdistill.methods.stack import HeldOut, SegmentStack
 
-    va, te = ds.splits["valid"], ds.splits["test"]
-    stack = SegmentStack.fit(HeldOut(zs["valid"], ds.labels[va], ds.item_ids[va]), names, ds.train_counts("items"))
-    z = stack(torch.as_tensor(np.column_stack([zs["test"][n] for n in names]), dtype=torch.float32),
-              torch.as_tensor(np.asarray(ds.item_ids[te], np.int64))).double().numpy()
+    te = ds.splits["test"]
+    stack = SegmentStack.fit(HeldOut.of(ds, zs["valid"]), names, ds.train_counts("items"))
+    z = stack.score(zs["test"], ds.item_ids[te])
     avg = np.mean([zs["test"][n] for n in names], 0)
     out: dict[str, Any] = {"auc": auc(z, ds.labels[te]), "average_auc": auc(avg, ds.labels[te]),
                            "weights": stack.describe()}

@@ -26,6 +26,7 @@ Where items have no frequency segments (one row per entity: a table), one stack 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -51,6 +52,13 @@ class HeldOut:
     logits: dict[str, np.ndarray]
     labels: np.ndarray
     item_codes: np.ndarray
+
+    @classmethod
+    def of(cls, ds: Any, logits: dict[str, np.ndarray], split: str = "valid") -> HeldOut:
+        """The teachers' ``logits`` (``{teacher: [N]}``) on the rows of ``ds.splits[split]``, with those
+        rows' labels and item codes (``ds``: a :class:`~appdistill.features.dataset.Dataset`)."""
+        rows = ds.splits[split]
+        return cls(logits, ds.labels[rows], ds.item_ids[rows])
 
 
 def _newton(x: np.ndarray, y: np.ndarray, prior: np.ndarray, strength: float, iters: int = 25) -> np.ndarray:
@@ -122,6 +130,11 @@ class SegmentStack(nn.Module):
         """``z`` ``[B, n]`` teacher logits, ``item_codes`` ``[B]`` -> ``[B]`` stacked logits."""
         w = self.weights.index_select(0, self.segment_of(item_codes))  # [B, n + 1]
         return (w[:, :-1] * z.clamp(-LOGIT_CLIP, LOGIT_CLIP)).sum(1) + w[:, -1]
+
+    def score(self, logits: dict[str, np.ndarray], item_codes: np.ndarray) -> np.ndarray:
+        """:meth:`forward` on numpy: ``{teacher: [N]}`` logits and ``[N]`` item codes -> ``[N]`` float64."""
+        z = torch.as_tensor(np.column_stack([logits[n] for n in self.names]), dtype=torch.float32)
+        return self(z, torch.as_tensor(np.asarray(item_codes, np.int64))).double().numpy()
 
     def describe(self) -> dict[str, dict[str, float]]:
         """``{segment: {teacher: a, "bias": b}}``, for logs and reports."""

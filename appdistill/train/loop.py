@@ -464,8 +464,8 @@ def make_method(key: str, kwargs: dict[str, Any], committee: dict[str, Any], stu
         extra["item_frequency"] = ds.train_counts("items")
     if "held_out" in params and ds is not None and caches and len(ds.splits.get("valid", [])):
         valid = ds.splits["valid"]
-        extra["held_out"] = HeldOut({n: c.lookup("valid", valid, taps=[]).logits.numpy() for n, c in caches.items()},
-                                    ds.labels[valid], ds.item_ids[valid])
+        extra["held_out"] = HeldOut.of(ds, {n: c.lookup("valid", valid, taps=[]).logits.numpy()
+                                            for n, c in caches.items()})
     return METHODS.build(key, kwargs, "method", **extra)
 
 
