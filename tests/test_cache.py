@@ -85,6 +85,45 @@ def test_build_then_lookup_equals_predict(ds, tmp_path):
     assert list(out.hidden) == ["leaves"] and out.hidden["leaves"].dtype == torch.int8  # "auto": the smallest type holding the declared leaf count
 
 
+def test_rows_are_predicted_in_item_order_and_written_back_in_place(ds, tmp_path, monkeypatch):
+    import appdistill.cache.builder as builder_mod
+
+    monkeypatch.setattr(builder_mod, "RELEASE_ROWS", 2 * BS)  # windows of two predict chunks
+    asked: list[np.ndarray] = []
+
+    class Recording(FakeTeacher):
+        def predict(self, ds, rows):  # noqa: ANN001, ANN202
+            asked.append(np.asarray(rows).copy())
+            return super().predict(ds, rows)
+
+    t = Recording(ds.spec, "rec", float_taps={"h": 4}, int_taps={"leaves": 3})
+    cache = _build(t, ds, tmp_path, splits=["train"])
+    train = ds.splits["train"]
+    for w, lo in enumerate(range(0, len(train), 2 * BS)):
+        got = np.concatenate(asked[2 * w:2 * w + 2])  # the window's rows, in the order they were asked
+        assert np.array_equal(np.sort(got), train[lo:lo + 2 * BS])
+        key = ds.item_ids[got] * (ds.user_ids.max() + 1) + ds.user_ids[got]
+        assert (np.diff(key) >= 0).all()  # by item, then user: neighbouring table entries
+        assert not np.array_equal(got, train[lo:lo + 2 * BS])  # the order did change
+    _assert_same(cache.lookup("train", train), FakeTeacher.predict(t, ds, train))
+
+
+def test_predict_all_asks_in_item_order_and_returns_in_the_callers_order(ds):
+    asked: list[np.ndarray] = []
+
+    class Recording(FakeTeacher):
+        def predict(self, ds, rows):  # noqa: ANN001, ANN202
+            asked.append(np.asarray(rows).copy())
+            return super().predict(ds, rows)
+
+    t = Recording(ds.spec, "rec", float_taps={"h": 4}, int_taps={"leaves": 3})
+    rows = np.random.default_rng(1).choice(ds.n, 3000)  # any order, duplicates included
+    _assert_same(t.predict_all(ds, rows, batch_size=700), FakeTeacher.predict(t, ds, rows))
+    got = np.concatenate(asked)
+    key = ds.item_ids[got] * (ds.user_ids.max() + 1) + ds.user_ids[got]
+    assert len(asked) == 5 and (np.diff(key) >= 0).all()
+
+
 def test_layout_and_manifest(ds, tmp_path):
     t = _teacher(ds)
     cache = _build(t, ds, tmp_path)

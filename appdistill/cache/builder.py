@@ -73,7 +73,8 @@ def _split_rows(ds: Dataset, split: str) -> np.ndarray:
 def _write_split(teacher: Teacher, ds: Dataset, split: str, tmp: Path, batch_size: int,
                  float_dtype: FloatDtype, int_dtype: IntDtype, progress: bool, hidden: bool = True) -> CacheManifest:
     """Predict every row of ``split`` in chunks of ``batch_size`` straight into ``.npy`` memmaps in ``tmp``
-    (the logits only when ``hidden`` is false)."""
+    (the logits only when ``hidden`` is false), each window of :data:`RELEASE_ROWS` rows in
+    :meth:`~appdistill.features.dataset.Dataset.locality_order`."""
     from appdistill.progress import bar as progress_bar
 
     t0 = time.perf_counter()
@@ -87,44 +88,49 @@ def _write_split(teacher: Teacher, ds: Dataset, split: str, tmp: Path, batch_siz
     hidden_mm: dict[str, np.memmap] = {}
     taps: list[str] = []
     f16_overflow = 0
+    window = max(1, RELEASE_ROWS // batch_size) * batch_size
     with progress_bar(total=n, desc=f"cache {name}/{split}", unit="row", enabled=progress, leave=False) as bar:
-        for start in range(0, n, batch_size):
-            chunk = rows[start:start + batch_size]
-            out = teacher.predict(ds, chunk)
-            b = len(chunk)
-            lg = _to_numpy(out.logits)
-            if lg.shape not in ((b,), (b, 1)):
-                raise CacheError(f"teacher '{name}': predict returned logits of shape {lg.shape} for {b} rows; "
-                                 f"expected [{b}]")
-            logits_mm[start:start + b] = lg.reshape(b)
-            if hidden and start == 0:  # the first chunk fixes the taps, their widths and dtypes
-                taps = list(out.hidden)
-                declared = teacher.taps()
-                if len({_safe(t) for t in taps}) != len(taps):
-                    raise CacheError(f"teacher '{name}': hidden tap names {taps} collide once made file-safe")
+        for w0 in range(0, n, window):
+            win = rows[w0:w0 + window]
+            order = ds.locality_order(win)  # neighbouring table entries; written back in place
+            for a in range(0, len(win), batch_size):
+                pos = order[a:a + batch_size]  # positions in the window: written back where they belong
+                at = w0 + pos
+                b = len(pos)
+                out = teacher.predict(ds, win[pos])
+                lg = _to_numpy(out.logits)
+                if lg.shape not in ((b,), (b, 1)):
+                    raise CacheError(f"teacher '{name}': predict returned logits of shape {lg.shape} for {b} rows; "
+                                     f"expected [{b}]")
+                logits_mm[at] = lg.reshape(b)
+                if hidden and w0 == 0 and a == 0:  # the first batch fixes the taps, their widths and dtypes
+                    taps = list(out.hidden)
+                    declared = teacher.taps()
+                    if len({_safe(t) for t in taps}) != len(taps):
+                        raise CacheError(f"teacher '{name}': hidden tap names {taps} collide once made file-safe")
+                    for t in taps:
+                        h = _to_numpy(out.hidden[t])
+                        dt = _store_dtype(h, t, name, float_dtype, int_dtype,
+                                          declared[t].cardinality if t in declared else 0)
+                        hidden_mm[t] = np.lib.format.open_memmap(tmp / f"hidden.{_safe(t)}.npy", mode="w+",
+                                                                 dtype=dt, shape=(n, *h.shape[1:]))
+                if hidden and list(out.hidden) != taps:
+                    raise CacheError(f"teacher '{name}': predict returned taps {list(out.hidden)} for rows among "
+                                     f"{w0}..{w0 + len(win) - 1} of split '{split}', but {taps} before")
                 for t in taps:
                     h = _to_numpy(out.hidden[t])
-                    dt = _store_dtype(h, t, name, float_dtype, int_dtype,
-                                      declared[t].cardinality if t in declared else 0)
-                    hidden_mm[t] = np.lib.format.open_memmap(tmp / f"hidden.{_safe(t)}.npy", mode="w+", dtype=dt,
-                                                             shape=(n, *h.shape[1:]))
-            if hidden and list(out.hidden) != taps:
-                raise CacheError(f"teacher '{name}': predict returned taps {list(out.hidden)} for rows "
-                                 f"{start}..{start + b - 1} of split '{split}', but {taps} before")
-            for t in taps:
-                h = _to_numpy(out.hidden[t])
-                mm = hidden_mm[t]
-                if h.shape != (b, *mm.shape[1:]):
-                    raise CacheError(f"teacher '{name}': hidden tap '{t}' has shape {h.shape} for {b} rows; "
-                                     f"expected {(b, *mm.shape[1:])}")
-                if mm.dtype.kind in "iu":
-                    _check_int_range(h, mm.dtype, t, name)
-                mm[start:start + b] = h
-                if mm.dtype == np.float16:  # values above 65504 become inf: say so instead of training on it
-                    f16_overflow += int(np.count_nonzero(np.isinf(mm[start:start + b]) & np.isfinite(h)))
-            if (start // batch_size + 1) % max(1, RELEASE_ROWS // batch_size) == 0:
-                release_mapped([logits_mm, *hidden_mm.values()])  # written pages: out of the resident set
-            bar.update(b)
+                    mm = hidden_mm[t]
+                    if h.shape != (b, *mm.shape[1:]):
+                        raise CacheError(f"teacher '{name}': hidden tap '{t}' has shape {h.shape} for {b} rows; "
+                                         f"expected {(b, *mm.shape[1:])}")
+                    if mm.dtype.kind in "iu":
+                        _check_int_range(h, mm.dtype, t, name)
+                    stored = h.astype(mm.dtype, copy=False)
+                    if mm.dtype == np.float16:  # values above 65504 become inf: say so instead of training on it
+                        f16_overflow += int(np.count_nonzero(np.isinf(stored) & np.isfinite(h)))
+                    mm[at] = stored
+                bar.update(b)
+            release_mapped([logits_mm, *hidden_mm.values()])  # written pages: out of the resident set
     if f16_overflow:
         warnings.warn(f"teacher '{name}', split '{split}': {f16_overflow} hidden values overflow float16 and "
                       "were stored as inf; use float_dtype='float32'", RuntimeWarning, stacklevel=3)

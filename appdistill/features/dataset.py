@@ -154,6 +154,20 @@ class Dataset:
             self.release_pages()
         return out
 
+    def locality_order(self, rows: np.ndarray) -> np.ndarray:
+        """Positions of ``rows`` sorted by (item, user) code: the order to predict many rows in.
+
+        Id models look rows up in tables as large as the catalogue (embedding rows, a GBDT's
+        categorical bitsets); in split order each lookup lands anywhere in them, and once they
+        outgrow the CPU caches the cost per row rises with the data. In this order consecutive
+        rows read neighbouring entries. Callers write outputs back to their rows' places.
+
+        Example:
+            >>> order = ds.locality_order(rows)          # doctest: +SKIP
+            >>> out[order] = teacher.predict(ds, rows[order]).logits
+        """
+        return np.lexsort((self.gather(self.user_ids, rows), self.gather(self.item_ids, rows)))
+
     def train_counts(self, kind: str) -> np.ndarray:
         """Training rows per ``"items"`` or ``"users"`` code, ``[max code + 1]`` int64 (memoised).
 

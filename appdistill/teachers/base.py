@@ -195,7 +195,13 @@ class Teacher(ABC):
         """Load a teacher saved by :meth:`save`."""
 
     def predict_all(self, ds: Dataset, rows: np.ndarray, batch_size: int = 8192) -> TeacherOutput:
-        """:meth:`predict` over many rows in chunks, concatenated."""
-        outs = [self.predict(ds, rows[i:i + batch_size]) for i in range(0, len(rows), batch_size)]
-        return TeacherOutput(torch.cat([o.logits for o in outs]),
-                             {k: torch.cat([o.hidden[k] for o in outs]) for k in outs[0].hidden})
+        """:meth:`predict` over many rows in chunks of ``batch_size``, in the order of ``rows``.
+
+        The rows are predicted in :meth:`~appdistill.features.dataset.Dataset.locality_order` (by
+        item, then user) and the outputs put back in place."""
+        rows = np.asarray(rows)
+        order = ds.locality_order(rows)
+        outs = [self.predict(ds, rows[order[i:i + batch_size]]) for i in range(0, len(rows), batch_size)]
+        back = torch.from_numpy(np.argsort(order))
+        return TeacherOutput(torch.cat([o.logits for o in outs])[back],
+                             {k: torch.cat([o.hidden[k] for o in outs])[back] for k in outs[0].hidden})
