@@ -60,6 +60,18 @@ def _leftovers(root: Path) -> list[Path]:
     return [p for p in root.rglob("*") if p.name.startswith(".") and p.name.endswith((".tmp", ".old"))]
 
 
+class _Recording(FakeTeacher):
+    """A fake teacher that keeps the rows of every ``predict`` call, in the order asked."""
+
+    def __init__(self, *args, asked: list, **kw) -> None:  # noqa: ANN002, ANN003
+        super().__init__(*args, **kw)
+        self.asked = asked
+
+    def predict(self, ds, rows):  # noqa: ANN001, ANN202
+        self.asked.append(np.asarray(rows).copy())
+        return super().predict(ds, rows)
+
+
 def _split_dir(cache: TeacherCache, split: str) -> Path:
     return cache.path / split
 
@@ -90,13 +102,7 @@ def test_rows_are_predicted_in_item_order_and_written_back_in_place(ds, tmp_path
 
     monkeypatch.setattr(builder_mod, "RELEASE_ROWS", 2 * BS)  # windows of two predict chunks
     asked: list[np.ndarray] = []
-
-    class Recording(FakeTeacher):
-        def predict(self, ds, rows):  # noqa: ANN001, ANN202
-            asked.append(np.asarray(rows).copy())
-            return super().predict(ds, rows)
-
-    t = Recording(ds.spec, "rec", float_taps={"h": 4}, int_taps={"leaves": 3})
+    t = _Recording(ds.spec, "rec", float_taps={"h": 4}, int_taps={"leaves": 3}, asked=asked)
     cache = _build(t, ds, tmp_path, splits=["train"])
     train = ds.splits["train"]
     for w, lo in enumerate(range(0, len(train), 2 * BS)):
@@ -110,13 +116,7 @@ def test_rows_are_predicted_in_item_order_and_written_back_in_place(ds, tmp_path
 
 def test_predict_all_asks_in_item_order_and_returns_in_the_callers_order(ds):
     asked: list[np.ndarray] = []
-
-    class Recording(FakeTeacher):
-        def predict(self, ds, rows):  # noqa: ANN001, ANN202
-            asked.append(np.asarray(rows).copy())
-            return super().predict(ds, rows)
-
-    t = Recording(ds.spec, "rec", float_taps={"h": 4}, int_taps={"leaves": 3})
+    t = _Recording(ds.spec, "rec", float_taps={"h": 4}, int_taps={"leaves": 3}, asked=asked)
     rows = np.random.default_rng(1).choice(ds.n, 3000)  # any order, duplicates included
     _assert_same(t.predict_all(ds, rows, batch_size=700), FakeTeacher.predict(t, ds, rows))
     got = np.concatenate(asked)
