@@ -2,9 +2,16 @@
 
 Columns of the design matrix, per visible feature:
 
-- ``sparse_id``: the encoded id (``ds.sparse``, 0 = OOV) as a LightGBM *categorical* column;
+- ``sparse_id``: the encoded id (``ds.sparse``, 0 = OOV) as a LightGBM *categorical* column, its
+  codes renumbered by training frequency (``cat_rank``: the most frequent id is category 0);
 - ``id_list``: one 0/1 column per id when the vocabulary is small (``multi_hot_max``), else the
-  first ``list_first_k`` ids as categorical columns (NaN when the list is shorter);
+  first ``list_first_k`` ids as categorical columns (NaN when the list is shorter), renumbered the same way;
+
+Why the renumbering: a categorical split stores a bitset up to the largest category in its set.
+Splits only ever hold ids frequent enough to earn a bin, but the vocabulary numbers ids by value,
+so a split on a popular item of a 200k catalogue stored a 25 KB bitset, and every tree walk of
+every row read one; ranked by frequency, the same splits need a few words and stay in the CPU
+caches however large the catalogue (the fit is the same up to the order of equal categories).
 - ``dense``: the transformed value (``ds.dense`` gathered through ``ds.table_rows``);
 - ``text``: a ``text_dim``-dimensional PCA projection of the feature's embedding matrix, *if* one is
   given (``teacher.text_embeddings = {"title": [n_table_rows, d]}``, set by the pipeline from the
@@ -45,6 +52,7 @@ from appdistill.teachers.fit import TeacherError, encoding_fingerprint, jsonable
 
 log = logging.getLogger("appdistill.teachers")
 MODEL_FILE = "model.txt"
+CAT_FILE = "categories.npz"  # the frequency rank of each categorical feature's codes
 
 
 @TEACHERS.register("lightgbm")
@@ -103,6 +111,9 @@ class LightGBMTeacher(Teacher):
         self.data_fingerprint = ""
         self.encoding = ""
         self._lookup_cache: dict[tuple[Any, ...], Any] = {}
+        #: per categorical feature: ``[num_embeddings]`` int32 category of each code (by training frequency)
+        self.cat_rank: dict[str, np.ndarray] = {}
+        self.cat_rank_hash = ""
 
     # ------------------------------------------------------------------ design matrix
     def _plan(self, ds: Dataset) -> list[dict[str, Any]]:
@@ -134,7 +145,7 @@ class LightGBMTeacher(Teacher):
         for fname, idx in by_feature.items():
             f = self.spec.feature(fname)
             if f.kind == "sparse_id":
-                x[:, idx[0]] = ds.sparse[f.name][rows]
+                x[:, idx[0]] = self._category(f.name, ds.sparse[f.name][rows])
             elif f.kind == "dense":
                 x[:, idx[0]] = ds.dense[f.name][ds.table_rows[f.table][rows]]
             elif f.kind == "id_list":
@@ -147,10 +158,32 @@ class LightGBMTeacher(Teacher):
                 else:  # rank of each value within its row; keep the first k
                     rank = np.arange(len(values)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
                     keep = rank < len(idx)
-                    x[who[keep], np.asarray(idx)[rank[keep]]] = values[keep]
+                    x[who[keep], np.asarray(idx)[rank[keep]]] = self._category(f.name, values[keep])
             else:
                 x[:, idx] = self._text_rows(ds, f, rows)
         return x
+
+    def _category(self, feature: str, codes: np.ndarray) -> np.ndarray:
+        """LightGBM's category of each vocabulary code (a code beyond the fitted vocabulary: -1, missing)."""
+        rank = self.cat_rank.get(feature)
+        if rank is None:  # saved before the renumbering: codes are the categories
+            return codes
+        codes = np.asarray(codes, np.int64)
+        return np.where(codes < len(rank), rank[np.minimum(codes, len(rank) - 1)], -1)
+
+    def _fit_cat_rank(self, ds: Dataset, rows: np.ndarray) -> None:
+        """Number each categorical feature's codes by their count in ``rows`` (descending, ties by code)."""
+        self.cat_rank = {}
+        for fname in sorted({c["feature"] for c in self.columns if c["kind"] == "cat"}):
+            f = self.spec.feature(fname)
+            n = ds.processor.vocabs[fname].num_embeddings
+            codes = ds.sparse[fname][rows] if f.kind == "sparse_id" \
+                else ds.lists[fname].take(ds.table_rows[f.table][rows])[1]
+            counts = np.bincount(np.asarray(codes, np.int64), minlength=n)
+            order = np.argsort(-counts, kind="stable")
+            rank = np.empty(len(counts), np.int32)
+            rank[order] = np.arange(len(counts), dtype=np.int32)
+            self.cat_rank[fname] = rank
 
     # ------------------------------------------------------------------ text projection
     def input_fingerprint(self, ds: Dataset) -> dict[str, str]:
@@ -226,6 +259,7 @@ class LightGBMTeacher(Teacher):
         names = [c["name"] for c in self.columns]
         cats = [c["name"] for c in self.columns if c["kind"] == "cat"]
         tr, va = fit_rows(ds, self.config["max_train_rows"], self.config["seed"]), ds.splits["valid"]
+        self._fit_cat_rank(ds, tr)
         params = self._params()
         dtrain = lgb.Dataset(self.design(ds, tr), ds.labels[tr], feature_name=names, categorical_feature=cats,
                              params=params, free_raw_data=True)
@@ -247,6 +281,8 @@ class LightGBMTeacher(Teacher):
         self.artifact_hash = hashlib.sha256(model_text.encode()).hexdigest()
         self.tree_num_leaves = [int(t["num_leaves"]) for t in self.booster.dump_model()["tree_info"]]
         self.text_hashes = {k: hashlib.sha256(v["values"].tobytes()).hexdigest()[:16] for k, v in self.text.items()}
+        self.cat_rank_hash = hashlib.sha256(b"".join(k.encode() + v.tobytes() for k, v in sorted(
+            self.cat_rank.items()))).hexdigest()[:16] if self.cat_rank else ""
 
     def predict(self, ds: Dataset, rows: np.ndarray) -> TeacherOutput:
         """``logits`` ``[B]`` float32 raw margins, ``hidden["leaves"]`` ``[B, n_trees]`` int64."""
@@ -296,8 +332,11 @@ class LightGBMTeacher(Teacher):
         return max(self.tree_num_leaves, default=1)
 
     def identity(self) -> dict[str, Any]:
-        return {**super().identity(), "config": self.config, "fitted_on": self.data_fingerprint,
-                "text": self.text_hashes}
+        ident = {**super().identity(), "config": self.config, "fitted_on": self.data_fingerprint,
+                 "text": self.text_hashes}
+        if self.cat_rank:  # what the categories mean is part of the model (absent: saved before ranks)
+            ident["categories"] = self.cat_rank_hash
+        return ident
 
     # ------------------------------------------------------------------ save / load
     def save(self, path: str | Path) -> None:
@@ -313,8 +352,15 @@ class LightGBMTeacher(Teacher):
             buf = io.BytesIO()
             np.savez(buf, **t)
             atomic_write_bytes(path / f"text_{fname}.npz", buf.getvalue())
+        extra = [CAT_FILE] if self.cat_rank else []
+        if self.cat_rank:
+            buf = io.BytesIO()
+            np.savez(buf, **self.cat_rank)
+            atomic_write_bytes(path / CAT_FILE, buf.getvalue())
+        elif (path / CAT_FILE).exists():
+            (path / CAT_FILE).unlink()
         # the sha256 of every artefact, checked before LightGBM parses anything (see load)
-        files = file_digests(path, [MODEL_FILE, *(f"text_{f}.npz" for f in self.text)])
+        files = file_digests(path, [MODEL_FILE, *(f"text_{f}.npz" for f in self.text), *extra])
         write_teacher_json(self, path, columns=self.columns, best_iteration=self.best_iteration,
                            encoding=self.encoding, fitted_on=self.data_fingerprint, files=files)
 
@@ -327,6 +373,9 @@ class LightGBMTeacher(Teacher):
         for fname in sorted({c["feature"] for c in t.columns if spec.feature(c["feature"]).kind == "text"}):
             with np.load(path / f"text_{fname}.npz", allow_pickle=False) as z:
                 t.text[fname] = {k: z[k] for k in z.files}
+        if CAT_FILE in (meta.get("files") or {}):  # verified above with the other files
+            with np.load(path / CAT_FILE, allow_pickle=False) as z:
+                t.cat_rank = {k: z[k].astype(np.int32) for k in z.files}
         t.data_fingerprint, t.encoding = meta["fitted_on"], meta["encoding"]
         t._set_booster((path / MODEL_FILE).read_text())
         return t
