@@ -200,6 +200,8 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         key, val = ov.split("=", 1)
         node = raw
         parts = key.strip().split(".")
+        if not all(p.strip() for p in parts):
+            raise ConfigError(f"--set '{ov}': empty key in '{key}'; expected key.path=value (e.g. train.epochs=2)")
         for p in parts[:-1]:
             nxt = node.get(p)
             if nxt is None:
@@ -207,7 +209,12 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             if not isinstance(nxt, dict):
                 raise ConfigError(f"--set '{ov}': '{p}' is not a section")
             node = nxt
-        value = yaml.safe_load(val)
+        from appdistill.features.spec import load_yaml  # bounded safe_load, errors name the override
+
+        try:
+            value = load_yaml(val, "--set", ConfigError)
+        except ConfigError as e:  # "file '--set': not valid YAML: ..." -> name the override instead
+            raise ConfigError(f"--set '{ov}': the value {str(e).split(': ', 1)[-1]}") from None
         if parts == ["method", "key"] and node.get("key") != value:
             node["kwargs"] = {}
         if value is None and len(parts) == 2 and parts[0] == "teachers":

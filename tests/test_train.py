@@ -89,6 +89,22 @@ def test_config_errors_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]
               tmp_path / "r2", progress=False)
 
 
+@pytest.mark.parametrize("ov, needle", [
+    ("train.epochs=[1", "--set 'train.epochs=[1': the value not valid YAML"),
+    ("train.epochs=&a [*a]", "--set 'train.epochs=&a [*a]': the value refused"),
+    ("=3", "--set '=3': empty key"),
+    ("train..epochs=3", "--set 'train..epochs=3': empty key"),
+])
+def test_malformed_set_override_exits_2_naming_it(tmp_path: Path, capsys: pytest.CaptureFixture[str], ov: str,
+                                                  needle: str) -> None:
+    p = tiny_config(tmp_path)
+    with pytest.raises(ConfigError, match=needle.replace("[", r"\[").replace("*", r"\*")):
+        load_config(p, [ov])
+    assert main(["validate", str(p), "--set", ov]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err
+
+
 def test_cli_validate(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["validate", str(REPO / "feature_specs/ml100k.yaml")]) == 0
     out = capsys.readouterr().out
