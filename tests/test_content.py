@@ -125,6 +125,9 @@ def test_refresh_adds_new_items_all_or_nothing(trained: dict, monkeypatch: pytes
     dup = tmp / "dup.csv"
     pd.concat([new, new]).to_csv(dup, index=False)
     assert main(["content", "refresh", str(export), "--items", str(dup)]) == 2
+    twice = tmp / "twice.csv"  # the key column written twice (pandas alone would read 'item_id' and 'item_id.1')
+    new.assign(k=new["item_id"] + 1).rename(columns={"k": "item_id"}).to_csv(twice, index=False)
+    assert main(["content", "refresh", str(export), "--items", str(twice)]) == 2
     assert {p.relative_to(export): p.read_bytes() for p in export.rglob("*") if p.is_file()} == snapshot
 
     assert main(["content", "refresh", str(export), "--items", str(path)]) == 0

@@ -211,6 +211,26 @@ def test_score_cli_other_refusals(trained, tmp_path: Path, capsys: pytest.Captur
     assert not (tmp_path / "o.csv").exists() and not (tmp_path / "o.txt").exists()
 
 
+@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+def test_score_refuses_a_needed_column_written_twice(trained, tmp_path: Path, fmt: str,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """CSV: pandas renames the second 'age' to 'age.1' and the first would be scored silently."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    _, _, out, df, _ = trained
+    rows = df.iloc[:5].reset_index(drop=True)
+    inp = tmp_path / f"in.{fmt}"
+    if fmt == "csv":
+        rows.assign(**{"age.x": 99.0}).rename(columns={"age.x": "age"}).to_csv(inp, index=False)
+    else:
+        cols = [pa.array(rows[c]) for c in rows.columns]
+        pq.write_table(pa.table(cols + [pa.array([99.0] * 5)], names=[*rows.columns, "age"]), inp)
+    rc, err = score_cli(out, inp, tmp_path / "o.csv", capsys)
+    assert rc == 2 and str(inp) in err and "['age'] appear more than once" in err, err
+    assert not (tmp_path / "o.csv").exists()
+
+
 def test_score_output_is_written_atomically(trained, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                             capsys: pytest.CaptureFixture[str]) -> None:
     _, _, out, df, _ = trained

@@ -187,6 +187,28 @@ def test_missing_feature_column(spec_file, tiny_spec_dict):
     _expect_error(spec_file(tiny_spec_dict), "items.parquet", "feature 'year'", "column 'release_year'", "missing")
 
 
+def test_column_written_twice_in_a_table_file(spec_file, tiny_spec_dict, tiny_tables, tmp_path):
+    """A repeated header is refused when the spec reads that column (CSV: pandas would silently read the first
+    copy as 'age' and the second as 'age.1'; parquet: pandas would fail with an arrow dump); an unread
+    repeated column is dropped."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = spec_file(tiny_spec_dict, tiny_tables)
+    users = tmp_path / "users.csv"
+    good = users.read_text()
+    lines = good.splitlines()
+    users.write_text("\n".join([lines[0] + ",age"] + [ln + ",99" for ln in lines[1:]]) + "\n")
+    _expect_error(path, "users.csv", "column 'age' of table 'users' appears more than once")
+    users.write_text("\n".join([lines[0] + ",note,note"] + [ln + ",x,y" for ln in lines[1:]]) + "\n")
+    assert "note" not in _load(path).tables["users"].columns
+    users.write_text(good)
+    items = tiny_tables["items"]
+    cols = [pa.array(items[c]) for c in items.columns]
+    pq.write_table(pa.table(cols + [cols[2]], names=[*items.columns, "year"]), tmp_path / "items.parquet")
+    _expect_error(path, "items.parquet", "column 'year' of table 'items' appears more than once")
+
+
 def test_missing_key_column(spec_file, tiny_spec_dict, tiny_tables):
     tiny_tables["users"] = tiny_tables["users"].rename(columns={"user_id": "uid"})
     _expect_error(spec_file(tiny_spec_dict, tiny_tables), "users.csv", "key column 'user_id'", "missing")

@@ -68,6 +68,9 @@ def _refresh(out: Path, items: str | Path, store: str | Path | None, encoder_kwa
     strs = {table.key: str} if not table.vocab.is_int else {}
     df = _read_file(path, {"dtype": strs} if path.suffix.lower() in (".csv", ".tsv", ".gz") else {})
     need = [table.key, *(s.feature.col for s in table.sources)]
+    dup = sorted({str(c) for c in df.columns[df.columns.duplicated()] if c in set(need)})
+    if dup:
+        raise AppDistillError(f"file '{path}': columns {dup} appear more than once; each column must be given once")
     missing = [c for c in dict.fromkeys(need) if c not in df.columns]
     if missing:
         raise AppDistillError(f"file '{path}': missing columns {missing} (refresh needs the item key "

@@ -46,14 +46,65 @@ def _read_file(path: Path, csv_options: dict) -> pd.DataFrame:
     suffix = "".join(path.suffixes[-2:]).lower()
     try:
         if suffix.endswith(".parquet") or suffix.endswith(".pq"):
+            import pyarrow.parquet as pq
+
+            names = pq.read_schema(path).names
+            if len(set(names)) < len(names):  # pandas' reader refuses these with an arrow dump: keep the names
+                return pq.ParquetFile(path).read().to_pandas()
             return pd.read_parquet(path)
         if suffix.endswith(".csv") or suffix.endswith(".csv.gz") or suffix.endswith(".tsv"):
             opts = {"sep": "\t"} if suffix.endswith(".tsv") else {}
             opts.update(csv_options)
-            return pd.read_csv(path, **opts)
+            df = pd.read_csv(path, **opts)
+            header = _csv_header(path, opts)
+            if header is not None and len(header) == df.shape[1] and len(set(header)) < len(header):
+                df.columns = header  # pandas renamed a repeated 'a' to 'a.1': give the names as written
+            return df
     except Exception as e:  # noqa: BLE001 - re-raised with the file named
         raise SpecError(f"file '{path}': cannot be read as a table: {e}") from e
     raise SpecError(f"file '{path}': unsupported table format (use .parquet, .csv or .tsv)")
+
+
+#: ``read_csv`` options that only shape the columns' values, left out when reading the header row as written
+_VALUE_OPTIONS = ("dtype", "converters", "parse_dates", "date_format", "na_values", "keep_default_na", "na_filter",
+                  "true_values", "false_values", "nrows", "index_col", "usecols", "header", "names")
+
+
+def _csv_header(path: Path, opts: dict) -> list[str] | None:
+    """The header row of a CSV as written (``read_csv`` renames a repeated name ``a`` to ``a.1``, so a column
+    given twice would silently be read from its first copy); ``None`` where the options give no header row."""
+    if opts.get("names") is not None or opts.get("header", "infer") not in ("infer", 0) or opts.get("usecols"):
+        return None
+    try:
+        head = pd.read_csv(path, header=None, nrows=1, dtype=str, keep_default_na=False,
+                           **{k: v for k, v in opts.items() if k not in _VALUE_OPTIONS})
+    except Exception:  # noqa: BLE001 - the full read succeeded; keep its names
+        return None
+    return [str(v) for v in head.iloc[0]] if len(head) else None
+
+
+def _spec_columns(spec: FeatureSpecSet, name: str) -> set[str]:
+    """Every column of table ``name`` the spec reads: keys, features, label, time and split columns."""
+    t = spec.tables[name]
+    cols = set(t.keys) | {f.col for f in spec.features if f.table == name}
+    cols |= {c for c in (t.label.column if t.label else None, t.time_column) if c}
+    if name == "interactions" and spec.split.column:
+        cols.add(spec.split.column)
+    return cols
+
+
+def _unique_columns(spec: FeatureSpecSet, name: str, df: pd.DataFrame, loc: str) -> pd.DataFrame:
+    """Refuse a column the spec reads that appears more than once (which copy is meant?); drop the other
+    repeated columns, which nothing reads."""
+    rep = df.columns.duplicated(keep=False)
+    if not rep.any():
+        return df
+    used = sorted({str(c) for c in df.columns[rep] if c in _spec_columns(spec, name)})
+    if used:
+        raise SpecError(f"file '{loc}': column{'s' if len(used) > 1 else ''} {', '.join(repr(c) for c in used)} "
+                        f"of table '{name}' appear{'' if len(used) > 1 else 's'} more than once; give each "
+                        "column once")
+    return df.loc[:, ~rep]
 
 
 def load_tables(spec: FeatureSpecSet, skip: tuple[str, ...] = ()) -> dict[str, pd.DataFrame]:
@@ -76,6 +127,7 @@ def load_tables(spec: FeatureSpecSet, skip: tuple[str, ...] = ()) -> dict[str, p
             df = source_tables[name]
         else:
             df = _read_file(Path(loc), t.csv_options)
+        df = _unique_columns(spec, name, df, loc)
         if len(df) == 0:
             raise SpecError(f"file '{loc}': table '{name}' is empty")
         check_table(spec, name, df, loc)
