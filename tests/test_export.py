@@ -325,6 +325,22 @@ def test_export_of_checkpoint_from_another_spec_exits_2(trained, run_copy: Path,
     assert not target.exists()
 
 
+def test_export_refuses_a_processor_json_edited_after_training(trained, run_copy: Path, tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """A dense mean or a vocabulary edited in RUN_DIR/processor.json (still valid JSON, same sizes) would be
+    exported and served silently: checkpoint.pt records the sha256 of the one the student was trained with."""
+    proc_path = run_copy / "processor.json"
+    proc = json.loads(proc_path.read_text())
+    name = next(iter(proc["dense"]))
+    proc["dense"][name]["mean"] += 100.0
+    proc_path.write_text(json.dumps(proc))
+    target = tmp_path / "serve"
+    assert main(["export", str(run_copy), "--out", str(target)]) == 2
+    err = capsys.readouterr().err
+    assert str(proc_path) in err and str(run_copy / "checkpoint.pt") in err and "not used" in err, err
+    assert not target.exists()
+
+
 def test_export_refuses_a_non_export_directory_and_replaces_an_earlier_export(
         trained, run_copy: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     own = tmp_path / "mine"

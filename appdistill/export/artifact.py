@@ -36,6 +36,7 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import platform
@@ -89,8 +90,15 @@ def load_student(run_dir: str | Path) -> tuple[RankingModel, list[FeatureSpec], 
             f"file '{ck_path}': the checkpoint was trained with feature spec {want}, but '{run / 'spec.json'}' "
             f"is spec {spec.fingerprint()} (checkpoint copied from another run, or spec.json edited); "
             "export the run directory that produced this checkpoint")
+    proc_bytes = (run / "processor.json").read_bytes()
+    want = ck.get("processor_sha256")  # absent in checkpoints written before it was recorded
+    if want and hashlib.sha256(proc_bytes).hexdigest() != want:
+        raise AppDistillError(
+            f"file '{run / 'processor.json'}': does not match the sha256 that '{ck_path}' recorded for the "
+            "vocabularies and transforms the student was trained with (edited, truncated or copied from another "
+            "run); it is not used. Restore it or re-run training")
     try:
-        proc = FeatureProcessor.from_json((run / "processor.json").read_text())
+        proc = FeatureProcessor.from_json(proc_bytes.decode())
     except (KeyError, TypeError, ValueError) as e:
         raise AppDistillError(f"file '{run / 'processor.json'}': not a fitted feature processor ({e})") from e
     feats = spec.visible("student")
