@@ -231,7 +231,7 @@ def cmd_score(a: argparse.Namespace) -> int:
 
     from appdistill.export.artifact import Ranker
     from appdistill.features.tables import _read_file
-    from appdistill.io import atomic_write_bytes
+    from appdistill.io import atomic_write_bytes, file_in_the_way
 
     src, out = Path(a.input), Path(a.output)
     kind = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv"}.get(out.suffix.lower())
@@ -239,6 +239,9 @@ def cmd_score(a: argparse.Namespace) -> int:
         raise AppDistillError(f"file '{out}': output must be .parquet or .csv")
     if out.is_dir():
         raise AppDistillError(f"file '{out}': --output is a directory")
+    above = file_in_the_way(out)
+    if above is not None:
+        raise AppDistillError(f"file '{out}': '{above}' is a file, so --output cannot be written there")
     if out.exists() and src.exists() and out.resolve() == src.resolve():
         raise AppDistillError(f"file '{out}': --output is the --input file; write the scores elsewhere")
     ranker = Ranker.load(a.export_dir)

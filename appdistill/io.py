@@ -159,8 +159,15 @@ def sha256_file(path: str | Path) -> str:
 def locked(directory: str | Path) -> Iterator[None]:
     """Exclusive lock on ``directory`` (created if needed) so two processes never build the same store or
     cache at once. Without POSIX ``fcntl`` it does nothing: atomic replaces still keep each file whole."""
+    from appdistill.errors import AppDistillError
+
     d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
+    if d.exists() and not d.is_dir():
+        raise AppDistillError(f"run directory '{d}' exists and is not a directory; choose another --run-dir")
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a parent that is a file, no permission, read-only file system
+        raise AppDistillError(f"run directory '{d}': cannot be created ({e.strerror or e}: '{e.filename or d}')") from e
     try:
         import fcntl
     except ImportError:
@@ -224,6 +231,12 @@ def _holder(ino: int) -> str:
     return ""
 
 
+def file_in_the_way(path: str | Path) -> Path | None:
+    """The nearest existing ancestor of ``path`` when it is a file (so ``path`` cannot be created), else ``None``."""
+    above = next((p for p in Path(path).absolute().parents if p.exists()), None)
+    return above if above is not None and not above.is_dir() else None
+
+
 @contextlib.contextmanager
 def run_lock(directory: str | Path, what: str = "write") -> Iterator[None]:
     """Exclusive, non-blocking lock on a run directory (created if needed) for its writers.
@@ -237,8 +250,15 @@ def run_lock(directory: str | Path, what: str = "write") -> Iterator[None]:
     ``train`` -> ``export``). Where directories cannot be flocked (some network file systems) a
     ``.appdistill.lock`` file inside it is locked instead; without ``fcntl`` it does nothing.
     """
+    from appdistill.errors import AppDistillError
+
     d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
+    if d.exists() and not d.is_dir():
+        raise AppDistillError(f"run directory '{d}' exists and is not a directory; choose another --run-dir")
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a parent that is a file, no permission, read-only file system
+        raise AppDistillError(f"run directory '{d}': cannot be created ({e.strerror or e}: '{e.filename or d}')") from e
     try:
         import fcntl
     except ImportError:  # not POSIX: atomic writes still keep every file whole

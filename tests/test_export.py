@@ -231,6 +231,21 @@ def test_score_refuses_a_needed_column_written_twice(trained, tmp_path: Path, fm
     assert not (tmp_path / "o.csv").exists()
 
 
+def test_output_under_a_file_exits_2(trained, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--out / --output below a path that is a file: exit 2 naming it, not a FileExistsError traceback."""
+    tmp, _, out, df, _ = trained
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+    inp = tmp_path / "in.parquet"
+    df.iloc[:5].to_parquet(inp, index=False)
+    rc, err = score_cli(out, inp, blocker / "scores.csv", capsys)
+    assert rc == 2 and str(blocker) in err and "is a file" in err, err
+    assert main(["export", str(tmp / "run"), "--out", str(blocker / "a" / "serve"), "--no-compile"]) == 2
+    err = capsys.readouterr().err
+    assert str(blocker) in err and "is a file" in err, err
+    assert blocker.read_text() == "x"
+
+
 def test_score_output_is_written_atomically(trained, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                             capsys: pytest.CaptureFixture[str]) -> None:
     _, _, out, df, _ = trained

@@ -105,6 +105,17 @@ def test_malformed_set_override_exits_2_naming_it(tmp_path: Path, capsys: pytest
     assert needle in err and "Traceback" not in err
 
 
+def test_run_dir_that_is_a_file_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    p = tiny_config(tmp_path, train={"epochs": 1})
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+    for run in (blocker, blocker / "sub"):
+        assert main(["train", str(p), "--run-dir", str(run), "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert f"run directory '{run}'" in err and "Traceback" not in err, err
+    assert blocker.read_text() == "x"
+
+
 def test_cli_validate(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["validate", str(REPO / "feature_specs/ml100k.yaml")]) == 0
     out = capsys.readouterr().out

@@ -55,7 +55,8 @@ from appdistill.features.content import CONTENT_DIR, ContentTable
 from appdistill.features.processor import FeatureProcessor
 from appdistill.features.row_encoder import RowEncoder
 from appdistill.features.spec import FeatureSpec
-from appdistill.io import atomic_write_bytes, atomic_write_text, file_digests, load_checkpoint, run_lock, staged_dir
+from appdistill.io import (atomic_write_bytes, atomic_write_text, file_digests, file_in_the_way, load_checkpoint,
+                           run_lock, staged_dir)
 from appdistill.student.model import RankingModel, StudentConfig
 
 # ---------------------------------------------------------------------------------------- export
@@ -137,6 +138,9 @@ def _is_export_dir(path: Path) -> bool:
 def _check_out_dir(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise AppDistillError(f"--out '{out}' exists and is not a directory")
+    above = file_in_the_way(out)
+    if above is not None:
+        raise AppDistillError(f"--out '{out}': '{above}' is a file, so the directory cannot be created there")
     if out.is_dir() and any(out.iterdir()) and not _is_export_dir(out):
         raise AppDistillError(f"--out '{out}' is a non-empty directory that is not an earlier export "
                               f"(it may hold only {[*FILES, MANIFEST]}); choose a new or empty directory")
