@@ -341,6 +341,18 @@ def test_time_split_column_missing(spec_file, tiny_spec_dict):
     _expect_error(spec_file(tiny_spec_dict), "interactions.parquet", "split column 'ts'", "missing")
 
 
+def test_time_split_names_the_stray_value_in_numbers_stored_as_text(spec_file, tiny_spec_dict, tiny_tables):
+    """Epoch seconds read as strings with one stray value: the stray row is named, not row 0 (dates fail on
+    every value there, so the first one was blamed)."""
+    tiny_spec_dict["split"] = {"by": "time", "column": "timestamp", "valid": 0.2, "test": 0.2}
+    ts = tiny_tables["interactions"]["timestamp"].astype(str).astype(object)
+    ts.iloc[5] = "yesterday"
+    tiny_tables["interactions"]["timestamp"] = ts
+    _expect_error(spec_file(tiny_spec_dict, tiny_tables), "column 'timestamp', row 5: 'yesterday'")
+    tiny_tables["interactions"]["timestamp"] = ts.where(ts != "yesterday", "105")  # all numbers as text: fine
+    assert _load(spec_file(tiny_spec_dict, tiny_tables)).n == 20
+
+
 def test_unknown_source(tiny_spec_dict):
     d = dict(tiny_spec_dict)
     d["source"] = {"key": "nope"}

@@ -388,8 +388,11 @@ def _time_keys(col: pd.Series, where: str) -> np.ndarray:
         with warnings.catch_warnings():  # "could not infer format": each value parsed on its own, fine here
             warnings.simplefilter("ignore", UserWarning)
             t = pd.to_datetime(col, errors="coerce", utc=True, format="mixed")
+        num = pd.to_numeric(col, errors="coerce")
+        if num.notna().sum() > t.notna().sum():  # mostly numbers stored as text (a CSV column with a stray value)
+            t = num
         bad = t.isna() & col.notna()
-        if bad.any():
+        if bad.any():  # the first value the column's majority reading cannot parse
             r = int(np.flatnonzero(bad.to_numpy())[0])
             raise SpecError(f"{where}, row {r}: {col.iloc[r]!r} is neither a number nor a date/time (a time split "
                             "orders the rows by this column)")
