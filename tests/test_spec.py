@@ -221,7 +221,7 @@ def test_label_column_absent(spec_file, tiny_spec_dict):
 
 def test_label_not_binary_after_transform(spec_file, tiny_spec_dict):
     tiny_spec_dict["tables"]["interactions"]["label"] = {"column": "rating"}  # identity on 1..5 ratings
-    _expect_error(spec_file(tiny_spec_dict), "interactions.parquet", "column 'rating'", "row 0", "not 0/1")
+    _expect_error(spec_file(tiny_spec_dict), "interactions.parquet", "column 'rating'", "row 0: label is 5.0, not 0/1")
 
 
 def test_label_single_class(spec_file, tiny_spec_dict):

@@ -326,7 +326,7 @@ def make_labels(spec: FeatureSpecSet, inter: pd.DataFrame, loc: str | None = Non
     bad = ~np.isin(y, (0.0, 1.0))
     if bad.any():
         row = int(np.flatnonzero(bad)[0])
-        raise SpecError(f"file '{loc}', column '{lab.column}', row {row}: label is {x[row]!r}, not 0/1 after its "
+        raise SpecError(f"file '{loc}', column '{lab.column}', row {row}: label is {x[row].item()!r}, not 0/1 after its "
                         f"transform (op={lab.op}); add `op`/`threshold` to the label spec")
     if both_classes and len(np.unique(y)) < 2:
         raise SpecError(one_class_message(f"file '{loc}', column '{lab.column}'", y[0]))
