@@ -239,6 +239,24 @@ def file_in_the_way(path: str | Path) -> Path | None:
 
 @contextlib.contextmanager
 def run_lock(directory: str | Path, what: str = "write") -> Iterator[None]:
+    """:func:`_run_lock`; a directory it created is removed again (with the parents it created) when the
+    block fails before anything was written into it, so a refused command leaves no empty run directory."""
+    d = Path(directory)
+    created = [p for p in (d, *d.parents) if not p.exists()]  # what the lock's mkdir is about to create
+    try:
+        with _run_lock(d, what):
+            yield
+    except BaseException:
+        for p in created:  # innermost first; stops at the first one that holds something
+            try:
+                p.rmdir()
+            except OSError:
+                break
+        raise
+
+
+@contextlib.contextmanager
+def _run_lock(directory: str | Path, what: str = "write") -> Iterator[None]:
     """Exclusive, non-blocking lock on a run directory (created if needed) for its writers.
 
     A second writer (another ``train``/``distill``/``export`` on the same directory) fails at once with

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from appdistill.io import digest_problem, file_digests, staged_dir
+from appdistill.io import digest_problem, file_digests, run_lock, staged_dir
 
 
 def _tree(d: Path) -> dict[str, bytes]:
@@ -64,3 +64,22 @@ def test_file_digests_and_digest_problem_name_the_file(tmp_path: Path) -> None:
     assert "a.bin' has 2 bytes, not 3 (truncated?)" in digest_problem(tmp_path, digests, {"a.bin": 3})
     (tmp_path / "a.bin").unlink()
     assert "a.bin' is missing" in digest_problem(tmp_path, digests)
+
+
+def test_run_lock_removes_the_empty_directories_it_created_when_the_command_fails(tmp_path: Path) -> None:
+    """A command refused after taking the lock (bad data found while loading) leaves no empty run directory."""
+    with pytest.raises(ValueError), run_lock(tmp_path / "a" / "run"):
+        raise ValueError("bad table")
+    assert list(tmp_path.iterdir()) == []
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    with pytest.raises(ValueError), run_lock(kept):  # it existed before: left alone
+        raise ValueError("bad table")
+    assert kept.is_dir()
+    with pytest.raises(ValueError), run_lock(tmp_path / "partial"):  # something was written: kept
+        (tmp_path / "partial" / "config.yaml").write_text("x")
+        raise ValueError("failed later")
+    assert (tmp_path / "partial" / "config.yaml").is_file()
+    with run_lock(tmp_path / "ok"):
+        pass
+    assert (tmp_path / "ok").is_dir()

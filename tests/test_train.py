@@ -116,6 +116,14 @@ def test_run_dir_that_is_a_file_exits_2(tmp_path: Path, capsys: pytest.CaptureFi
     assert blocker.read_text() == "x"
 
 
+def test_refused_train_leaves_no_run_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    p = tiny_config(tmp_path, spec="nope.yaml")  # found missing only once training has begun
+    run = tmp_path / "runs" / "r"
+    assert main(["train", str(p), "--run-dir", str(run), "--no-progress"]) == 2
+    assert "nope.yaml" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
 def test_cli_validate(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["validate", str(REPO / "feature_specs/ml100k.yaml")]) == 0
     out = capsys.readouterr().out
