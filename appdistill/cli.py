@@ -71,7 +71,10 @@ def _spec_of(path: str, overrides: list[str] | None = None) -> Any:
     from appdistill.features.spec import FeatureSpecSet, load_yaml
 
     p = Path(path)
-    raw = load_yaml(p.read_text(), path) if p.is_file() else None
+    try:
+        raw = load_yaml(p.read_text(), path) if p.is_file() else None
+    except (OSError, UnicodeDecodeError):  # not text: read again as a spec below, which names the problem
+        raw = None
     if isinstance(raw, dict) and "spec" in raw and "features" not in raw:
         cfg = load_config(p, overrides)
         teachers = ", ".join(f"{n} ({b.key})" for n, b in cfg.teachers.items()) or "none"

@@ -232,7 +232,11 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Experim
     from appdistill.features.spec import load_yaml  # bounded safe_load: alias bombs are refused
 
     try:
-        raw = load_yaml(path.read_text(), str(path), ConfigError) or {}
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"file '{path}': cannot be read as text ({type(e).__name__}: {e})") from None
+    try:
+        raw = load_yaml(text, str(path), ConfigError) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"file '{path}': not valid YAML: {e}") from e
     if not isinstance(raw, dict):

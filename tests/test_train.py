@@ -124,6 +124,21 @@ def test_refused_train_leaves_no_run_directory(tmp_path: Path, capsys: pytest.Ca
     assert not (tmp_path / "runs").exists()
 
 
+def test_config_or_spec_that_is_not_utf8_text_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    p = tiny_config(tmp_path)
+    spec = tmp_path / "spec.yaml"
+    bad = b"\xff\xfe\x00name: x\n"
+    for file, argv in ((p, ["train", str(p), "--run-dir", str(tmp_path / "r"), "--no-progress"]),
+                       (p, ["validate", str(p)]), (spec, ["validate", str(spec)])):
+        good = file.read_bytes()
+        file.write_bytes(bad)
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert f"file '{file}': cannot be read as text" in err and "Traceback" not in err, err
+        file.write_bytes(good)
+    assert not (tmp_path / "r").exists()
+
+
 def test_cli_validate(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["validate", str(REPO / "feature_specs/ml100k.yaml")]) == 0
     out = capsys.readouterr().out
