@@ -373,7 +373,8 @@ class LightGBMTeacher(Teacher):
         for fname in sorted({c["feature"] for c in t.columns if spec.feature(c["feature"]).kind == "text"}):
             with np.load(path / f"text_{fname}.npz", allow_pickle=False) as z:
                 t.text[fname] = {k: z[k] for k in z.files}
-        if CAT_FILE in (meta.get("files") or {}):  # verified above with the other files
+        # checked above with the other files; a save without checksums is checked through its identity
+        if CAT_FILE in (meta.get("files") or {}) or "categories" in (meta.get("identity") or {}):
             with np.load(path / CAT_FILE, allow_pickle=False) as z:
                 t.cat_rank = {k: z[k].astype(np.int32) for k in z.files}
         t.data_fingerprint, t.encoding = meta["fitted_on"], meta["encoding"]
