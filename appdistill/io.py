@@ -155,10 +155,8 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
-@contextlib.contextmanager
-def locked(directory: str | Path) -> Iterator[None]:
-    """Exclusive lock on ``directory`` (created if needed) so two processes never build the same store or
-    cache at once. Without POSIX ``fcntl`` it does nothing: atomic replaces still keep each file whole."""
+def _make_directory(directory: str | Path) -> Path:
+    """``directory`` created if needed (with its parents); a clear error where it cannot be."""
     from appdistill.errors import AppDistillError
 
     d = Path(directory)
@@ -168,6 +166,14 @@ def locked(directory: str | Path) -> Iterator[None]:
         d.mkdir(parents=True, exist_ok=True)
     except OSError as e:  # a parent that is a file, no permission, read-only file system
         raise AppDistillError(f"run directory '{d}': cannot be created ({e.strerror or e}: '{e.filename or d}')") from e
+    return d
+
+
+@contextlib.contextmanager
+def locked(directory: str | Path) -> Iterator[None]:
+    """Exclusive lock on ``directory`` (created if needed) so two processes never build the same store or
+    cache at once. Without POSIX ``fcntl`` it does nothing: atomic replaces still keep each file whole."""
+    d = _make_directory(directory)
     try:
         import fcntl
     except ImportError:
@@ -268,15 +274,7 @@ def _run_lock(directory: str | Path, what: str = "write") -> Iterator[None]:
     ``train`` -> ``export``). Where directories cannot be flocked (some network file systems) a
     ``.appdistill.lock`` file inside it is locked instead; without ``fcntl`` it does nothing.
     """
-    from appdistill.errors import AppDistillError
-
-    d = Path(directory)
-    if d.exists() and not d.is_dir():
-        raise AppDistillError(f"run directory '{d}' exists and is not a directory; choose another --run-dir")
-    try:
-        d.mkdir(parents=True, exist_ok=True)
-    except OSError as e:  # a parent that is a file, no permission, read-only file system
-        raise AppDistillError(f"run directory '{d}': cannot be created ({e.strerror or e}: '{e.filename or d}')") from e
+    d = _make_directory(directory)
     try:
         import fcntl
     except ImportError:  # not POSIX: atomic writes still keep every file whole

@@ -28,7 +28,7 @@ from appdistill.errors import AppDistillError
 from appdistill.export.format import CONTENT_FILES, MANIFEST
 from appdistill.export.ranker import Ranker
 from appdistill.features.content import CONTENT_DIR
-from appdistill.features.tables import _read_file
+from appdistill.features.tables import _read_file, repeated_columns
 from appdistill.foundation.catalog import _resolve_image, make_encoder
 from appdistill.foundation.store import EmbeddingStore
 from appdistill.io import atomic_write_text, file_digests, locked, staged_dir
@@ -68,7 +68,7 @@ def _refresh(out: Path, items: str | Path, store: str | Path | None, encoder_kwa
     strs = {table.key: str} if not table.vocab.is_int else {}
     df = _read_file(path, {"dtype": strs} if path.suffix.lower() in (".csv", ".tsv", ".gz") else {})
     need = [table.key, *(s.feature.col for s in table.sources)]
-    dup = sorted({str(c) for c in df.columns[df.columns.duplicated()] if c in set(need)})
+    dup = repeated_columns(df, need)
     if dup:
         raise AppDistillError(f"file '{path}': columns {dup} appear more than once; each column must be given once")
     missing = [c for c in dict.fromkeys(need) if c not in df.columns]

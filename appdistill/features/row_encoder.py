@@ -48,6 +48,7 @@ from appdistill.errors import AppDistillError
 from appdistill.features.content import ContentTable
 from appdistill.features.processor import FeatureProcessor
 from appdistill.features.spec import FeatureSpec
+from appdistill.features.tables import repeated_columns
 from appdistill.features.vocab import (Vocabulary, first_out_of_float32, normalize_ids, odd_id, odd_id_message,
                                        odd_id_value, out_of_float32_message)
 
@@ -203,7 +204,7 @@ class RowEncoder:
         """``(values_0, offsets_0, ..., dense)`` for the rows of ``df`` (see the module doc for the rules)."""
         if not isinstance(df, pd.DataFrame):
             raise AppDistillError(f"file '{source}': expected a pandas DataFrame of raw rows, got {type(df).__name__}")
-        dup = sorted({str(c) for c in df.columns[df.columns.duplicated()] if c in set(self.columns)})
+        dup = repeated_columns(df, self.columns)
         if dup:
             raise AppDistillError(f"file '{source}': columns {dup} appear more than once; each input column must be "
                                   "given once")

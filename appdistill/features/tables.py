@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import re
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +84,12 @@ def _csv_header(path: Path, opts: dict) -> list[str] | None:
     return [str(v) for v in head.iloc[0]] if len(head) else None
 
 
+def repeated_columns(df: pd.DataFrame, wanted: Iterable[str]) -> list[str]:
+    """Sorted names among ``wanted`` that ``df`` holds more than once (which copy would be meant?)."""
+    wanted = set(wanted)
+    return sorted({str(c) for c in df.columns[df.columns.duplicated()] if c in wanted})
+
+
 def _spec_columns(spec: FeatureSpecSet, name: str) -> set[str]:
     """Every column of table ``name`` the spec reads: keys, features, label, time and split columns."""
     t = spec.tables[name]
@@ -99,7 +106,7 @@ def _unique_columns(spec: FeatureSpecSet, name: str, df: pd.DataFrame, loc: str)
     rep = df.columns.duplicated(keep=False)
     if not rep.any():
         return df
-    used = sorted({str(c) for c in df.columns[rep] if c in _spec_columns(spec, name)})
+    used = repeated_columns(df, _spec_columns(spec, name))
     if used:
         raise SpecError(f"file '{loc}': column{'s' if len(used) > 1 else ''} {', '.join(repr(c) for c in used)} "
                         f"of table '{name}' appear{'' if len(used) > 1 else 's'} more than once; give each "

@@ -238,12 +238,13 @@ def _train(cfg: ExperimentConfig, run_dir: str | Path, trackers: list[Tracker], 
         ckpt.precheck_resume(run_dir / ckpt.RESUME_FILE, cfg, spec.fingerprint(), ds.fingerprint,
                              cfg.teachers_path(run_dir), bool(ds.streamed))
     content = build_content_table(cfg.student.content, ds)
+    processor_json = ds.processor.to_json()
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         if content is not None:  # export ships it; `appdistill content refresh` extends it there
             content.save(run_dir / CONTENT_DIR)
         atomic_write_text(run_dir / "config.yaml", cfg.dump())
-        atomic_write_text(run_dir / "processor.json", ds.processor.to_json())  # its sha256 goes in checkpoint.pt
+        atomic_write_text(run_dir / "processor.json", processor_json)  # its sha256 goes in checkpoint.pt
         atomic_write_text(run_dir / "spec.json", json.dumps(spec.model_dump(), indent=1))
     tracker = make_tracker(cfg, run_dir, ctx.is_main,
                            resume=(resume or _restarted()) and (run_dir / ckpt.RESUME_FILE).is_file())
@@ -361,7 +362,7 @@ def _train(cfg: ExperimentConfig, run_dir: str | Path, trackers: list[Tracker], 
             "model": state, "config": cfg.model_dump(exclude={"base_dir"}), "spec_fingerprint": spec.fingerprint(),
             "data_fingerprint": ds.fingerprint, "epoch": tr.epochs, "step": pos.global_step,
             # export serves processor.json only if it is still the one this model was trained with
-            "processor_sha256": hashlib.sha256(ds.processor.to_json().encode()).hexdigest(),
+            "processor_sha256": hashlib.sha256(processor_json.encode()).hexdigest(),
             "teachers": {n: t.identity() for n, t in parts.teachers.items()}})
         atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2, default=_json_default))
         atomic_write_text(run_dir / "history.json",
