@@ -28,7 +28,12 @@ itself holds; mapped file pages are page cache the kernel can drop at any time).
 
 Usage:
     python benchmarks/bench_scale.py --rows 1000000 10000000 --out DIR [--epochs 1] [--trees 200]
-        [--fit-rows 2000000] [--store DIR] [--set KEY=VALUE ...] [--reuse]
+        [--fit-rows 2000000] [--store DIR] [--set KEY=VALUE ...] [--reuse] [--until STAGE] [--repeat R]
+
+``--until data|encode`` stops each size after that stage (seconds, no teachers); ``--repeat R`` runs the
+sizes R times, interleaved (1M, 10M, 1M, 10M, ...), and reports each stage's median seconds with the
+range in brackets: the way to compare the cheap first stages across sizes on a VM whose timings move
+by 10-25% from run to run (``--rows 1000000 10000000 --until data --repeat 3``: ~1 min).
 """
 
 from __future__ import annotations
@@ -120,12 +125,13 @@ def train_and_evaluate(meter: Meter, run: Any) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------------- one size
 def run_one(rows: int, out: Path, epochs: int, trees: int, overrides: list[str],
-            fit_rows: int | None = None, reuse: bool = False) -> dict[str, Any]:
+            fit_rows: int | None = None, reuse: bool = False, until: str | None = None) -> dict[str, Any]:
     """The whole pipeline at ``rows`` interactions, in this process; returns the stage table.
 
     ``reuse``: take the teachers and caches an earlier run left in ``OUT/rows-N`` (``teachers_dir``)
     and measure only data, encode, train, evaluate and export, into ``OUT/rows-N-reuse``: re-measures
-    the student's stages after a change without the hour of store, fits and caches at 10M.
+    the student's stages after a change without the hour of store, fits and caches at 10M. ``until``
+    (``"data"`` or ``"encode"``): stop after that stage; the result has no test AUC.
     """
     from appdistill.config import REPO_ROOT, load_config
     from appdistill.export.artifact import export_run
@@ -154,10 +160,15 @@ def run_one(rows: int, out: Path, epochs: int, trees: int, overrides: list[str],
     cfg = load_config(REPO_ROOT / "configs/synthetic_committee.yaml", [*sets, f"spec={spec_path}"])
     spec = cfg.load_spec()
     meter = Meter([run, store], out / f"{run.name}.partial.json")
+    budget = {"epochs": epochs, "lightgbm_rounds": trees, "teacher_fit_rows": fit_rows, "overrides": overrides}
     with meter.stage("data"):
         tables = load_tables(spec)
+    if until == "data":
+        return {"rows": rows, "stages": meter.stages, "budget": budget}
     with meter.stage("encode"):
         ds = Dataset.build(spec, tables)
+    if until == "encode":
+        return {"rows": rows, "train_rows": int(len(ds.splits["train"])), "stages": meter.stages, "budget": budget}
     del tables
     if not reuse:
         with meter.stage("store"):
@@ -172,15 +183,35 @@ def run_one(rows: int, out: Path, epochs: int, trees: int, overrides: list[str],
         export_run(run, run / "export")
     return {"rows": rows, "train_rows": int(len(ds.splits["train"])), "stages": meter.stages,
             "test_auc": metrics["test"]["auc"], "samples_per_s": metrics["train"]["samples_per_s"],
-            "teachers": {n: m["test"]["auc"] for n, m in metrics["teachers"].items()},
-            "budget": {"epochs": epochs, "lightgbm_rounds": trees, "teacher_fit_rows": fit_rows,
-                       "overrides": overrides}}
+            "teachers": {n: m["test"]["auc"] for n, m in metrics["teachers"].items()}, "budget": budget}
 
 
 # ------------------------------------------------------------------------------------------- report
 def _private(stage: dict[str, Any]) -> str:
     v = stage.get("peak_private_gb", -1)
     return f" ({v:.2f})" if v >= 0 else ""
+
+
+def _seconds(stage: dict[str, Any]) -> str:
+    """``12.3`` or, over repeats, the median with the range: ``12.3 [11.8-14.0]``."""
+    runs = stage.get("seconds_runs", [])
+    spread = f" [{min(runs):.1f}-{max(runs):.1f}]" if len(runs) > 1 else ""
+    return f"{stage['seconds']:.1f}{spread}"
+
+
+def merge_repeats(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One size's repeated runs as one result: per stage the median seconds (``seconds_runs``: every
+    run's), the largest peak memory and disk."""
+    import statistics
+
+    merged = {**runs[-1], "repeats": len(runs), "stages": {}}
+    for s in runs[0]["stages"]:
+        every = [r["stages"][s] for r in runs if s in r["stages"]]
+        merged["stages"][s] = {
+            **{k: max(v[k] for v in every) for k in every[0] if k != "seconds"},
+            "seconds": round(statistics.median(v["seconds"] for v in every), 2),
+            "seconds_runs": [v["seconds"] for v in every]}
+    return merged
 
 
 def report(results: list[dict[str, Any]], out: Path) -> str:
@@ -191,7 +222,7 @@ def report(results: list[dict[str, Any]], out: Path) -> str:
     lines = [head + (" | growth |" if len(results) > 1 else " |"),
              "|---|" + "---:|" * len(results) + ("---:|" if len(results) > 1 else "")]
     for s in stages:
-        cells = [f"{r['stages'][s]['seconds']:.1f} / {r['stages'][s]['peak_rss_gb']:.2f}{_private(r['stages'][s])} / "
+        cells = [f"{_seconds(r['stages'][s])} / {r['stages'][s]['peak_rss_gb']:.2f}{_private(r['stages'][s])} / "
                  f"{r['stages'][s]['disk_gb']:.2f}" for r in results]
         growth = ""
         if len(results) > 1:
@@ -207,7 +238,9 @@ def report(results: list[dict[str, Any]], out: Path) -> str:
     md = "\n".join(lines)
     notes = [f"rows x{last['rows'] / first['rows']:.0f}" if len(results) > 1 else "",
              "; ".join(f"{r['rows']:,} rows: student test AUC {r['test_auc']:.4f}, "
-                       f"{r['samples_per_s']:,.0f} samples/s" for r in results),
+                       f"{r['samples_per_s']:,.0f} samples/s" for r in results if "test_auc" in r),
+             f"seconds: median of {first['repeats']} interleaved runs [range]" if first.get("repeats", 1) > 1 else "",
+             
              f"budget: {first['budget']}"]
     md += "\n\n" + "\n".join(n for n in notes if n) + "\n"
     (out / "results.md").write_text(md)
@@ -249,27 +282,35 @@ def main() -> None:
     p.add_argument("--reuse", action="store_true",
                    help="reuse OUT/rows-N's teachers and caches: measure data, encode, train, evaluate and export "
                         "only (report in OUT/reuse)")
+    p.add_argument("--until", choices=["data", "encode"], default=None,
+                   help="stop each size after this stage (the cheap first stages, no teachers)")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="run the sizes this many times, interleaved; report median seconds and range")
     p.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)  # internal: run one size here
     a = p.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     if a.one is not None:
-        res = run_one(a.one, out, a.epochs, a.trees, a.set, a.fit_rows or None, a.reuse)
+        res = run_one(a.one, out, a.epochs, a.trees, a.set, a.fit_rows or None, a.reuse, a.until)
         (out / f"rows-{a.one}{'-reuse' if a.reuse else ''}.json").write_text(json.dumps(res, indent=1))
         return
     env = {**os.environ, "APPDISTILL_CACHE": str(Path(a.store or out / "store").resolve())}
-    results = []
-    for n in a.rows:
-        print(f"[bench_scale] {n:,} rows", flush=True)
-        cmd = [sys.executable, __file__, "--one", str(n), "--out", str(out), "--epochs", str(a.epochs),
-               "--trees", str(a.trees), "--fit-rows", str(a.fit_rows), *(x for s in a.set for x in ("--set", s)),
-               *(["--reuse"] if a.reuse else [])]
-        subprocess.run(cmd, check=True, env=env)
-        results.append(json.loads((out / f"rows-{n}{'-reuse' if a.reuse else ''}.json").read_text()))
-        rep = out / "reuse" if a.reuse else out
-        rep.mkdir(exist_ok=True)
-        print(report(results, rep), flush=True)
-
+    if a.repeat < 1 or (a.repeat > 1 and not (a.until or a.reuse)):
+        raise SystemExit("--repeat: at least 1, and above 1 only with --until or --reuse (a full run fits the "
+                         "teachers once per size)")
+    runs: dict[int, list[dict[str, Any]]] = {n: [] for n in a.rows}
+    for r in range(a.repeat):
+        for n in a.rows:
+            print(f"[bench_scale] {n:,} rows" + (f" (run {r + 1} of {a.repeat})" if a.repeat > 1 else ""), flush=True)
+            cmd = [sys.executable, __file__, "--one", str(n), "--out", str(out), "--epochs", str(a.epochs),
+                   "--trees", str(a.trees), "--fit-rows", str(a.fit_rows), *(x for s in a.set for x in ("--set", s)),
+                   *(["--reuse"] if a.reuse else []), *(["--until", a.until] if a.until else [])]
+            subprocess.run(cmd, check=True, env=env)
+            runs[n].append(json.loads((out / f"rows-{n}{'-reuse' if a.reuse else ''}.json").read_text()))
+            results = [merge_repeats(v) if a.repeat > 1 else v[0] for v in runs.values() if v]
+            rep = out / "reuse" if a.reuse else out
+            rep.mkdir(exist_ok=True)
+            print(report(results, rep), flush=True)
 
 if __name__ == "__main__":
     main()

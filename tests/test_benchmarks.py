@@ -200,6 +200,21 @@ def test_bench_scale_report_states_growth_per_stage(tmp_path: Path) -> None:
     assert [r["rows"] for r in json.loads((tmp_path / "results.json").read_text())] == [1_000_000, 10_000_000]
 
 
+def test_bench_scale_repeats_report_the_median_and_range(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    mod = load_bench("bench_scale")
+    runs = [{"rows": 1000, "budget": {}, "stages": {"data": {"seconds": s, "peak_rss_gb": m, "disk_gb": 0.0}}}
+            for s, m in ((3.0, 0.2), (1.0, 0.4), (2.0, 0.3))]
+    merged = mod.merge_repeats(runs)
+    assert merged["stages"]["data"]["seconds"] == 2.0 and merged["stages"]["data"]["peak_rss_gb"] == 0.4
+    md = mod.report([merged], tmp_path)
+    assert "| data | 2.0 [1.0-3.0] / 0.40 / 0.00 |" in md and "median of 3 interleaved runs" in md
+    # --until data: the generator alone, through the spec's source, as the full run's first stage
+    monkeypatch.setenv("APPDISTILL_CACHE", str(tmp_path / "store"))
+    res = mod.run_one(2000, tmp_path, epochs=1, trees=5, overrides=[], until="data")
+    assert list(res["stages"]) == ["data"] and "test_auc" not in res
+    assert "| data |" in mod.report([res], tmp_path)
+
+
 @pytest.mark.slow
 def test_bench_scale_runs_the_whole_pipeline_at_a_tiny_size(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     mod = load_bench("bench_scale")

@@ -99,6 +99,73 @@ def _write_images(image_dir: Path, primary: np.ndarray, quality: np.ndarray, n_t
         os.replace(tmp, p)
 
 
+def _choice(rng: np.random.Generator, n: int, size: int, p: np.ndarray) -> np.ndarray:
+    """``rng.choice(n, size, p=p)``, the same draws from the same stream, with fewer cache misses.
+
+    numpy draws ``size`` uniforms and binary-searches each in the cumulative weights; once those
+    outgrow the CPU caches (4 MB for 500k users) every search pays ~7 misses, and the draws grew 15x
+    for 10x rows. A guide table (for each of ``K`` equal slices of [0, 1), a power of two so that
+    ``u * K`` and ``j / K`` are exact, the first index whose cumulative weight exceeds the slice's
+    start) brackets each draw; a search finishes only the draws whose slice holds several indices.
+    The result is ``searchsorted(cdf, u, side="right")`` exactly (``tests/test_data.py``).
+
+    Args:
+        rng: the generator; consumes ``rng.random(size)``, as ``choice`` does.
+        n: number of categories (``len(p)``).
+        size: number of draws.
+        p: category probabilities ``[n]`` (non-negative, summing to 1).
+
+    Returns:
+        ``[size]`` int64 category indices.
+    """
+    cdf = np.asarray(p, np.float64).cumsum()
+    cdf /= cdf[-1]
+    u = rng.random(size)
+    k_slices = 1 << max(10, int(np.ceil(np.log2(n))))
+    guide = np.searchsorted(cdf, np.arange(k_slices + 1) / k_slices, side="right").astype(
+        np.int32 if n < 2**31 else np.int64)  # half the bytes of the table every draw reads
+    out = np.empty(size, np.int64)
+    for a in range(0, size, 1 << 16):  # chunks keep the temporaries in cache
+        x = u[a:a + (1 << 16)]
+        k = (x * k_slices).astype(np.int64)
+        lo, hi = guide[k], guide[k + 1]  # count(cdf <= x) lies in [lo, hi]
+        todo = np.flatnonzero(lo < hi)
+        if todo.size:
+            lo_t, hi_t, x_t = lo[todo], hi[todo], x[todo]
+            while True:
+                open_ = lo_t < hi_t
+                if not open_.any():
+                    break
+                mid = (lo_t + hi_t) >> 1
+                right = open_ & (cdf[np.minimum(mid, n - 1)] <= x_t)
+                lo_t = np.where(right, mid + 1, lo_t)
+                hi_t = np.where(open_ & ~right, mid, hi_t)
+            lo[todo] = lo_t
+        out[a:a + (1 << 16)] = lo
+    return out
+
+
+def _affinity(taste: np.ndarray, primary: np.ndarray, secondary: np.ndarray, mix: np.ndarray,
+              u: np.ndarray, i: np.ndarray) -> np.ndarray:
+    """``(taste[u] * mix[i]).sum(1)`` as float64 ``[N]``, reading two of a user's topic weights.
+
+    An item's mixture has two non-zero topics (one when primary == secondary), so the float32 sum
+    of the eight products is the sum of those two whatever the order: the same bits, without
+    gathering eight-wide rows of both tables per interaction.
+    """
+    n_topics = taste.shape[1]
+    rows = np.arange(len(primary))
+    w_primary = mix[rows, primary]
+    w_secondary = np.where(primary != secondary, mix[rows, secondary], np.float32(0))
+    flat = taste.reshape(-1)
+    out = np.empty(len(u))
+    for a in range(0, len(u), 1 << 16):
+        uu, ii = u[a:a + (1 << 16)] * n_topics, i[a:a + (1 << 16)]
+        out[a:a + (1 << 16)] = (flat[uu + primary[ii]] * w_primary[ii]
+                                + flat[uu + secondary[ii]] * w_secondary[ii])
+    return out
+
+
 def generate(n_users: int = 2000, n_items: int = 1000, n_interactions: int = 100_000,
              n_topics: int = 8, seed: int = 0, zipf: float = 1.1, cold_fraction: float = 0.1,
              image_dir: str | None = None, quality_words: bool = False, cold_window: float = 0.1,
@@ -170,23 +237,23 @@ def generate(n_users: int = 2000, n_items: int = 1000, n_interactions: int = 100
     activity = rng.lognormal(0, 1, n_users)
     if part:
         rng = np.random.default_rng([seed, 2, part])
-    u = rng.choice(n_users, n_interactions, p=activity / activity.sum())
+    u = _choice(rng, n_users, n_interactions, activity / activity.sum())
     ts = np.sort(rng.integers(1_600_000_000, 1_700_000_000, n_interactions))
     late = ts >= np.quantile(ts, 1.0 - cold_window)
     p_warm = np.where(cold, 0, pop)
     p_cold = np.where(cold, pop, 0)
-    i = rng.choice(n_items, n_interactions, p=p_warm / p_warm.sum())
+    i = _choice(rng, n_items, n_interactions, p_warm / p_warm.sum())
     if cold.any():
         late_idx = np.flatnonzero(late & (rng.random(n_interactions) < 0.3))
-        i[late_idx] = rng.choice(n_items, len(late_idx), p=p_cold / p_cold.sum())
-    affinity = np.empty(n_interactions)
-    for a in range(0, n_interactions, 1 << 18):  # in chunks: [N, topics] temporaries grew 1.3x faster than N
-        affinity[a:a + (1 << 18)] = (taste[u[a:a + (1 << 18)]] * mix[i[a:a + (1 << 18)]]).sum(1)
+        i[late_idx] = _choice(rng, n_items, len(late_idx), p_cold / p_cold.sum())
+    affinity = _affinity(taste, primary, secondary, mix, u, i)
     affinity *= n_topics  # ~1 on average, >1 when tastes match
     logit = 2.5 * (affinity - 1.0) + quality_scale * quality[i] + rng.normal(0, 0.5, n_interactions)
     label = (rng.random(n_interactions) < 1 / (1 + np.exp(-logit))).astype(np.int8)
-    inter = pd.DataFrame({"user_id": u.astype(np.int64), "item_id": i.astype(np.int64),
-                          "click": label, "timestamp": ts.astype(np.int64)})
+    # copy=False: the arrays are this function's own, and consolidating them into one block copied
+    # every column (0.5 s at 10M rows)
+    inter = pd.DataFrame({"user_id": u.astype(np.int64, copy=False), "item_id": i.astype(np.int64, copy=False),
+                          "click": label, "timestamp": ts.astype(np.int64, copy=False)}, copy=False)
     if image_dir is not None:
         _write_images(Path(image_dir), primary, quality, n_topics)
     return {"interactions": inter, "items": items, "users": users}
