@@ -93,7 +93,7 @@ class Dataset:
                                       "interactions in memory (one file); this spec streams a folder")
                 return build_streamed(spec, files)
         tables = tables if tables is not None else load_tables(spec)
-        coverage = check_joins(spec, tables)  # refuses key-dtype mismatches and joins that match nothing
+        coverage, joined = check_joins(spec, tables)  # refuses key-dtype mismatches and joins that match nothing
         inter = tables["interactions"]
         labels = make_labels(spec, inter)
         splits = split_rows(spec, inter)
@@ -110,8 +110,10 @@ class Dataset:
         for name, t in spec.tables.items():
             if name == "interactions":
                 continue
-            key = t.keys[0]
-            idx = KeyIndex(tables[name][key]).get_indexer(inter[key])
+            idx, key = joined[name], t.keys[0]
+            if len(idx) < len(inter):  # the transfer rows, appended after the join
+                extra_idx = KeyIndex(tables[name][key]).get_indexer(inter[key].iloc[len(idx):])
+                idx = np.concatenate([idx, extra_idx])
             table_rows[name] = np.where(idx < 0, len(tables[name]), idx).astype(np.int64)
 
         # fit on the training rows of each table (side tables: rows referenced by training data)

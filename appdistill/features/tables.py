@@ -243,8 +243,11 @@ def _check_list_ids(col: pd.Series, where: str, separator: str | None) -> None:
                         "integers or strings")
 
 
-def check_joins(spec: FeatureSpecSet, tables: dict[str, pd.DataFrame]) -> dict[str, dict[str, Any]]:
-    """Join coverage of every side table: ``{table: {"matched": rows, "rows": interactions, "coverage": share}}``.
+def check_joins(spec: FeatureSpecSet, tables: dict[str, pd.DataFrame]
+                ) -> tuple[dict[str, dict[str, Any]], dict[str, np.ndarray]]:
+    """Join every side table to the interactions: its coverage, ``{table: {"matched": rows, "rows":
+    interactions, "coverage": share}}``, and the joined rows, ``{table: [N] int64 side-table row per
+    interaction, -1 where none}`` (the encoder's join, computed once).
 
     Refuses (naming both files and columns) key columns of different kinds -- integers in one file,
     strings or a mix in the other: such a join matches nothing, and every row would silently get the
@@ -253,15 +256,16 @@ def check_joins(spec: FeatureSpecSet, tables: dict[str, pd.DataFrame]) -> dict[s
     """
     inter, iloc = tables["interactions"], table_location(spec, "interactions")
     out: dict[str, dict[str, Any]] = {}
+    joined: dict[str, np.ndarray] = {}
     for name, t in spec.tables.items():
         if name == "interactions":
             continue
         key, side = t.keys[0], tables[name]
         check_key_kinds(spec, name, inter[key], side[key], iloc)
-        idx = KeyIndex(side[key]).get_indexer(inter[key])
+        idx = joined[name] = np.asarray(KeyIndex(side[key]).get_indexer(inter[key]), np.int64)
         out[name] = join_report(spec, name, int((idx >= 0).sum()), len(inter), iloc,
                                 inter[key].head(3).tolist(), side[key].head(3).tolist())
-    return out
+    return out, joined
 
 
 def check_key_kinds(spec: FeatureSpecSet, name: str, inter_key: pd.Series, side_key: pd.Series, iloc: str) -> None:
