@@ -34,7 +34,19 @@ from typing import Any
 import torch
 
 
+def directory_in_the_way(paths: Sequence[str | Path]) -> None:
+    """Refuse (``AppDistillError``, naming it) the first of ``paths`` that exists and is not a file: a
+    command that writes there would fail at its end, after the work, with the rename's traceback."""
+    from appdistill.errors import AppDistillError
+
+    for p in paths:
+        if Path(p).exists() and not Path(p).is_file():
+            raise AppDistillError(f"file '{p}': a directory (or other non-file) is where this command writes a "
+                                  "file; remove or rename it")
+
+
 def _atomic(path: Path, write: Any) -> None:
+    directory_in_the_way([path])
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from appdistill.io import digest_problem, file_digests, run_lock, staged_dir
+from appdistill.errors import AppDistillError
+from appdistill.io import atomic_write_text, digest_problem, file_digests, run_lock, staged_dir
 
 
 def _tree(d: Path) -> dict[str, bytes]:
@@ -83,3 +84,10 @@ def test_run_lock_removes_the_empty_directories_it_created_when_the_command_fail
     with run_lock(tmp_path / "ok"):
         pass
     assert (tmp_path / "ok").is_dir()
+
+
+def test_atomic_write_onto_a_directory_is_refused_and_leaves_it(tmp_path: Path) -> None:
+    (tmp_path / "metrics.json" / "inner").mkdir(parents=True)
+    with pytest.raises(AppDistillError, match="metrics.json': a directory"):
+        atomic_write_text(tmp_path / "metrics.json", "{}")
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["inner", "metrics.json"]  # no temp file left

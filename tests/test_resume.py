@@ -121,6 +121,20 @@ def test_truncated_checkpoint_is_a_clear_error(cfg_path: Path, reference: dict, 
     assert (run / RESUME_FILE).stat().st_size == len(data) // 2  # left as found
 
 
+@pytest.mark.parametrize("blocked", [RESUME_FILE, "checkpoint.pt", "metrics.json"])
+def test_a_directory_where_the_run_writes_a_file_is_refused_first(cfg_path: Path, tmp_path: Path, blocked: str,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """Exit 2 naming it before any data is built, not an IsADirectoryError after the first epoch."""
+    run = tmp_path / "blocked"
+    (run / blocked / "keep").mkdir(parents=True)
+    for resume in ([], ["--resume"]):
+        assert main(["train", str(cfg_path), "--run-dir", str(run), "--no-progress", *resume]) == 2
+        err = capsys.readouterr().err
+        assert f"{run / blocked}'" in err and "directory" in err and "Traceback" not in err, err
+    assert sorted(p.relative_to(run).as_posix() for p in run.rglob("*")) == sorted(
+        [*(p.as_posix() for p in Path(blocked).parents if p != Path(".")), blocked, f"{blocked}/keep"])
+
+
 @pytest.mark.slow
 @pytest.mark.dist
 def test_torchrun_survives_a_killed_rank_and_resizes(cfg_path: Path, reference: dict) -> None:

@@ -38,7 +38,7 @@ from appdistill.features.batch import BatchBuilder, BatchLoader
 from appdistill.features.content import CONTENT_DIR, ContentTable
 from appdistill.features.dataset import Dataset
 from appdistill.foundation.content import build_content_table
-from appdistill.io import atomic_write_text, run_lock, save_checkpoint
+from appdistill.io import atomic_write_text, directory_in_the_way, run_lock, save_checkpoint
 from appdistill.methods import METHODS
 from appdistill.methods.stack import HeldOut
 from appdistill.progress import bar as progress_bar, write as progress_write
@@ -230,6 +230,10 @@ def _train(cfg: ExperimentConfig, run_dir: str | Path, trackers: list[Tracker], 
     elif ctx.is_dist:
         torch.set_num_threads(max(1, cores // ctx.world_size))
     seed_everything(cfg.seed)
+    # before the data is built: what this run writes must be writable as files (a directory named
+    # checkpoint.pt would otherwise fail the run at its first save, after the first epoch)
+    directory_in_the_way([run_dir / f for f in (ckpt.RESUME_FILE, "checkpoint.pt", "metrics.json", "history.json",
+                                                "config.yaml", "processor.json", "spec.json")])
     spec = cfg.load_spec()
     ds = with_transfer(cfg, spec, dataset if dataset is not None else Dataset.build(spec))
     if (resume or _restarted()) and (run_dir / ckpt.RESUME_FILE).is_file():
