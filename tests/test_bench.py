@@ -232,3 +232,25 @@ def test_methods_groups_expand_once_each() -> None:
     assert got[:6] == ["none", "none+content", "kd", "avg_kd", "taid", "diverse_distill"]
     assert "diverse_distill+content+transfer" in got and "taid+transfer" in got
     assert got[-1] == "dd_committee" and len(got) == len(set(got)) and all(m in VARIANTS for m in got)
+
+
+def test_variants_switch_the_additions_their_names_say_whatever_the_config(tmp_path: Path) -> None:
+    """A config that trains with a transfer set and a content table (as the shipped regime configs do)
+    still benchmarks `none` as the student alone and `kd` as KD alone; `+transfer` / `+content` add them."""
+    from appdistill.bench.runner import BenchOptions, ConfigBench
+    from appdistill.config import REPO_ROOT
+
+    cfg = str(REPO_ROOT / "configs/ml100k_committee.yaml")
+    b = ConfigBench(cfg, BenchOptions([cfg], str(tmp_path), overrides=[
+        "transfer.enabled=true", "student.content.enabled=true", "transfer.ratio=2"]))
+    assert b.base.transfer.enabled and b.base.student.content.enabled
+    base = b.split_config("random", None)
+    on = {}
+    for name in ("none", "kd", "diverse_distill", "diverse_distill+transfer", "none+content",
+                 "kd+content+transfer"):
+        c = b.run_config(base, name, {}, 0, "dlrm", tmp_path)
+        on[name] = (c.transfer.enabled, c.student.content.enabled)
+        assert c.transfer.ratio == 2  # the config's other transfer and content settings stay
+    assert on == {"none": (False, False), "kd": (False, False), "diverse_distill": (False, False),
+                  "diverse_distill+transfer": (True, False), "none+content": (False, True),
+                  "kd+content+transfer": (True, True)}

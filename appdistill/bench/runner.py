@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from appdistill.bench.variants import BEST, DEFAULT, GROUPS, VARIANTS, grid_points, ordered
+from appdistill.bench.variants import ADDITIONS, BEST, DEFAULT, GROUPS, VARIANTS, grid_points, ordered
 from appdistill.config import ExperimentConfig, config_from_dict, load_config, resolved_kwargs
 from appdistill.errors import AppDistillError, ConfigError
 from appdistill.eval.metrics import auc
@@ -122,7 +122,8 @@ class ConfigBench:
     def run_config(self, cfg: ExperimentConfig, name: str, setting: dict[str, Any], seed: int,
                    best: str | None, tdir: Path) -> ExperimentConfig:
         """The config of one run: the variant's method (the config's kwargs only when it is the
-        config's own method), its committee subset, the grid setting, the student seed."""
+        config's own method), its committee subset, its additions (:data:`ADDITIONS`: on only where
+        its name says so), the grid setting, the student seed."""
         v = VARIANTS[name]
         raw = cfg.model_dump()
         kwargs = dict(cfg.method.kwargs) if v.key == cfg.method.key else {}
@@ -135,7 +136,7 @@ class ConfigBench:
             if len(keep) == len(kinds):
                 raise ConfigError(f"every teacher of the committee is {v.teachers}: same as {v.follows}")
             kwargs["teachers"] = keep
-        for k, val in {**v.config, **setting}.items():
+        for k, val in {**ADDITIONS, **v.config, **setting}.items():
             if "." in k:
                 _set(raw, k, val)
             else:

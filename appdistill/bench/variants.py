@@ -90,6 +90,11 @@ for _m in ("none", "kd", "avg_kd", "taid", "diverse_distill", "dd_committee", "d
     VARIANTS[f"{_m}+content+transfer"] = Variant(_c.key, _c.kwargs, _c.follows or _m, teachers=_c.teachers,
                                                  config={**_c.config, "transfer.enabled": True},
                                                  doc=f"{_m}, content table and transfer set")
+#: the additions a variant's name switches on (``+transfer``, ``+content``); every other variant runs
+#: with them off whatever the config says, so ``none`` is the student trained alone and ``kd`` is KD
+#: alone even where the config (as the shipped regime configs do) trains with both
+ADDITIONS = {"transfer.enabled": False, "student.content.enabled": False}
+
 #: what ``--methods`` runs by default: every method, no ablation
 DEFAULT = ["none", "kd", "avg_kd", "taid", "talking", "diverse_distill"]
 #: named groups ``--methods`` accepts besides single names. ``additions``: the distillation methods
