@@ -48,7 +48,7 @@ from appdistill.errors import AppDistillError
 from appdistill.features.content import ContentTable
 from appdistill.features.processor import FeatureProcessor
 from appdistill.features.spec import FeatureSpec
-from appdistill.features.tables import repeated_columns
+from appdistill.features.tables import first_non_number, repeated_columns
 from appdistill.features.vocab import (Vocabulary, first_out_of_float32, normalize_ids, odd_id, odd_id_message,
                                        odd_id_value, out_of_float32_message)
 
@@ -291,10 +291,8 @@ class RowEncoder:
                                                                       np.bool_))):
                         raise AppDistillError(f"{where}, row {r}: expected a number, got {v!r} (a "
                                               f"{type(v).__name__})")
-            conv = pd.to_numeric(col, errors="coerce")
-            bad = (conv.isna() & col.notna()).to_numpy()
-            if bad.any():
-                r = _first(bad)
+            conv, r = first_non_number(col)
+            if r is not None:
                 raise AppDistillError(f"{where}, row {r}: expected a number, got {col.iloc[r]!r}")
             x = conv.to_numpy(dtype=np.float64, na_value=np.nan)
         r = first_out_of_float32(x)

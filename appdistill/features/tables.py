@@ -377,14 +377,19 @@ def split_rows(spec: FeatureSpecSet, inter: pd.DataFrame) -> dict[str, np.ndarra
     return out
 
 
+def first_non_number(col: pd.Series) -> tuple[pd.Series, int | None]:
+    """``(pd.to_numeric(col, errors="coerce"), R)``: R is the row of the first present value that is not
+    a number (``None`` if there is none). Training tables and the serving row encoder both ask here."""
+    conv = pd.to_numeric(col, errors="coerce")
+    bad = (conv.isna() & col.notna()).to_numpy()
+    return conv, (int(np.flatnonzero(bad)[0]) if bad.any() else None)
+
+
 def _first_non_number(col: pd.Series) -> str:
     """``", row R (value 'x')"`` for the first value of ``col`` that is not a number (empty if none is:
     e.g. a complex column)."""
-    bad = pd.to_numeric(col, errors="coerce").isna() & col.notna()
-    if not bad.any():
-        return ""
-    r = int(np.flatnonzero(bad.to_numpy())[0])
-    return f", row {r} (value {str(col.iloc[r])[:40]!r})"
+    _, r = first_non_number(col)
+    return "" if r is None else f", row {r} (value {str(col.iloc[r])[:40]!r})"
 
 
 def _time_keys(col: pd.Series, where: str) -> np.ndarray:
