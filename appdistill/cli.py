@@ -151,22 +151,28 @@ def cmd_demo(a: argparse.Namespace) -> int:
           f"({DEMO_CONFIG})")
     ds = Dataset.build(cfg.load_spec())
     dd = distill(cfg, run, ds=ds)  # teachers, caches, student, evaluation, export (run/export)
+    # the student trained alone: no teachers, no transfer set, no content table
+    student = cfg.student.model_copy(update={"content": cfg.student.content.model_copy(update={"enabled": False})})
     plain_cfg = cfg.model_copy(update={"method": cfg.method.model_copy(update={"key": "none", "kwargs": {}}),
-                                       "teachers_dir": str(run.resolve())})
+                                       "teachers_dir": str(run.resolve()), "student": student,
+                                       "transfer": cfg.transfer.model_copy(update={"enabled": False})})
     plain = train(plain_cfg, run / "plain", dataset=ds)
-    print(format_comparison(dd, plain))
+    additions = "".join(s for s, on in (("+content", cfg.student.content.enabled),
+                                        ("+transfer", cfg.transfer.enabled)) if on)
+    print(format_comparison(dd, plain, additions))
     print(f"run directory: {run}  (teachers/, cache/, metrics.json, curve.png, export/; plain student in plain/)")
     return 0
 
 
-def format_comparison(dd: dict[str, Any], plain: dict[str, Any]) -> str:
-    """Teachers vs the plain student vs the distilled student, as a markdown table."""
+def format_comparison(dd: dict[str, Any], plain: dict[str, Any], additions: str = "") -> str:
+    """Teachers vs the plain student vs the distilled student (``additions``: ``+content+transfer``
+    when it trained with them), as a markdown table."""
     rows = ["| model | test AUC | test logloss | cold-item AUC | params |", "|---|---:|---:|---:|---:|"]
     for name, t in dd.get("teachers", {}).items():
         rows.append(f"| teacher `{name}` | {t['test']['auc']:.4f} | {t['test'].get('logloss', float('nan')):.4f} "
                     f"| {t['test'].get('cold', {}).get('auc', float('nan')):.4f} | "
                     f"{format(t['params'], ',') if 'params' in t else '-'} |")
-    for label, m in (("student, plain (`none`)", plain), (f"student, `{dd['method']}`", dd)):
+    for label, m in (("student, plain (`none`)", plain), (f"student, `{dd['method']}{additions}`", dd)):
         rows.append(f"| {label} | {m['test']['auc']:.4f} | {m['test']['logloss']:.4f} "
                     f"| {m['test']['cold']['auc']:.4f} | {m['student']['params']:,} |")
     return "\n".join(rows) + f"\n\nteacher answers skipped by the gate: {dd['train']['teacher_passes_skipped']:.1%}"

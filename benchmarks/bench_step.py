@@ -111,7 +111,10 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     tdir = Path(a.teachers_dir or out)
-    cfg = load_config(a.config, [f"teachers_dir={tdir}", *(["transfer.enabled=true"] if a.transfer else [])])
+    # the additions pinned (the shipped configs train with a transfer set and a content table): the
+    # student is the same for every method, and transfer rows only with --transfer
+    cfg = load_config(a.config, [f"teachers_dir={tdir}", f"transfer.enabled={str(a.transfer).lower()}",
+                                 "student.content.enabled=false"])
     ds = Dataset.build(cfg.load_spec())
     fit_committee(cfg, tdir, ds=ds)
     if a.transfer:

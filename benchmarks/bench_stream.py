@@ -96,6 +96,7 @@ def run_one(mode: str, out: Path, epochs: int, overrides: list[str]) -> dict[str
                                                   f"interactions/{first.name}")))
     cfg = load_config(REPO_ROOT / "configs/synthetic_committee.yaml",
                       [f"spec={spec_path.resolve()}", "method.key=none", "method.kwargs={}", "teachers={}",
+                       "transfer.enabled=false", "student.content.enabled=false",  # the plain student alone
                        f"train.epochs={epochs}", *overrides])
     run = out / f"run-{mode}"
     shutil.rmtree(run, ignore_errors=True)

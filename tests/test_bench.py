@@ -157,7 +157,7 @@ def test_config_values_and_kwargs_are_typed_and_checked_before_data(tmp_path: Pa
     assert load_config(committee, ["method.key=kd"]).method.kwargs == {}
     assert load_config(committee, ["method.key=kd", "method.kwargs.alpha=0.7"]).method.kwargs == {"alpha": 0.7}
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(committee.read_text().replace("lambda_t: 1.5", "lamda_t: 1.5")
+    cfg.write_text(committee.read_text().replace("lambda_t: 4.0", "lamda_t: 4.0")
                    .replace("../feature_specs/ml100k.yaml", str(REPO_ROOT / "feature_specs/ml100k.yaml")))
     assert main(["validate", str(cfg)]) == 2
     assert "method.kwargs.lamda_t: unknown key" in capsys.readouterr().err

@@ -173,7 +173,7 @@ def test_committee_rows_and_every_bound_where_answers_are_computed() -> None:
     model.over_arch = OverArch(5, [4])
     h = torch.randn(4, 5)
     # committee_rows: 2 of the 4 rows take the committee path, each asking top_k = 2 teachers
-    m = _dd({"top_k": 2, "rows": 2})
+    m = _dd({"top_k": 2, "rows": 2}, lambda_t=1.5, temperature=1.0)
     torch.manual_seed(3)
     terms = m(StudentOutput(Z_S, h), make_batch(), model)
     assert sum(m.answer_calls.values()) == 2 * 2 and m.skipped_fraction() == pytest.approx(1 / 3)
@@ -203,7 +203,7 @@ def test_committee_rows_and_every_bound_where_answers_are_computed() -> None:
 
 def test_diverse_distill_kd_term_golden() -> None:
     """With gating off (w uniform) the teacher term is the mean of per-teacher KD."""
-    m = _dd(False, lambda_t=1.0, teachers=["dlrm", "foundation"])
+    m = _dd(False, lambda_t=1.0, temperature=1.0, teachers=["dlrm", "foundation"])
     terms = m(StudentOutput(Z_S, torch.zeros(4, 5)), make_batch(), None)
     zs = Z_S.numpy()
     want = 0.5 * np_bce(zs, sig(Z_A.numpy())) + 0.5 * np_bce(zs, sig(Z_B.numpy()))

@@ -81,7 +81,7 @@ def test_diverse_distill_stacked_target() -> None:
     rng = np.random.default_rng(0)
     held = HeldOut({"dlrm": rng.normal(size=500), "foundation": rng.normal(size=500)},
                    (rng.random(500) < 0.5).astype(np.float32), rng.integers(0, 4, 500))
-    kw = {"teachers": ["dlrm", "foundation"], "kd_weights": "stacked", "lambda_t": 1.0}
+    kw = {"teachers": ["dlrm", "foundation"], "kd_weights": "stacked", "lambda_t": 1.0, "temperature": 1.0}
     m = METHODS.build("diverse_distill", kw, committee=COMMITTEE,
                       student_dim=5, item_frequency=np.array([10, 10, 10, 10]), held_out=held)
     terms = m(StudentOutput(Z_S, torch.zeros(4, 5)), make_batch(), None)

@@ -104,7 +104,7 @@ class DiverseDistill(Method):
         return []
 
     def __init__(self, committee: dict[str, Any] | None = None, student_dim: int = 0,
-                 teachers: list[str] | None = None, lambda_t: float = 1.5, temperature: float = 1.0,
+                 teachers: list[str] | None = None, lambda_t: float = 4.0, temperature: float = 2.0,
                  kd_weights: str = "auto", output_loss: str = "kd", taid: dict[str, float] | None = None,
                  committee_path: bool | CommitteePath = False,
                  item_frequency: Any = None, held_out: HeldOut | None = None) -> None:
