@@ -18,6 +18,7 @@ from appdistill.features.processor import FeatureProcessor, split_lists
 from appdistill.features.spec import FeatureSpec, FeatureSpecSet
 from appdistill.features.tables import load_tables, split_rows
 from appdistill.features.vocab import DenseTransform, KeyIndex, Vocabulary, normalize_ids
+from tests.conftest import make_tiny_tables
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_YEARS = np.array([1990.0, 2000.0, 2010.0, 1995.0])  # items 10-14 in training; 13 has no year
@@ -249,6 +250,22 @@ def test_log1p_standardize_is_zero_mean_unit_std_on_train():
     x = np.random.default_rng(0).lognormal(3, 1, 1000)
     v, _ = DenseTransform.fit(f, x).apply(x)
     assert abs(v.mean()) < 1e-5 and v.std() == pytest.approx(1.0, abs=1e-5)
+
+
+def test_log1p_feature_with_negative_values_is_refused_naming_the_row(spec_file, capsys):
+    """``log1p`` clips at 0: a column with negative values (refunds, deltas) would silently lose its sign,
+    every negative value becoming the same 0. Validation refuses it, naming file, feature, column and row."""
+    from appdistill.cli import main
+
+    tables = make_tiny_tables()
+    tables["users"].loc[3, "age"] = -5.0  # users.csv, feature 'age' has transform: log1p
+    path = spec_file(tables=tables)
+    assert main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "users.csv', feature 'age', column 'age', row 3: value -5.0 is negative" in err, err
+    assert "transform: standardize" in err and "Traceback" not in err
+    tables["users"].loc[3, "age"] = 0.0  # zero is in log1p's domain
+    assert main(["validate", str(spec_file(tables=tables))]) == 0
 
 
 def test_constant_dense_column_does_not_divide_by_zero():

@@ -187,6 +187,17 @@ def _check_table(spec: FeatureSpecSet, name: str, df: pd.DataFrame, loc: str, wh
             r = first_out_of_float32(x)
             if r is not None:
                 raise SpecError(out_of_float32_message(where, r, x[r].item()))
+            if "log1p" in f.transform:
+                # the transform clips at 0 (log1p(x) for x < 0 is NaN or -inf): a negative value would
+                # silently become the same 0 as every other negative one, so the column's sign is lost
+                with np.errstate(invalid="ignore"):
+                    neg = x < 0
+                if neg.any():
+                    r = int(np.flatnonzero(neg)[0])
+                    raise SpecError(f"{where}, row {r}: value {x[r].item()!r} is negative ({int(neg.sum()):,} rows "
+                                    f"are); the '{f.transform}' transform needs values >= 0 and would map every "
+                                    "negative value to 0: use `transform: standardize` (or `none`), or shift the "
+                                    "column")
         if f.kind == "sparse_id":
             if col.isna().any() and f.missing != "oov":
                 row = int(np.flatnonzero(col.isna().to_numpy())[0])
