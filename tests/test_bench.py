@@ -224,6 +224,27 @@ def test_report_compares_diverse_distill_with_each_baseline_under_the_same_addit
     assert against_baselines(pd.DataFrame(rows[:6], columns=["method", "seed", "auc"])) == []  # no DD: no block
 
 
+def test_a_single_seed_has_no_std_and_no_verdict() -> None:
+    """One seed gives no spread: the report must not print "± 0.0000" and call a 0.0006 difference
+    "worse" (a std of 0 made every difference beyond noise)."""
+    import math
+
+    import pandas as pd
+
+    from appdistill.bench.report import _fmt, _ms, against_baselines, summary, verdict
+
+    df = pd.DataFrame([("none", 0, 0.7605, 0.7485), ("kd", 0, 0.7514, 0.7382), ("diverse_distill", 0, 0.7599, 0.7457)],
+                      columns=["method", "seed", "auc", "valid_auc"]).assign(split="time", gap_recovered=math.nan)
+    m, s = _ms(df[df.method == "kd"].auc)
+    assert m == 0.7514 and math.isnan(s) and _fmt(m, s) == "0.7514"
+    assert verdict(df, "diverse_distill") == "-0.0006 (one seed: no std)"
+    assert against_baselines(df)[-1] == "- `diverse_distill` against `kd` +0.0085 (one seed: no std)"
+    assert all(math.isnan(r["auc_std"]) and r["vs_plain"] in ("", "-0.0091 (one seed: no std)",
+                                                              "-0.0006 (one seed: no std)") for r in summary(df))
+    two = pd.concat([df, df.assign(seed=1, auc=df.auc + 0.002)])  # two seeds: a std, and verdicts again
+    assert verdict(two, "kd") == "-0.0091 (worse)"
+
+
 def test_methods_groups_expand_once_each() -> None:
     from appdistill.bench.variants import DEFAULT, VARIANTS, expand
 

@@ -40,10 +40,12 @@ def add_gap(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def _ms(x: pd.Series) -> tuple[float, float]:
+    """Mean and sample standard deviation; the std is NaN (printed as no "±") for a single value: one
+    seed says nothing about the spread, and a std of 0 would make every difference "better"/"worse"."""
     x = x.dropna().astype(float)
     if x.empty:
         return math.nan, math.nan
-    return float(x.mean()), float(x.std(ddof=1)) if len(x) > 1 else 0.0
+    return float(x.mean()), float(x.std(ddof=1)) if len(x) > 1 else math.nan
 
 
 def _fmt(m: float, s: float | None = None, pct: bool = False) -> str:
@@ -70,6 +72,8 @@ def compare(df: pd.DataFrame, a: str, b: str) -> str:
     d, sd = ma - mb, max(sa, sb)
     if math.isnan(d):
         return "n/a"
+    if math.isnan(sa) or math.isnan(sb):  # a single seed: no spread to judge the difference against
+        return f"{d:+.4f} (one seed: no std)"
     return f"{d:+.4f} ({'tie' if abs(d) <= sd else ('better' if d > 0 else 'worse')})"
 
 
@@ -112,7 +116,9 @@ def markdown(b: Any, df: pd.DataFrame, seconds: float) -> str:
     lines = [f"# Benchmark: {b.name} (spec `{spec.name}`)", "", f"`{cmd}` ({seconds / 60:.1f} min)", "",
              f"- Every figure is the best-epoch model on validation ({b.base.train.epochs} epochs, batch "
              f"{b.base.train.batch_size}, the same data for every method); mean ± sample std over "
-             f"{len(o.seeds)} seed(s); a difference within one std is a tie.",
+             f"{len(o.seeds)} seed(s); a difference within one std is a tie"
+             + (" (one seed has no std: no difference is called better or worse; pass several --seeds)."
+                if len(o.seeds) < 2 else "."),
              ("- Seeds vary the student, the split and the teachers (`--vary-data`)." if o.vary_data else
               f"- Seeds {o.seeds} vary the student only (initialisation, batch order); the split and the "
               "teachers are fixed by the config."),
