@@ -59,6 +59,29 @@ def test_perturbed_rows_are_new_entities_near_the_training_rows() -> None:
     assert len(donor_like) < len(rows)                                     # most rows are perturbed
 
 
+def test_perturbed_integer_and_boolean_dense_columns_keep_their_distribution() -> None:
+    """Mixing a 0/1 or count column with a partner row and casting back truncated (0.6 -> 0: the column
+    drifts down) and made any nonzero boolean mix True (a False row with a True partner always became
+    True): the transfer rows' flags and counts no longer looked like the training rows'."""
+    rng = np.random.default_rng(0)
+    n = 4000
+    t = pd.DataFrame({"row_id": np.arange(n), "flag": rng.random(n) < 0.4, "bin": rng.integers(0, 2, n),
+                      "cnt": rng.poisson(2, n), "c": rng.integers(0, 5, n), "label": rng.integers(0, 2, n)})
+    dense = ["flag", "bin", "cnt"]
+    spec = FeatureSpecSet.from_dict({
+        "name": "tab", "tables": {"interactions": {"path": "given.parquet", "key": "row_id", "label": {"column": "label"}}},
+        "features": [*({"name": c, "kind": "dense", "table": "interactions"} for c in dense),
+                     {"name": "c", "kind": "sparse_id", "table": "interactions", "dim": 4}],
+        "visibility": {"student": [*dense, "c"]}, "split": {"by": "random", "valid": 0.1, "test": 0.1}})
+    ds = Dataset.build(spec, {"interactions": t})
+    rows = make_transfer_rows(spec, ds.tables, ds.splits, ratio=1.0, seed=0)
+    train = t.iloc[ds.splits["train"]]
+    for c in dense:
+        assert rows[c].dtype == t[c].dtype, c
+        assert rows[c].astype(float).mean() == pytest.approx(train[c].astype(float).mean(), abs=0.05), c
+    assert set(rows.bin) <= {0, 1} and rows.cnt.min() >= 0
+
+
 def test_dataset_with_transfer_keeps_real_rows_and_encodes_the_new_ones_alike(syn) -> None:
     spec, ds = syn
     ext = Dataset.build(spec, ds.tables, transfer=lambda sp, tb, sl: make_transfer_rows(sp, tb, sl, 0.5, seed=1))

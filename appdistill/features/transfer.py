@@ -99,6 +99,11 @@ def _perturb(spec: FeatureSpecSet, inter: pd.DataFrame, train: np.ndarray, n: in
             lam = rng.uniform(0.6, 1.0, n)
             partner = inter[c].to_numpy()[rng.choice(train, n)].astype(np.float64)
             mixed = lam * vals.astype(np.float64) + (1 - lam) * partner
+            if inter[c].dtype.kind in "biu":
+                # back to the column's integer/boolean type by rounding: a cast truncates (0.6 -> 0, counts
+                # drift down) or, for booleans, makes any nonzero mix True (a False row with a True
+                # partner always became True), shifting the column's distribution in the transfer rows
+                mixed = np.rint(mixed)
             vals = np.where(np.isnan(mixed), vals, mixed).astype(inter[c].dtype, copy=False)
         vals = np.where(swap, other, vals)
         out[c] = vals
