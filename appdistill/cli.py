@@ -122,6 +122,10 @@ def cmd_validate(a: argparse.Namespace) -> int:
         elif f.encoder:
             extra = f"encoder={f.encoder}"
         print(f"    {f.name:<14} {f.kind:<9} {f.table:<12} {extra:<40} seen by: {', '.join(who)}")
+    # "seen by" lists the spec's entries only; a teacher without one falls back to the student's features
+    # (FeatureSpecSet.visible), which the list above would otherwise hide
+    print(f"  visibility: entries for {', '.join(spec.visibility)}; a model without an entry (e.g. a teacher) "
+          "sees the student's features")
     print(f"  data fingerprint: {s['fingerprint']}")
     return 0
 

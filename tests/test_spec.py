@@ -360,3 +360,15 @@ def test_unknown_source(tiny_spec_dict):
     spec = FeatureSpecSet.from_dict(d)
     with pytest.raises(AppDistillError, match="unknown data source 'nope'.*known: .*ml100k"):
         load_tables(spec)
+
+
+def test_validate_says_what_a_model_without_a_visibility_entry_sees(spec_file, capsys) -> None:
+    """``seen by`` lists the spec's visibility entries; a teacher without one (LightGBM, the DLRM on a
+    spec that lists only the student) sees the student's features, which validate must say rather than
+    suggest that only the student sees them."""
+    from appdistill.cli import main
+
+    assert main(["validate", str(spec_file())]) == 0
+    out = capsys.readouterr().out
+    assert ("visibility: entries for student, foundation; a model without an entry (e.g. a teacher) sees the "
+            "student's features") in out, out
