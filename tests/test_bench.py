@@ -126,6 +126,22 @@ def test_bad_options_exit_2_before_any_data(tmp_path: Path, capsys: pytest.Captu
     assert not (tmp_path / "o").exists()
 
 
+def test_two_configs_of_one_file_name_are_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Results go to OUT/<file stem>: a/config.yaml and b/config.yaml would share one folder, the second
+    report silently replacing the first."""
+    for d in ("a", "b"):
+        (tmp_path / d).mkdir()
+        (tmp_path / d / "spec.yaml").write_text(yaml.safe_dump(SPEC))
+        (tmp_path / d / "config.yaml").write_text(yaml.safe_dump(CONFIG))
+    a, b = str(tmp_path / "a" / "config.yaml"), str(tmp_path / "b" / "config.yaml")
+    assert main(["bench", a, b, "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert f"configs '{a}' and '{b}' have the same file name" in err and "Traceback" not in err, err
+    assert main(["bench", a, a, "--out", str(tmp_path / "o")]) == 2
+    assert "given twice" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
 def test_set_teacher_null_drops_a_committee_member() -> None:
     from appdistill.config import REPO_ROOT, load_config
 

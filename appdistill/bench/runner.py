@@ -77,6 +77,16 @@ def check_options(o: BenchOptions) -> None:
         raise ConfigError(f"bench: --seeds has duplicates: {o.seeds}")
     if o.budget is not None and o.budget < 1:
         raise ConfigError(f"bench: --budget must be >= 1, got {o.budget}")
+    # each config's report, teachers and runs live in OUT/<file stem>: two configs of one stem (a/config.yaml,
+    # b/config.yaml) would share that folder, the second report overwriting the first
+    stems: dict[str, str] = {}
+    for c in o.configs:
+        other = stems.setdefault(Path(c).stem, c)
+        if other != c:
+            raise ConfigError(f"bench: configs '{other}' and '{c}' have the same file name, so their results would "
+                              f"share '{Path(o.out) / Path(c).stem}'; rename one, or bench them with separate --out")
+    if len(set(o.configs)) != len(o.configs):
+        raise ConfigError(f"bench: a config is given twice: {o.configs}")
     for c in o.configs:
         load_config(c, o.overrides)  # a bad config fails here, in seconds
 
