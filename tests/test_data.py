@@ -268,6 +268,30 @@ def test_log1p_feature_with_negative_values_is_refused_naming_the_row(spec_file,
     assert main(["validate", str(spec_file(tables=tables))]) == 0
 
 
+def test_pandas_categorical_id_columns_encode_like_plain_ones(tmp_path):
+    """A parquet file written from pandas' ``category`` columns (common for tabular data) reads back as
+    categoricals: they were refused ("got dtype category") while requests with the same column were
+    scored; they now give the same vocabulary and codes as the plain column."""
+    rng = np.random.default_rng(0)
+    n = 200
+    plain = pd.DataFrame({"row_id": [f"r{i}" for i in range(n)], "shop": rng.choice(["a", "b", "c", None], n),
+                          "code": rng.integers(0, 5, n), "label": rng.integers(0, 2, n)})
+    cat = plain.astype({"shop": "category", "code": "category"})
+    cat.to_parquet(tmp_path / "t.parquet")
+    assert isinstance(pd.read_parquet(tmp_path / "t.parquet")["shop"].dtype, pd.CategoricalDtype)
+    raw = {"name": "cats", "tables": {"interactions": {"path": "t.parquet", "key": "row_id", "label": {"column": "label"}}},
+           "features": [{"name": "shop", "kind": "sparse_id", "table": "interactions", "missing": "oov"},
+                        {"name": "code", "kind": "sparse_id", "table": "interactions"}],
+           "visibility": {"student": ["shop", "code"]}}
+    spec = FeatureSpecSet.from_dict(raw, base_dir=str(tmp_path))
+    ds_cat, ds_plain = Dataset.build(spec), Dataset.build(spec, {"interactions": plain})
+    for f in ("shop", "code"):
+        np.testing.assert_array_equal(ds_cat.sparse[f], ds_plain.sparse[f])
+        assert ds_cat.processor.vocabs[f].to_dict() == ds_plain.processor.vocabs[f].to_dict()
+    assert ds_cat.processor.vocabs["code"].is_int  # the categories' own type, not their string form
+    np.testing.assert_array_equal(normalize_ids(cat["code"]), plain["code"].to_numpy())
+
+
 def test_constant_dense_column_does_not_divide_by_zero():
     f = FeatureSpec(name="x", kind="dense", table="t")
     t = DenseTransform.fit(f, np.full(5, 7.0))

@@ -88,6 +88,11 @@ def out_of_float32_message(where: str, row: int, value: Any) -> str:
 def normalize_ids(values: Any, *, as_int: bool | None = None, what: str = "") -> np.ndarray:
     """Return ids as int64 (when integral) or as an object array of str. NaN is an error."""
     s = pd.Series(values) if not isinstance(values, pd.Series) else values
+    if isinstance(s.dtype, pd.CategoricalDtype):
+        # a pandas categorical (what a parquet dictionary column written from pandas reads back as): its
+        # values in the categories' own type, so a categorical column and the same plain column give one
+        # vocabulary (training read parquet files, requests send plain columns)
+        s = pd.Series(s.cat.categories.take(s.cat.codes.clip(lower=0)), index=s.index).where(s.notna())
     if s.isna().any():
         bad = int(np.flatnonzero(s.isna().to_numpy())[0])
         raise SpecError(f"{what}: NaN/missing id at row {bad}; ids must be integers or strings")
