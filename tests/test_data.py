@@ -292,6 +292,28 @@ def test_pandas_categorical_id_columns_encode_like_plain_ones(tmp_path):
     np.testing.assert_array_equal(normalize_ids(cat["code"]), plain["code"].to_numpy())
 
 
+def test_nullable_boolean_and_integer_dense_columns_are_imputed_not_a_traceback():
+    """pandas' nullable ``boolean`` column with a missing value (a parquet file written from one) made
+    ``Dataset.build`` fail with a TypeError traceback (``float()`` of ``pd.NA``); like the streamed fit, the
+    in-memory one now reads NA as NaN and imputes it with the training mean."""
+    n = 40
+    t = pd.DataFrame({"row_id": np.arange(n), "c": np.arange(n) % 3, "label": np.arange(n) % 2,
+                      "flag": pd.array([None if i % 10 == 0 else i % 4 == 0 for i in range(n)], dtype="boolean"),
+                      "cnt": pd.array([None if i % 7 == 0 else i % 5 for i in range(n)], dtype="Int64")})
+    spec = FeatureSpecSet.from_dict({
+        "name": "nullable", "tables": {"interactions": {"path": "given.parquet", "key": "row_id", "label": {"column": "label"}}},
+        "features": [{"name": "flag", "kind": "dense", "table": "interactions", "transform": "none"},
+                     {"name": "cnt", "kind": "dense", "table": "interactions", "transform": "none"},
+                     {"name": "c", "kind": "sparse_id", "table": "interactions"}],
+        "visibility": {"student": ["flag", "cnt", "c"]}})
+    ds = Dataset.build(spec, {"interactions": t})
+    tr = ds.splits["train"]
+    flag = t.flag.to_numpy(np.float64, na_value=np.nan)
+    assert ds.processor.dense["flag"].mean == pytest.approx(np.nanmean(flag[tr]))
+    np.testing.assert_allclose(ds.dense["flag"], np.where(np.isnan(flag), np.nanmean(flag[tr]), flag), rtol=1e-6)
+    assert np.isfinite(ds.dense["cnt"]).all()
+
+
 def test_constant_dense_column_does_not_divide_by_zero():
     f = FeatureSpec(name="x", kind="dense", table="t")
     t = DenseTransform.fit(f, np.full(5, 7.0))

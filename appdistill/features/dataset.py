@@ -251,7 +251,7 @@ def encode_list_table(proc: FeatureProcessor, f: FeatureSpec, df: pd.DataFrame) 
 def encode_dense_table(proc: FeatureProcessor, f: FeatureSpec, df: pd.DataFrame, missing_row: bool) -> np.ndarray:
     """Dense feature ``f`` over the rows of its table; a side table's gets a last row holding the imputed
     value (a missing join)."""
-    v = proc.encode_dense(f.name, df[f.col].to_numpy())
+    v = proc.encode_dense(f.name, df[f.col].to_numpy(np.float64, na_value=np.nan))  # nullable dtypes: NA -> NaN
     if not missing_row:
         return v
     return np.append(v, proc.dense[f.name].apply(np.array([np.nan]))[0])

@@ -93,7 +93,9 @@ class FeatureProcessor:
                 ids = normalize_ids(flat.reset_index(drop=True), what=f"file '{loc}', feature '{f.name}'")
                 p.vocabs[f.name] = Vocabulary.fit(f, ids, file=loc)
             elif f.kind == "dense":
-                p.dense[f.name] = DenseTransform.fit(f, df[f.col].to_numpy())
+                # float64 with NaN for missing, as the streamed fit reads it: ``to_numpy()`` of pandas' nullable
+                # ``boolean`` column is an object array holding ``pd.NA``, which numpy cannot make a float
+                p.dense[f.name] = DenseTransform.fit(f, df[f.col].to_numpy(np.float64, na_value=np.nan))
         return p
 
     def encode_sparse(self, name: str, values: Any) -> np.ndarray:
