@@ -82,6 +82,31 @@ def test_perturbed_integer_and_boolean_dense_columns_keep_their_distribution() -
     assert set(rows.bin) <= {0, 1} and rows.cnt.min() >= 0
 
 
+def test_perturbed_rows_of_nullable_integer_and_boolean_columns() -> None:
+    """pandas' nullable ``Int64`` / ``boolean`` columns (what a parquet file written from them reads back as)
+    crashed the mixup with a traceback (``Cannot interpret 'Int64Dtype()' as a data type``); they now keep
+    their type, their missing values stay missing, and the data set encodes them."""
+    rng = np.random.default_rng(0)
+    n = 1000
+    cnt = pd.array(np.where(rng.random(n) < 0.1, None, rng.poisson(2, n)), dtype="Int64")
+    flag = pd.array(np.where(rng.random(n) < 0.1, None, rng.random(n) < 0.4), dtype="boolean")
+    t = pd.DataFrame({"row_id": np.arange(n), "cnt": cnt, "flag": flag, "c": rng.integers(0, 5, n),
+                      "label": rng.integers(0, 2, n)})
+    spec = FeatureSpecSet.from_dict({
+        "name": "tab", "tables": {"interactions": {"path": "given.parquet", "key": "row_id", "label": {"column": "label"}}},
+        "features": [{"name": "cnt", "kind": "dense", "table": "interactions"},
+                     {"name": "flag", "kind": "dense", "table": "interactions"},
+                     {"name": "c", "kind": "sparse_id", "table": "interactions", "dim": 4}],
+        "visibility": {"student": ["cnt", "flag", "c"]}, "split": {"by": "random", "valid": 0.1, "test": 0.1}})
+    ds = Dataset.build(spec, {"interactions": t})
+    rows = make_transfer_rows(spec, ds.tables, ds.splits, ratio=1.0, seed=0)
+    assert str(rows.cnt.dtype) == "Int64" and str(rows.flag.dtype) == "boolean"
+    assert 0 < rows.cnt.isna().mean() < 0.2 and rows.cnt.min() >= 0
+    full = Dataset.build(spec, {"interactions": t},
+                         transfer=lambda sp, tb, sl: make_transfer_rows(sp, tb, sl, 1.0, seed=0))
+    assert len(full.splits["transfer"]) == len(rows) and np.isfinite(full.dense["cnt"]).all()
+
+
 def test_dataset_with_transfer_keeps_real_rows_and_encodes_the_new_ones_alike(syn) -> None:
     spec, ds = syn
     ext = Dataset.build(spec, ds.tables, transfer=lambda sp, tb, sl: make_transfer_rows(sp, tb, sl, 0.5, seed=1))

@@ -92,21 +92,25 @@ def _perturb(spec: FeatureSpecSet, inter: pd.DataFrame, train: np.ndarray, n: in
     dense = {f.col for f in spec.features if f.table == "interactions" and f.kind == "dense"}
     keys = set(spec.tables["interactions"].keys)
     for c in sorted(cols - keys):
-        other = inter[c].to_numpy()[rng.choice(train, n)]
+        dtype = inter[c].dtype
+        other_rows = rng.choice(train, n)
         swap = rng.random(n) < SWAP_PROB
-        vals = out[c].to_numpy(copy=True)
-        if c in dense and pd.api.types.is_numeric_dtype(inter[c].dtype):
+        if c in dense and pd.api.types.is_numeric_dtype(dtype):
+            # mixed in float64 (NaN = missing) and cast back through pandas, so pandas' nullable
+            # Int64/boolean columns (parquet files written from pandas) take the same path as numpy ones
+            col = inter[c].to_numpy(np.float64, na_value=np.nan)
+            own = out[c].to_numpy(np.float64, na_value=np.nan)
             lam = rng.uniform(0.6, 1.0, n)
-            partner = inter[c].to_numpy()[rng.choice(train, n)].astype(np.float64)
-            mixed = lam * vals.astype(np.float64) + (1 - lam) * partner
-            if inter[c].dtype.kind in "biu":
+            mixed = lam * own + (1 - lam) * col[rng.choice(train, n)]
+            if pd.api.types.is_integer_dtype(dtype) or pd.api.types.is_bool_dtype(dtype):
                 # back to the column's integer/boolean type by rounding: a cast truncates (0.6 -> 0, counts
                 # drift down) or, for booleans, makes any nonzero mix True (a False row with a True
                 # partner always became True), shifting the column's distribution in the transfer rows
                 mixed = np.rint(mixed)
-            vals = np.where(np.isnan(mixed), vals, mixed).astype(inter[c].dtype, copy=False)
-        vals = np.where(swap, other, vals)
-        out[c] = vals
+            mixed = np.where(swap, col[other_rows], np.where(np.isnan(mixed), own, mixed))
+            out[c] = pd.Series(mixed).astype(dtype)
+            continue
+        out[c] = np.where(swap, inter[c].to_numpy()[other_rows], out[c].to_numpy(copy=True))
     # each transfer row is a new entity: a fresh key that no real row has
     for k in keys:
         col = inter[k]
