@@ -231,20 +231,6 @@ def test_dense_transform_kinds(kind, expected):
     assert DenseTransform.from_dict(t.to_dict()) == t
 
 
-def test_log1p_of_negative_training_values_is_said_once(recwarn):
-    from appdistill.features.vocab import ClippedValuesWarning
-
-    f = FeatureSpec(name="balance", kind="dense", table="t", transform="log1p")
-    t = DenseTransform.fit(f, np.array([-3.0, 2.0, -1.0, np.nan, 5.0]))
-    msgs = [str(w.message) for w in recwarn.list if w.category is ClippedValuesWarning]
-    assert msgs == ["feature 'balance': 2 of 5 training values are below 0, and log1p clips them to 0 (they become "
-                    "equal); for a signed feature use `transform: standardize`"]
-    t.apply(np.array([-7.0, 1.0]))  # encoding (or serving) rows says nothing more
-    DenseTransform.fit(FeatureSpec(name="s", kind="dense", table="t", transform="standardize"), np.array([-3.0, 2.0]))
-    DenseTransform.fit(FeatureSpec(name="p", kind="dense", table="t", transform="log1p"), np.array([0.0, 2.0]))
-    assert len([w for w in recwarn.list if w.category is ClippedValuesWarning]) == 1
-
-
 def test_log1p_standardize_is_zero_mean_unit_std_on_train():
     f = FeatureSpec(name="x", kind="dense", table="t", transform="log1p_standardize")
     x = np.random.default_rng(0).lognormal(3, 1, 1000)

@@ -232,22 +232,10 @@ def test_cli_validate_reads_a_folder_and_refuses_an_empty_one(data: Path, tmp_pa
     assert "is a directory without .parquet files" in capsys.readouterr().err
 
 
-def test_negative_log1p_values_are_counted_over_every_chunk(data: Path, tmp_path: Path) -> None:
-    from appdistill.features.vocab import ClippedValuesWarning
-
-    def shift(df: pd.DataFrame) -> pd.DataFrame:
-        return df.assign(dwell=df["dwell"] - 3)  # 3 of every 13 values below 0
-
-    d = _folder(tmp_path, data, shift)
-    for name in ("part-0.parquet", "part-2.parquet"):
-        (d / "many" / name).write_bytes(shift(pd.read_parquet(d / "many" / name)).to_parquet(index=False))
-    pd.concat([pd.read_parquet(p) for p in sorted((d / "many").iterdir())]).to_parquet(d / "one.parquet", index=False)
-    said = []
-    for interactions in ("one.parquet", "many"):
-        with pytest.warns(ClippedValuesWarning) as w:
-            _build(d, interactions)
-        said.append([str(x.message) for x in w if "dwell" in str(x.message)])
-    assert len(said[0]) == 1 and said[0] == said[1], said  # one warning, the same count as one file's
+def test_a_negative_log1p_value_in_a_part_file_is_refused_with_its_row(data: Path, tmp_path: Path) -> None:
+    d = _folder(tmp_path, data, lambda df: _set(df, 900, "dwell", -2.0))
+    with pytest.raises(SpecError, match=r"part-1\.parquet'.*'dwell'.*row 900: value -2\.0 is negative"):
+        _build(d, "many")
 
 
 def test_counts_summed_over_chunks_equal_one_count() -> None:

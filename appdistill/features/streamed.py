@@ -45,7 +45,7 @@ from appdistill.features.processor import FeatureProcessor
 from appdistill.features.spec import FeatureSpecSet
 from appdistill.features.tables import (check_key_kinds, check_table, join_report, load_tables, one_class_message,
                                         split_rows, table_location)
-from appdistill.features.vocab import DenseMoments, DenseTransform, KeyIndex, Vocabulary, normalize_ids, warn_clipped
+from appdistill.features.vocab import DenseMoments, DenseTransform, KeyIndex, Vocabulary, normalize_ids
 from appdistill.io import (atomic_write_text, digest_problem, file_digests, json_digest, locked, release_mapped,
                            staged_dir)
 from appdistill.progress import bar as progress_bar
@@ -279,7 +279,6 @@ def _encode(spec: FeatureSpecSet, files: list[Path], schemas: list[Any], side: d
     counts: dict[str, _Counts] = {}
     is_int: dict[str, tuple[bool, Path]] = {}
     moments = {f.name: DenseMoments() for f in inter_feats if f.kind == "dense"}
-    clipped: dict[str, int] = {}  # log1p features: training values below 0, counted over the chunks
     pre = {f.name: DenseTransform(f.name, f.transform) for f in inter_feats if f.kind == "dense"}
     keys_seen: dict[str, _Counts] = {}  # all keys (codes) and the training rows' items (cold)
     positives = 0
@@ -315,9 +314,7 @@ def _encode(spec: FeatureSpecSet, files: list[Path], schemas: list[Any], side: d
         for feat in inter_feats:
             c = df[feat.col][tr]
             if feat.kind == "dense":
-                x = c.to_numpy(np.float64, na_value=np.nan)
-                moments[feat.name].add(pre[feat.name]._pre(x))
-                clipped[feat.name] = clipped.get(feat.name, 0) + pre[feat.name].clipped(x)
+                moments[feat.name].add(pre[feat.name]._pre(c.to_numpy(np.float64, na_value=np.nan)))
                 continue
             if feat.missing == "oov":
                 c = c.dropna()
@@ -345,7 +342,6 @@ def _encode(spec: FeatureSpecSet, files: list[Path], schemas: list[Any], side: d
     proc = FeatureProcessor.fit(side_feats, train_side, {t: table_location(spec, t) for t in sides})
     for feat in inter_feats:
         if feat.kind == "dense":
-            warn_clipped(feat.name, clipped.get(feat.name, 0), int(is_train.sum()))
             proc.dense[feat.name] = pre[feat.name].with_moments(moments[feat.name])
         else:
             if feat.missing == "oov":

@@ -8,8 +8,6 @@ spaces too large to enumerate. All operations are vectorised.
 
 from __future__ import annotations
 
-import warnings
-
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -221,18 +219,6 @@ class Vocabulary:
         return cls(d["feature"], vals, int(d["num_embeddings"]), bool(d["hashing"]), bool(d["is_int"]))
 
 
-class ClippedValuesWarning(RuntimeWarning):
-    """A ``log1p`` feature has negative training values: they are clipped to 0 (and so lose their order)."""
-
-
-def warn_clipped(feature: str, clipped: int, total: int) -> None:
-    """Say how many of ``total`` training values of a ``log1p`` feature were below 0 (once per fit)."""
-    if clipped:
-        warnings.warn(f"feature '{feature}': {clipped:,} of {total:,} training values are below 0, and log1p "
-                      "clips them to 0 (they become equal); for a signed feature use `transform: standardize`",
-                      ClippedValuesWarning, stacklevel=3)
-
-
 @dataclass
 class DenseTransform:
     """``log1p`` and/or standardisation with training statistics; NaN -> the training mean."""
@@ -245,14 +231,7 @@ class DenseTransform:
     @classmethod
     def fit(cls, spec: FeatureSpec, x: np.ndarray) -> DenseTransform:
         t = cls(spec.name, spec.transform)
-        warn_clipped(spec.name, t.clipped(x), len(x))
         return t.with_moments(DenseMoments().add(t._pre(x)))
-
-    def clipped(self, x: np.ndarray) -> int:
-        """How many of ``x`` the ``log1p`` of :meth:`_pre` clips (values below 0; 0 without log1p)."""
-        if "log1p" not in self.kind:
-            return 0
-        return int((np.asarray(x, dtype=np.float64) < 0).sum())
 
     def with_moments(self, m: DenseMoments) -> DenseTransform:
         """Set the training statistics from the moments of the pre-transformed values (``_pre``)."""
