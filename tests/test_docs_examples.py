@@ -48,3 +48,19 @@ def test_doc_examples_plug_in_and_train(tmp_path: Path, monkeypatch) -> None:
     with pytest.raises(ConfigError, match="method.kwargs.margin"):
         load_config(tmp_path / "c.yaml", ["method.kwargs.margin=-1"])
     sys.modules.pop("docpkg.popularity", None)
+
+
+def test_docs_config_names_every_key_of_the_spec_and_the_config() -> None:
+    """docs/config.md is the reference: a key added to a spec or config model must appear in it."""
+    from appdistill.config import (ContentSection, EvalSection, ExperimentConfig, StudentSection, TrackingSection,
+                                   TrainSection, TransferSection)
+    from appdistill.features.spec import FeatureSpec, FeatureSpecSet, LabelSpec, SplitSpec, TableSpec
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "config.md").read_text()
+    models = {"": ExperimentConfig, "student.": StudentSection, "train.": TrainSection, "eval.": EvalSection,
+              "spec:": FeatureSpecSet, "table:": TableSpec, "feature:": FeatureSpec, "split:": SplitSpec,
+              "label:": LabelSpec, "content:": ContentSection, "transfer:": TransferSection,
+              "tracking:": TrackingSection}
+    missing = [f"{where}{name}" for where, model in models.items() for name in model.model_fields
+               if name != "base_dir" and not re.search(rf"[`.{{, ]{name}[`:,}}. ]", text)]
+    assert not missing, f"docs/config.md does not mention: {missing}"
