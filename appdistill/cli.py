@@ -63,8 +63,8 @@ def _cold_row(cold: dict[str, Any]) -> list[tuple[str, Any]]:
     return [(f"cold-item AUC (n={cold['n']:,}, {cold.get('share', 0):.1%} of test)", cold["auc"])]
 
 
-def _spec_of(path: str, overrides: list[str] | None = None) -> Any:
-    """The feature spec of ``path``: a spec file, or a config file (fully checked first, after
+def _spec_of(path: str, overrides: list[str] | None = None) -> tuple[Any, str]:
+    """The feature spec of ``path`` and its file: a spec file, or a config file (fully checked first, after
     ``overrides``: sections, ranges, method and teacher kwargs) whose ``spec:`` is then validated with
     its data."""
     from appdistill.config import load_config
@@ -86,20 +86,20 @@ def _spec_of(path: str, overrides: list[str] | None = None) -> Any:
 
             feats = content_features(list(cfg.student.content.features), spec)
             print(f"  content table: {', '.join(f.name for f in feats)} x {cfg.student.content.dim} dims")
-        return spec
+        return spec, str(cfg.resolve_path(cfg.spec))
     if overrides:
         raise ConfigError(f"--set applies to a config file; '{path}' is a feature spec")
-    return FeatureSpecSet.from_yaml(path)
+    return FeatureSpecSet.from_yaml(path), path
 
 
 def cmd_validate(a: argparse.Namespace) -> int:
     from appdistill.features.dataset import Dataset
     from appdistill.features.tables import table_location
 
-    spec = _spec_of(a.spec, a.set)
+    spec, spec_path = _spec_of(a.spec, a.set)
     ds = Dataset.build(spec)
     s = ds.summary()
-    print(f"spec '{spec.name}' ({a.spec}): OK")
+    print(f"spec '{spec.name}' ({spec_path}): OK")
     if ds.streamed:
         print(f"  table {'interactions':<13} {ds.n:>9,} rows  key={spec.tables['interactions'].keys}  from "
               f"{table_location(spec, 'interactions')} (a folder: streamed into memory-mapped columns in {ds.streamed})")

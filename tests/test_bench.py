@@ -179,7 +179,8 @@ def test_config_values_and_kwargs_are_typed_and_checked_before_data(tmp_path: Pa
     assert "method.kwargs.lamda_t: unknown key" in capsys.readouterr().err
     # validate takes the overrides train and distill take, and checks the config they produce
     assert main(["validate", str(cfg), "--set", "method.key=kd", "--set", "train.epochs=1"]) == 0
-    assert "method=kd" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "method=kd" in out and f"({REPO_ROOT / 'feature_specs/ml100k.yaml'}): OK" in out  # the spec's file
     assert main(["validate", str(cfg), "--set", "method.key=kd", "--set", "method.kwargs.alpa=1"]) == 2
     assert "method.kwargs.alpa: unknown key" in capsys.readouterr().err
 
