@@ -81,6 +81,9 @@ def _spec_of(path: str, overrides: list[str] | None = None) -> tuple[Any, str]:
         print(f"config '{cfg.name}' ({path}): OK  method={cfg.method.key}  teachers: {teachers}  "
               f"epochs={cfg.train.epochs}  transfer={'on' if cfg.transfer.enabled else 'off'}")
         spec = cfg.load_spec()
+        from appdistill.student.model import check_interaction
+
+        check_interaction(cfg.student, spec)
         if cfg.student.content.enabled:
             from appdistill.features.content import content_features
 

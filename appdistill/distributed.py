@@ -3,6 +3,7 @@
 Single process: the plain model and Adagrad for embeddings (``embedding_lr``) and Adam for dense parts.
 ``torchrun``: ``DistributedModelParallel`` shards the embedding tables with the TorchRec planner
 (fused Adagrad in the backward, the same update rule as single-process) and wraps the dense parts in DDP.
+A dense-only student (no embedding tables) is replicated with plain DDP: there is nothing to shard.
 """
 
 from __future__ import annotations
@@ -84,11 +85,21 @@ def shard_model(model: nn.Module, ctx: DistContext, lr: float, embedding_lr: flo
         named = dict(model.named_parameters())
         emb = {n: p for n, p in named.items() if n.startswith("ebc.")}
         dense = {n: p for n, p in named.items() if n not in emb}
-        opt = CombinedOptimizer([
-            ("embedding", KeyedOptimizerWrapper(emb, lambda ps: torch.optim.Adagrad(ps, lr=embedding_lr, eps=1e-8))),
-            ("dense", KeyedOptimizerWrapper(dense, lambda ps: adam(ps, lr, weight_decay))),
-        ])
+        # a dense-only student has no tables: no embedding optimizer (Adagrad refuses an empty list)
+        parts = [("embedding", KeyedOptimizerWrapper(emb, lambda ps: torch.optim.Adagrad(ps, lr=embedding_lr,
+                                                                                          eps=1e-8)))] if emb else []
+        opt = CombinedOptimizer([*parts, ("dense", KeyedOptimizerWrapper(dense, lambda ps: adam(ps, lr, weight_decay)))])
         return model, opt
+
+    if getattr(model, "ebc", None) is None:
+        # a dense-only student under torchrun: nothing to shard (the planner and DMP need an EBC), so
+        # the whole model is replicated with plain DDP -- the same all-reduced dense update that DMP
+        # gives its dense parts, and the same unwrapped state dict ("module." prefix, see full_state_dict)
+        model = model.to(ctx.device)
+        ddp = nn.parallel.DistributedDataParallel(
+            model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+        dense = KeyedOptimizerWrapper(dict(ddp.named_parameters()), lambda ps: adam(ps, lr, weight_decay))
+        return ddp, CombinedOptimizer([("dense", dense)])
 
     from torchrec.distributed.model_parallel import DistributedModelParallel
     from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology

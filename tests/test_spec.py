@@ -301,9 +301,15 @@ def test_student_sees_text_feature(spec_file, tiny_spec_dict):
     _expect_error(spec_file(tiny_spec_dict), "spec.yaml", "visibility.student", "['title']", "servable")
 
 
-def test_student_needs_a_sparse_feature(spec_file, tiny_spec_dict):
-    tiny_spec_dict["visibility"]["student"] = ["year", "age"]
-    _expect_error(spec_file(tiny_spec_dict), "spec.yaml", "visibility.student", "sparse_id/id_list")
+def test_student_needs_a_servable_feature(spec_file, tiny_spec_dict):
+    tiny_spec_dict["visibility"]["student"] = []
+    _expect_error(spec_file(tiny_spec_dict), "spec.yaml", "visibility.student", "servable feature")
+
+
+def test_dense_only_student_is_accepted(spec_file, tiny_spec_dict):
+    tiny_spec_dict["visibility"]["student"] = ["year", "age"]  # was refused: no sparse feature
+    spec = FeatureSpecSet.from_yaml(spec_file(tiny_spec_dict))
+    assert [f.kind for f in spec.visible("student")] == ["dense", "dense"]
 
 
 def test_visibility_names_unknown_feature(spec_file, tiny_spec_dict):

@@ -28,11 +28,12 @@ class ServingModel(nn.Module):
         super().__init__()
         self.keys = list(model.keys)
         self.tables = nn.ModuleList()
-        for cfg in model.ebc.embedding_bag_configs():
+        configs = model.ebc.embedding_bag_configs() if model.ebc is not None else []  # None: dense-only
+        for cfg in configs:
             mode = "mean" if cfg.pooling.name == "MEAN" else "sum"
             bag = nn.EmbeddingBag(cfg.num_embeddings, cfg.embedding_dim, mode=mode)
             self.tables.append(bag)
-        weights = [model.ebc.embedding_bags[c.name].weight for c in model.ebc.embedding_bag_configs()]
+        weights = [model.ebc.embedding_bags[c.name].weight for c in configs]  # type: ignore[union-attr]
         with torch.no_grad():
             for bag, w in zip(self.tables, weights):
                 bag.weight.copy_(w)
@@ -45,4 +46,6 @@ class ServingModel(nn.Module):
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
         dense = inputs[-1]
         embs = [bag(inputs[2 * i], inputs[2 * i + 1]) for i, bag in enumerate(self.tables)]
-        return student_head(self, torch.cat(embs, 1), dense).logits
+        # a dense-only student: no tables, an empty [B, 0] block (as RankingModel.embed)
+        emb = torch.cat(embs, 1) if embs else dense.new_zeros((dense.shape[0], 0))
+        return student_head(self, emb, dense).logits

@@ -277,8 +277,11 @@ class FeatureSpecSet(_Strict):
             raise ValueError(
                 f"visibility.student: features {bad} are text/image; the student must be servable "
                 "without foundation encoders (give them to a teacher instead)")
-        if not any(f.kind in SPARSE_KINDS for f in self.visible("student")):
-            raise ValueError("visibility.student: the student needs at least one sparse_id/id_list feature")
+        # dense-only students are fine (a GBDT-led table of numeric columns): the student then has no
+        # embedding tables (RankingModel, shard_model and the serving model handle that case)
+        if not any(f.kind in SERVABLE_KINDS for f in self.visible("student")):
+            raise ValueError("visibility.student: the student needs at least one servable feature "
+                             "(sparse_id, id_list or dense)")
         return self
 
     # ------------------------------------------------------------------ access

@@ -30,6 +30,10 @@ class DotInteraction(nn.Module):
 
     def __init__(self, num_sparse: int, emb_dims: list[int], dense_dim: int) -> None:
         super().__init__()
+        if not emb_dims:  # a dense-only model: one vector, no pairs to take dot products of
+            raise ConfigError(
+                "student.interaction: 'dot' needs sparse features (sparse_id/id_list), but the model sees only "
+                "dense features; use interaction 'dcn' (the default), which crosses the dense vector alone")
         if len(set(emb_dims)) != 1 or (dense_dim and dense_dim != emb_dims[0]):
             raise ConfigError(
                 f"interaction 'dot' needs equal embedding dims and dense-arch output = embedding dim; got "
@@ -53,7 +57,8 @@ class DotInteraction(nn.Module):
 class DCNv2Interaction(nn.Module):
     """DCN-v2 low-rank cross network over ``x0 = [dense ; embeddings]``.
 
-    ``x_{l+1} = x0 ⊙ (U_l (V_l x_l) + b_l) + x_l``; ``out_dim = len(x0)``.
+    ``x_{l+1} = x0 ⊙ (U_l (V_l x_l) + b_l) + x_l``; ``out_dim = len(x0)``. With no sparse features
+    (a dense-only model) ``x0`` is the dense vector alone.
 
     Args:
         num_layers: cross layers.

@@ -21,7 +21,7 @@ from torch import nn
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, PoolingType
 
 from appdistill.features.processor import FeatureProcessor
-from appdistill.features.spec import FeatureSpec, FeatureSpecSet
+from appdistill.features.spec import SPARSE_KINDS, FeatureSpec, FeatureSpecSet
 from appdistill.student.interaction import INTERACTIONS
 
 
@@ -95,7 +95,8 @@ class RankingModel(nn.Module):
     """TorchRec EBC + dense arch + interaction + over-arch.
 
     Args:
-        tables: one ``EmbeddingBagConfig`` per sparse feature (same order as the KJT keys).
+        tables: one ``EmbeddingBagConfig`` per sparse feature (same order as the KJT keys); empty
+            for a dense-only student (then ``ebc`` is ``None``).
         dense_in: number of dense input features ``D`` (the input is ``[B, D + config.content_dim]``).
         config: architecture.
         device: ``meta`` to defer allocation to ``DistributedModelParallel``.
@@ -106,7 +107,11 @@ class RankingModel(nn.Module):
         super().__init__()
         self.config = config
         self.keys = [t.feature_names[0] for t in tables]
-        self.ebc = EmbeddingBagCollection(tables=tables, device=device or torch.device("cpu"))
+        # a dense-only student (numeric columns only) has no tables, and so no EBC at all: TorchRec's EBC
+        # cannot run with zero tables (its forward concatenates an empty list), and DMP would have nothing
+        # to shard; ``embed`` then returns an empty ``[B, 0]`` block
+        self.ebc: EmbeddingBagCollection | None = \
+            EmbeddingBagCollection(tables=tables, device=device or torch.device("cpu")) if tables else None
         self.dense_in = dense_in
         self.dense_arch = mlp(config.dense_arch, dense_in) if dense_in else None
         dense_out = config.dense_arch[-1] if dense_in and config.dense_arch else dense_in
@@ -131,7 +136,7 @@ class RankingModel(nn.Module):
                 name=f"t_{f.name}", embedding_dim=config.embedding_dim or f.dim,
                 num_embeddings=processor.vocabs[f.name].num_embeddings, feature_names=[f.name],
                 pooling=PoolingType.MEAN if (f.kind == "id_list" and f.pooling == "mean") else PoolingType.SUM)
-            for f in features if f.kind in ("sparse_id", "id_list")
+            for f in features if f.kind in SPARSE_KINDS
         ]
         dense_in = sum(1 for f in features if f.kind == "dense")
         return cls(tables, dense_in, config, device)
@@ -143,6 +148,8 @@ class RankingModel(nn.Module):
         so the order is fixed here; otherwise a model trained under ``torchrun`` would learn a
         permuted layout that no unsharded copy (resume on 1 rank, export) reproduces.
         """
+        if self.ebc is None:  # dense-only: no tables; the KJT has no keys but carries the batch size
+            return torch.zeros(sparse.stride(), 0, device=self.over_arch.out.weight.device)
         kt = self.ebc(sparse)
         if kt.keys() == self.keys:
             return kt.values()
@@ -156,7 +163,7 @@ class RankingModel(nn.Module):
         """Parameter count and bytes (embedding tables included)."""
         params = sum(p.numel() for p in self.parameters())
         nbytes = sum(p.numel() * p.element_size() for p in self.parameters())
-        emb = sum(p.numel() for p in self.ebc.parameters())
+        emb = sum(p.numel() for p in self.ebc.parameters()) if self.ebc is not None else 0
         return {"params": int(params), "bytes": int(nbytes), "embedding_params": int(emb)}
 
 
@@ -173,6 +180,28 @@ def student_head(m: nn.Module, emb: torch.Tensor, dense: torch.Tensor) -> Studen
     d = m.dense_arch(dense) if m.dense_arch is not None else dense
     h = m.interaction(d, emb)
     return StudentOutput(m.over_arch(h), h)
+
+
+def check_interaction(section: Any, spec: FeatureSpecSet) -> None:
+    """Refuse ``student.interaction: dot`` for a student with no embedding slot at all (dense features
+    only, no content table), before data is read or a run directory exists; ``dot`` takes products of
+    embedding pairs, and the model would otherwise fail only when it is built.
+
+    Args:
+        section: the config's ``student:`` section (``appdistill.config.StudentSection``).
+        spec: the feature spec (its ``student`` visibility).
+
+    Raises:
+        ConfigError: ``dot`` with neither a sparse feature nor ``student.content``.
+    """
+    from appdistill.errors import ConfigError
+
+    sparse = any(f.kind in SPARSE_KINDS for f in spec.visible("student"))
+    if section.interaction.key == "dot" and not sparse and not section.content.enabled:
+        raise ConfigError(
+            "student.interaction: 'dot' needs sparse features (sparse_id/id_list), but the student of spec "
+            f"'{spec.name}' sees only dense features; use interaction 'dcn' (the default), which crosses the "
+            "dense vector alone")
 
 
 def build_student(spec: FeatureSpecSet, processor: FeatureProcessor, config: StudentConfig,

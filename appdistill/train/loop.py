@@ -42,7 +42,7 @@ from appdistill.io import atomic_write_text, directory_in_the_way, run_lock, sav
 from appdistill.methods import METHODS
 from appdistill.methods.stack import HeldOut
 from appdistill.progress import bar as progress_bar, write as progress_write
-from appdistill.student.model import RankingModel, StudentConfig, build_student
+from appdistill.student.model import RankingModel, StudentConfig, build_student, check_interaction
 from appdistill.train import checkpoint as ckpt
 from appdistill.train.plots import plot_curves
 from appdistill.train.tracking import Tracker, config_params, make_tracker, step_values
@@ -199,6 +199,7 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, dataset: Dataset | None
         from appdistill.features.content import content_features
 
         content_features(list(cfg.student.content.features), cfg.load_spec())
+    check_interaction(cfg.student, cfg.load_spec())  # e.g. `dot` for a dense-only student: before RUN_DIR exists
     trackers: list[Tracker] = []  # _train puts its tracker here once the run directory exists
     threads = torch.get_num_threads()  # _train may change it for the run; the caller gets it back
     # one writer per run directory: a second train/distill/export on it fails at once (rank 0 writes)
