@@ -63,7 +63,8 @@ def adam(params: Any, lr: float, weight_decay: float = 0.0) -> torch.optim.Adam:
 
 def shard_model(model: nn.Module, ctx: DistContext, lr: float, embedding_lr: float,
                 weight_decay: float = 0.0, sharding: str = "table_wise") -> tuple[nn.Module, torch.optim.Optimizer]:
-    """Return ``(model, optimizer)``: plain on one process, DMP-sharded under torchrun.
+    """Return ``(model, optimizer)``: plain on one process, DMP-sharded under torchrun (DDP-replicated
+    when the model has no embedding tables: a dense-only student).
 
     Args:
         sharding: ``table_wise``/``row_wise``/``column_wise`` forces that sharding type for every

@@ -1,7 +1,8 @@
 """The student: a TorchRec ranking model built from the feature spec.
 
 ``EmbeddingBagCollection`` (one table per sparse feature) -> dense arch (MLP over dense features)
--> interaction (``dot`` or ``dcn``) -> ``h`` -> over-arch (MLP -> 1 logit). ``h`` is exposed for
+-> interaction (``dot`` or ``dcn``) -> ``h`` -> over-arch (MLP -> 1 logit). A dense-only model (no
+sparse feature) has no EBC (``ebc is None``) and an empty ``[B, 0]`` embedding block. ``h`` is exposed for
 the distillation methods, and the over-arch is a module of its own so a method can reuse it
 (DiverseDistill's committee path). The DLRM teacher is the same class with a bigger config.
 
