@@ -16,9 +16,15 @@ DOC = Path(__file__).resolve().parent.parent / "docs" / "architecture.md"
 
 
 def test_doc_examples_plug_in_and_train(tmp_path: Path, monkeypatch) -> None:
+    from appdistill.methods import METHODS
     from appdistill.pipeline import fit_committee
     from appdistill.pipeline import train
+    from appdistill.teachers import TEACHERS
 
+    # the plugins register process-wide: give them copies of the registries, put back afterwards, so
+    # tests that walk every registered teacher or method (tests/test_contract.py) never meet them
+    monkeypatch.setattr(TEACHERS, "_items", dict(TEACHERS._items))
+    monkeypatch.setattr(METHODS, "_items", dict(METHODS._items))
     blocks = re.findall(r"```python\n(.*?)```", DOC.read_text(), re.S)
     pkg = tmp_path / "docpkg"
     pkg.mkdir()
@@ -47,7 +53,8 @@ def test_doc_examples_plug_in_and_train(tmp_path: Path, monkeypatch) -> None:
 
     with pytest.raises(ConfigError, match="method.kwargs.margin"):
         load_config(tmp_path / "c.yaml", ["method.kwargs.margin=-1"])
-    sys.modules.pop("docpkg.popularity", None)
+    for mod in ("docpkg.popularity", "docpkg.confident_kd", "docpkg"):
+        sys.modules.pop(mod, None)
 
 
 def test_docs_config_names_every_key_of_the_spec_and_the_config() -> None:
