@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -232,3 +233,20 @@ def test_breaking_out_of_a_prefetching_loader_stops_its_thread(builder):
     it.close()
     assert _no_loader_thread()
     assert [_rows(b) for b in loader][-1] == [18, 19]  # a fresh iteration starts over
+
+
+def test_serving_refuses_a_negative_value_of_a_log1p_feature_as_training_does(tiny_ds, tiny_spec) -> None:
+    """Training refuses a negative value under log1p (it would become 0 like every other one); a
+    request must not be clipped silently either: the row encoder names the column and row."""
+    from appdistill.errors import AppDistillError
+    from appdistill.features.row_encoder import RowEncoder
+
+    feats = tiny_spec.visible("student")
+    assert tiny_ds.processor.dense["age"].kind == "log1p"
+    enc = RowEncoder(feats, tiny_ds.processor)
+    rows = pd.DataFrame({f.col: [1.0, 1.0] if f.kind == "dense" else ["x", "y"] for f in feats})
+    rows["user_id"], rows["item_id"] = [1, 2], [10, 12]
+    rows["age"] = [20.0, np.nan]
+    enc.encode(rows)  # NaN is a missing value, imputed as in training
+    with pytest.raises(AppDistillError, match=r"column 'age', row 1: value -3\.0 is negative"):
+        enc.encode(rows.assign(age=[20.0, -3.0]))

@@ -231,6 +231,14 @@ class RowEncoder:
                 elif f.kind == "dense":
                     x = self._numbers(col, where)
                     t = self.dense[f.name]
+                    if "log1p" in t.kind:  # refused in training too: log1p would map every negative value to 0
+                        with np.errstate(invalid="ignore"):
+                            neg = x < 0
+                        if neg.any():
+                            r = _first(neg)
+                            raise AppDistillError(f"{where}, row {r}: value {x[r].item()!r} is negative; the "
+                                                  f"feature's '{t.kind}' transform takes values >= 0 (training "
+                                                  "refuses negative ones too)")
                     v = t.apply(x)[0]
                     if not np.isfinite(v).all():  # within float32 raw, beyond it once standardised
                         r = _first(~np.isfinite(v))
