@@ -292,3 +292,19 @@ def test_variants_switch_the_additions_their_names_say_whatever_the_config(tmp_p
     assert on == {"none": (False, False), "kd": (False, False), "diverse_distill": (False, False),
                   "diverse_distill+transfer": (True, False), "none+content": (False, True),
                   "kd+content+transfer": (True, True)}
+
+
+def test_report_says_when_the_config_trains_with_additions_no_variant_has(tmp_path: Path) -> None:
+    import pandas as pd
+
+    from appdistill.bench.report import markdown
+    from appdistill.bench.runner import BenchOptions, ConfigBench
+    from appdistill.config import REPO_ROOT
+
+    cfg = str(REPO_ROOT / "configs/ml100k_committee.yaml")  # trains with a transfer set and a content table
+    empty = pd.DataFrame(columns=["split", "method", "seed", "auc", "valid_auc", "gap_recovered"])
+    plain = markdown(ConfigBench(cfg, BenchOptions([cfg], str(tmp_path), methods=["none", "kd"])), empty, 60.0)
+    assert "The config trains with a transfer set and a content table; every method here ran without them" in plain
+    both = markdown(ConfigBench(cfg, BenchOptions([cfg], str(tmp_path), methods=["none", "kd+content+transfer"])),
+                    empty, 60.0)
+    assert "The config trains with" not in both

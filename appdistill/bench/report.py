@@ -128,6 +128,13 @@ def markdown(b: Any, df: pd.DataFrame, seconds: float) -> str:
               "- No tuning (`--no-tune`): config / class defaults for every method."),
              "- Gap recovered = (AUC - plain) / (reference teacher - plain), reference = the teacher best on "
              "validation; omitted where it does not lead the plain student by 0.001."]
+    # a variant has a transfer set / content table only when its name says so (variants.ADDITIONS):
+    # say so where the config trains with them and no variant here does
+    on = [n for n, enabled in (("a transfer set", b.base.transfer.enabled),
+                               ("a content table", b.base.student.content.enabled)) if enabled]
+    if on and not any("+" in m for m in o.methods):
+        lines.append(f"- The config trains with {' and '.join(on)}; every method here ran without them (a "
+                     "variant adds them when its name says so: `--methods additions` compares both).")
     for tag in dict.fromkeys(df.split) if not df.empty else []:
         sub = df[df.split == tag]
         t = b.teachers.get(tag) or {}
