@@ -49,8 +49,8 @@ from appdistill.features.content import ContentTable
 from appdistill.features.processor import FeatureProcessor
 from appdistill.features.spec import FeatureSpec
 from appdistill.features.tables import first_non_number, repeated_columns
-from appdistill.features.vocab import (Vocabulary, first_out_of_float32, normalize_ids, odd_id, odd_id_message,
-                                       odd_id_value, out_of_float32_message)
+from appdistill.features.vocab import (Vocabulary, first_out_of_float32, negative_rows, normalize_ids, odd_id,
+                                       odd_id_message, odd_id_value, out_of_float32_message)
 
 # ---------------------------------------------------------------------------------------- encoding
 class _Lookup:
@@ -232,10 +232,9 @@ class RowEncoder:
                     x = self._numbers(col, where)
                     t = self.dense[f.name]
                     if "log1p" in t.kind:  # refused in training too: log1p would map every negative value to 0
-                        with np.errstate(invalid="ignore"):
-                            neg = x < 0
-                        if neg.any():
-                            r = _first(neg)
+                        neg = negative_rows(x)
+                        if len(neg):
+                            r = int(neg[0])
                             raise AppDistillError(f"{where}, row {r}: value {x[r].item()!r} is negative; the "
                                                   f"feature's '{t.kind}' transform takes values >= 0 (training "
                                                   "refuses negative ones too)")

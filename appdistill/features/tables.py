@@ -18,7 +18,8 @@ import pandas as pd
 
 from appdistill.errors import SpecError
 from appdistill.features.spec import FeatureSpecSet
-from appdistill.features.vocab import KeyIndex, first_out_of_float32, odd_id, odd_id_message, out_of_float32_message
+from appdistill.features.vocab import (KeyIndex, first_out_of_float32, negative_rows, odd_id, odd_id_message,
+                                       out_of_float32_message)
 
 log = logging.getLogger("appdistill.data")
 
@@ -190,11 +191,10 @@ def _check_table(spec: FeatureSpecSet, name: str, df: pd.DataFrame, loc: str, wh
             if "log1p" in f.transform:
                 # the transform clips at 0 (log1p(x) for x < 0 is NaN or -inf): a negative value would
                 # silently become the same 0 as every other negative one, so the column's sign is lost
-                with np.errstate(invalid="ignore"):
-                    neg = x < 0
-                if neg.any():
-                    r = int(np.flatnonzero(neg)[0])
-                    raise SpecError(f"{where}, row {r}: value {x[r].item()!r} is negative ({int(neg.sum()):,} rows "
+                neg = negative_rows(x)
+                if len(neg):
+                    r = int(neg[0])
+                    raise SpecError(f"{where}, row {r}: value {x[r].item()!r} is negative ({len(neg):,} rows "
                                     f"are); the '{f.transform}' transform needs values >= 0 and would map every "
                                     "negative value to 0: use `transform: standardize` (or `none`), or shift the "
                                     "column")

@@ -77,6 +77,13 @@ def first_out_of_float32(x: np.ndarray) -> int | None:
     return int(np.flatnonzero(bad)[0]) if bad.any() else None
 
 
+def negative_rows(x: np.ndarray) -> np.ndarray:
+    """Positions of the values below 0 in ``x`` (NaN is not): what a ``log1p`` transform refuses, in the
+    training tables and in scored rows alike."""
+    with np.errstate(invalid="ignore"):
+        return np.flatnonzero(x < 0)
+
+
 def out_of_float32_message(where: str, row: int, value: Any) -> str:
     return (f"{where}, row {row}: value {value!r} is infinite or beyond float32 (|x| <= {F32_MAX:.4g}); dense "
             "values must be finite numbers in that range (a missing value, NaN or empty, is imputed with the "

@@ -195,11 +195,12 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, *, dataset: Dataset | None
 
     Returns the ``metrics.json`` dict (on every rank).
     """
-    if cfg.student.content.enabled:  # a content section the spec cannot serve is refused before RUN_DIR exists
+    spec = cfg.load_spec()  # the student section is checked against it before RUN_DIR exists:
+    if cfg.student.content.enabled:  # a content section the spec cannot serve
         from appdistill.features.content import content_features
 
-        content_features(list(cfg.student.content.features), cfg.load_spec())
-    check_interaction(cfg.student, cfg.load_spec())  # e.g. `dot` for a dense-only student: before RUN_DIR exists
+        content_features(list(cfg.student.content.features), spec)
+    check_interaction(cfg.student, spec)  # e.g. `dot` for a dense-only student
     trackers: list[Tracker] = []  # _train puts its tracker here once the run directory exists
     threads = torch.get_num_threads()  # _train may change it for the run; the caller gets it back
     # one writer per run directory: a second train/distill/export on it fails at once (rank 0 writes)
