@@ -548,7 +548,7 @@ def test_logits_only_cache_and_taps_on_demand(ds, tmp_path):
     ids = ds.splits["valid"][::7]
     assert torch.equal(lean.lookup("valid", ids).logits, t.predict(ds, ids).logits)
     assert lean.lookup("valid", ids).hidden == {}
-    with pytest.raises(CacheMissingError, match="holds logits only; hidden taps were asked"):
+    with pytest.raises(CacheMissingError, match="holds logits only; every hidden tap was asked"):
         TeacherCache.open(tmp_path, "lgbm", t.identity(), ds.fingerprint)
     # a method that reads taps: every split is built again with them, no corruption warning
     t.calls = 0
@@ -571,6 +571,33 @@ def test_logits_only_cache_and_taps_on_demand(ds, tmp_path):
     with pytest.warns(CacheRebuildWarning, match="sha256"):
         fixed = _build(t, ds, tmp_path, hidden=True, verify="checksum")
     assert fixed.built == ["valid"]
+
+
+def test_taps_of_some_kinds_only_and_taps_a_teacher_declares_later(ds, tmp_path):
+    """``hidden=("leaves",)`` stores that kind's taps only; a full request rebuilds, a request for
+    those taps reuses a full cache; a split built before the teacher declared a tap is rebuilt."""
+    t = _teacher(ds)
+    some = _build(t, ds, tmp_path, hidden=("leaves",))
+    assert some.taps == ["leaves"] and "hidden.h.npy" not in {p.name for p in _split_dir(some, "train").iterdir()}
+    ids = ds.splits["valid"][::7]
+    torch.testing.assert_close(some.lookup("valid", ids).hidden["leaves"], t.predict(ds, ids).hidden["leaves"])
+    t.calls = 0
+    assert _build(t, ds, tmp_path, hidden=("leaves",)).built == [] and t.calls == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CacheRebuildWarning)
+        full = _build(t, ds, tmp_path, hidden=True)
+    assert full.built == ["train", "valid", "test"] and full.taps == ["h", "leaves"]
+    t.calls = 0
+    again = _build(t, ds, tmp_path, hidden=("leaves",))
+    assert again.built == [] and t.calls == 0 and again.taps == ["leaves"]
+    assert _build(t, ds, tmp_path, hidden=("parts",)).taps == []  # no tap of that kind: logits only
+    # the teacher now declares (and returns) one more tap, as LightGBM's "parts" came after its leaves
+    t.float_taps = {**t.float_taps, "extra": 3}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CacheRebuildWarning)
+        grown = _build(t, ds, tmp_path, hidden=True)
+    assert grown.path == full.path and grown.built == ["train", "valid", "test"]
+    assert sorted(grown.taps) == ["extra", "h", "leaves"]
 
 
 def test_build_caches_stores_taps_only_for_methods_that_read_them(ds, tmp_path):

@@ -56,6 +56,7 @@ class FakeTeacher:
         return self._head
 
 
+
 def make_batch(b: int = 4) -> Batch:
     kjt = KeyedJaggedTensor(keys=["u"], values=torch.zeros(b, dtype=torch.long), lengths=torch.ones(b, dtype=torch.long))
     g = torch.Generator().manual_seed(0)
@@ -257,6 +258,30 @@ def test_methods_declare_the_cache_taps_they_read() -> None:
     assert METHODS.build("kd", {"teacher": "dlrm"}, committee=COMMITTEE).cache_taps() == {"dlrm": []}
     talking = METHODS.build("talking", {}, committee=COMMITTEE, student_dim=5)
     assert talking.cache_taps()["lightgbm"] == ["leaves"]
+
+
+def test_tree_term_reads_the_gbdt_parts_only() -> None:
+    class Trees(FakeTeacher):
+        def taps(self) -> dict[str, Tap]:
+            return {**super().taps(), "parts": Tap("parts", 3, "parts")}
+
+    committee = {**COMMITTEE, "lightgbm": Trees("lightgbm", leaves=True)}
+    m = METHODS.build("diverse_distill", {"lambda_trees": 0.5}, committee=committee, student_dim=6)
+    assert list(m.trees) == ["lightgbm"] and m.trees["lightgbm"].k == 3
+    assert m.cache_taps() == {"dlrm": [], "foundation": [], "lightgbm": ["parts"]}
+    dd = METHODS.get("diverse_distill")
+    assert dd.reads_hidden({"lambda_trees": 0.5}) == ("parts",) and not dd.reads_hidden({"lambda_trees": 0})
+    assert dd.reads_hidden({"lambda_trees": 0.5, "committee_path": True}) is True
+    batch = make_batch(4)
+    batch.teacher["lightgbm"].hidden["parts"] = torch.randn(4, 3)
+    out = StudentOutput(torch.zeros(4, requires_grad=True), torch.randn(4, 6, requires_grad=True))
+    terms = m(out, batch, None)
+    assert set(terms) == {"bce", "kd_teachers", "trees"} and terms["trees"] > 0
+    sum(terms.values()).backward()
+    assert out.h.grad is not None and out.h.grad.abs().sum() > 0  # the parts shape the student's state
+    # a committee without trees: no term, no taps, nothing to configure away
+    plain = METHODS.build("diverse_distill", {"lambda_trees": 0.5}, committee=COMMITTEE, student_dim=6)
+    assert not len(plain.trees) and "trees" not in plain(out, make_batch(4), None)
 
 
 def test_committee_grad_scales_what_the_committee_path_sends_into_the_student() -> None:

@@ -281,6 +281,33 @@ def test_teachers_plug_into_method_ports(lgb_teacher: LightGBMTeacher, dlrm_teac
     torch.testing.assert_close(ans[:, -1], batch.teacher["dlrm"].logits, atol=1e-5, rtol=1e-5)
 
 
+def test_lightgbm_parts_split_its_logit_in_boosting_order(lgb_teacher: LightGBMTeacher, ds: Dataset) -> None:
+    """The parts tap is the teacher's own function in pieces: their sum is its logit, and part k
+    sums the k-th contiguous group of trees."""
+    from appdistill.methods.trees import TreeParts, parts_tap
+    from appdistill.teachers.lightgbm import TREE_PARTS
+
+    rows = ds.splits["test"][:64]
+    out = lgb_teacher.predict(ds, rows)
+    n_trees = lgb_teacher.hidden_dims()["leaves"]
+    tap = lgb_teacher.taps()["parts"]
+    k = min(TREE_PARTS, n_trees)
+    assert tap.kind == "parts" and tap.width == k and parts_tap(lgb_teacher) == tap
+    c, leaves = out.hidden["parts"], out.hidden["leaves"].numpy()
+    assert c.shape == (64, k) and c.dtype == torch.float32
+    torch.testing.assert_close(c.sum(1), out.logits, atol=1e-4, rtol=1e-4)
+    values = lgb_teacher.leaf_values()
+    group = np.arange(n_trees) * k // n_trees
+    for j in (0, k - 1):
+        manual = sum(values[t, leaves[:, t]] for t in np.flatnonzero(group == j))
+        np.testing.assert_allclose(c[:, j].numpy(), manual, rtol=1e-4, atol=1e-4)
+    head = TreeParts(tap, student_dim=5)
+    h = torch.randn(64, 5, requires_grad=True)
+    loss = head.loss(h, c)
+    loss.backward()
+    assert torch.isfinite(loss) and h.grad is not None and h.grad.abs().sum() > 0 and (head.var > 0).all()
+
+
 def test_max_train_rows_fits_on_a_sample_and_is_part_of_the_identity(spec: FeatureSpecSet, ds: Dataset) -> None:
     from appdistill.eval.metrics import auc
     from appdistill.teachers.base import fit_rows

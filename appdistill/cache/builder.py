@@ -71,10 +71,11 @@ def _split_rows(ds: Dataset, split: str) -> np.ndarray:
 
 
 def _write_split(teacher: Teacher, ds: Dataset, split: str, tmp: Path, batch_size: int,
-                 float_dtype: FloatDtype, int_dtype: IntDtype, progress: bool, hidden: bool = True) -> CacheManifest:
+                 float_dtype: FloatDtype, int_dtype: IntDtype, progress: bool,
+                 hidden: bool | list[str] = True) -> CacheManifest:
     """Predict every row of ``split`` in chunks of ``batch_size`` straight into ``.npy`` memmaps in ``tmp``
-    (the logits only when ``hidden`` is false), each window of :data:`RELEASE_ROWS` rows in
-    :meth:`~appdistill.features.dataset.Dataset.locality_order`."""
+    (the logits only when ``hidden`` is false, only the taps it names when it is a list), each window
+    of :data:`RELEASE_ROWS` rows in :meth:`~appdistill.features.dataset.Dataset.locality_order`."""
     from appdistill.progress import bar as progress_bar
 
     t0 = time.perf_counter()
@@ -87,6 +88,7 @@ def _write_split(teacher: Teacher, ds: Dataset, split: str, tmp: Path, batch_siz
     logits_mm = np.lib.format.open_memmap(tmp / "logits.npy", mode="w+", dtype=np.float32, shape=(n,))
     hidden_mm: dict[str, np.memmap] = {}
     taps: list[str] = []
+    returned: list[str] = []  # the taps the teacher returns (``taps``: those stored)
     f16_overflow = 0
     window = max(1, RELEASE_ROWS // batch_size) * batch_size
     with progress_bar(total=n, desc=f"cache {name}/{split}", unit="row", enabled=progress, leave=False) as bar:
@@ -104,7 +106,8 @@ def _write_split(teacher: Teacher, ds: Dataset, split: str, tmp: Path, batch_siz
                                      f"expected [{b}]")
                 logits_mm[at] = lg.reshape(b)
                 if hidden and w0 == 0 and a == 0:  # the first batch fixes the taps, their widths and dtypes
-                    taps = list(out.hidden)
+                    returned = list(out.hidden)
+                    taps = returned if hidden is True else [t for t in returned if t in hidden]
                     declared = teacher.taps()
                     if len({_safe(t) for t in taps}) != len(taps):
                         raise CacheError(f"teacher '{name}': hidden tap names {taps} collide once made file-safe")
@@ -114,9 +117,9 @@ def _write_split(teacher: Teacher, ds: Dataset, split: str, tmp: Path, batch_siz
                                           declared[t].cardinality if t in declared else 0)
                         hidden_mm[t] = np.lib.format.open_memmap(tmp / f"hidden.{_safe(t)}.npy", mode="w+",
                                                                  dtype=dt, shape=(n, *h.shape[1:]))
-                if hidden and list(out.hidden) != taps:
+                if hidden and list(out.hidden) != returned:
                     raise CacheError(f"teacher '{name}': predict returned taps {list(out.hidden)} for rows among "
-                                     f"{w0}..{w0 + len(win) - 1} of split '{split}', but {taps} before")
+                                     f"{w0}..{w0 + len(win) - 1} of split '{split}', but {returned} before")
                 for t in taps:
                     h = _to_numpy(out.hidden[t])
                     mm = hidden_mm[t]
@@ -150,11 +153,14 @@ def _write_split(teacher: Teacher, ds: Dataset, split: str, tmp: Path, batch_siz
         format=FORMAT_VERSION, teacher=name, identity=_normalise(teacher.identity()),
         identity_hash=teacher.identity_hash(), fingerprint=ds.fingerprint, split=split, n_rows=n, shards=shards,
         taps=taps, created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), appdistill_version=_version(),
-        build_seconds=round(time.perf_counter() - t0, 3), hidden=hidden)
+        # ``hidden``: every tap the teacher returns is here (a split holding some of them serves
+        # requests for those only)
+        build_seconds=round(time.perf_counter() - t0, 3), hidden=bool(hidden) and taps == returned)
 
 
 def _build_split(teacher: Teacher, ds: Dataset, kdir: Path, split: str, batch_size: int,
-                 float_dtype: FloatDtype, int_dtype: IntDtype, progress: bool, hidden: bool = True) -> None:
+                 float_dtype: FloatDtype, int_dtype: IntDtype, progress: bool,
+                 hidden: bool | list[str] = True) -> None:
     """Write one split into a stage beside ``kdir/split`` and swap it in whole (:func:`staged_dir`)."""
     with staged_dir(kdir / split) as tmp:
         man = _write_split(teacher, ds, split, tmp, batch_size, float_dtype, int_dtype, progress, hidden)
@@ -184,7 +190,7 @@ def _check_args(teacher: Teacher, ds: Dataset, splits: Sequence[str], batch_size
 def build_teacher_cache(teacher: Teacher, ds: Dataset, root_dir: str | Path,
                         splits: Sequence[str] = DEFAULT_SPLITS, batch_size: int = 8192, progress: bool = True,
                         float_dtype: FloatDtype = "float32", int_dtype: IntDtype = "auto",
-                        hidden: bool = True) -> TeacherCache:
+                        hidden: bool | tuple[str, ...] = True) -> TeacherCache:
     """Compute ``teacher``'s outputs for every row of ``splits`` and write them (replacing any old cache).
 
     Memory stays bounded by one chunk: each ``teacher.predict(ds, rows[i:i + batch_size])`` result is
@@ -202,7 +208,8 @@ def build_teacher_cache(teacher: Teacher, ds: Dataset, root_dir: str | Path,
             holding the tap's declared cardinality (LightGBM leaf indices: int8 up to 128 leaves).
         hidden: also store the teacher's hidden taps (default). ``False`` stores the logits only, for
             methods that read nothing else (``Method.reads_hidden``): at 10M rows the taps are ~14 GB
-            of a cache whose logits are 40 MB.
+            of a cache whose logits are 40 MB. A tuple of tap kinds (``("parts",)``) stores the taps of
+            those kinds only (:class:`~appdistill.teachers.base.Tap`).
 
     Returns:
         The opened cache (``built`` = ``list(splits)``).
@@ -215,7 +222,7 @@ def build_teacher_cache(teacher: Teacher, ds: Dataset, root_dir: str | Path,
 def get_or_build_cache(teacher: Teacher, ds: Dataset, root_dir: str | Path,
                        splits: Sequence[str] = DEFAULT_SPLITS, batch_size: int = 8192, progress: bool = True,
                        float_dtype: FloatDtype = "float32", int_dtype: IntDtype = "auto",
-                       verify: Verify = "checksum", hidden: bool = True) -> TeacherCache:
+                       verify: Verify = "checksum", hidden: bool | tuple[str, ...] = True) -> TeacherCache:
     """The cache of ``teacher`` on ``ds``: reused when intact, built when missing, rebuilt when corrupt.
 
     A reused cache costs no teacher call (its shards are hashed once per process). A corrupt split
@@ -235,9 +242,13 @@ def get_or_build_cache(teacher: Teacher, ds: Dataset, root_dir: str | Path,
 
 def _get_or_build(teacher: Teacher, ds: Dataset, root_dir: str | Path, splits: Sequence[str], batch_size: int,
                   progress: bool, float_dtype: FloatDtype, int_dtype: IntDtype, verify: Verify,
-                  force: bool, hidden: bool = True) -> TeacherCache:
+                  force: bool, hidden: bool | tuple[str, ...] = True) -> TeacherCache:
     t0 = time.perf_counter()
     name, ident, ihash = teacher.name, _normalise(teacher.identity()), teacher.identity_hash()
+    declared = list(teacher.taps())
+    if not isinstance(hidden, bool):  # tap kinds -> this teacher's taps of those kinds (none: logits only)
+        kinds = set(hidden)
+        hidden = [t for t, spec in teacher.taps().items() if spec.kind in kinds] or False
     tdir = Path(root_dir) / _safe(name)
     kdir = tdir / f"{ihash}-{ds.fingerprint}"
     built: list[str] = []
@@ -252,6 +263,9 @@ def _get_or_build(teacher: Teacher, ds: Dataset, root_dir: str | Path, splits: S
                         raise CacheCorruptError(f"teacher '{name}': cache shard '{sh.path / 'rows.npy'}' does not "
                                                 f"hold the rows of split '{s}'")
                     other = _dtype_change(sh, float_dtype, int_dtype, teacher)
+                    lacking = [t for t in declared if t not in sh.hidden] if hidden is True else []
+                    if lacking and other is None:  # built before the teacher declared these taps
+                        other = f"it lacks the declared taps {lacking}"
                     if other is None:
                         shards[s] = sh
                         continue

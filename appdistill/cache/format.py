@@ -314,12 +314,13 @@ class SplitShards:
 
 
 def _open_split(d: Path, teacher: str, identity: dict[str, Any], fingerprint: str, split: str,
-                verify: Verify, hidden: bool = True) -> SplitShards:
+                verify: Verify, hidden: bool | list[str] = True) -> SplitShards:
     """Open and check one split directory; raises Missing / Mismatch / Corrupt errors.
 
     ``hidden=False`` opens the logits only: the hidden shards are neither checked nor mapped (at 10M
     rows they are ~10 GB to hash), and the split reads as logits-only. ``hidden=True`` on a split built
-    logits-only raises :class:`CacheMissingError` (the getter builds it again, with its taps)."""
+    logits-only (or with some taps only) raises :class:`CacheMissingError` (the getter builds it again,
+    with its taps); a list of tap names opens those taps only and raises it when one is absent."""
     mpath = d / MANIFEST
     if not mpath.is_file():
         if d.is_dir():  # a split directory only ever appears complete: someone removed the manifest
@@ -335,12 +336,18 @@ def _open_split(d: Path, teacher: str, identity: dict[str, Any], fingerprint: st
     if man.split != split:
         raise CacheCorruptError(f"teacher '{teacher}': manifest '{mpath}' describes split '{man.split}', "
                                 f"expected '{split}'")
-    if hidden and not man.hidden:
-        raise CacheMissingError(f"teacher '{teacher}': cache split '{split}' at '{d}' holds logits only; "
-                                "hidden taps were asked")
-    if not hidden and man.taps:
-        man = replace(man, taps=[], hidden=False, shards={k: v for k, v in man.shards.items()
-                                                          if k in ("rows", "logits")})
+    if hidden is True and not man.hidden:
+        raise CacheMissingError(f"teacher '{teacher}': cache split '{split}' at '{d}' holds "
+                                f"{'taps ' + str(man.taps) + ' only' if man.taps else 'logits only'}; "
+                                "every hidden tap was asked")
+    if isinstance(hidden, list) and [t for t in hidden if t not in man.taps]:
+        raise CacheMissingError(f"teacher '{teacher}': cache split '{split}' at '{d}' lacks the hidden taps "
+                                f"{[t for t in hidden if t not in man.taps]} that were asked")
+    keep = man.taps if hidden is True else list(hidden) if hidden else []
+    if keep != man.taps:  # the taps not asked for are neither hashed nor mapped
+        man = replace(man, taps=[t for t in man.taps if t in keep], hidden=man.hidden and hidden is True,
+                      shards={k: v for k, v in man.shards.items()
+                              if k in ("rows", "logits") or k[len("hidden."):] in keep})
     arrays: dict[str, np.ndarray] = {}
     maps: list[Any] = []
     files: dict[str, tuple[Path, int]] = {}

@@ -40,8 +40,11 @@ from appdistill.methods.base import METHODS, Method, label_bce
 from appdistill.methods.committee import CommitteePath, build_ports
 from appdistill.methods.stack import HeldOut, SegmentStack
 from appdistill.methods.taid import TAIDSchedule, global_mean, taid_loss
+from appdistill.methods.trees import TreeParts, parts_tap
 from appdistill.student.model import RankingModel, StudentOutput
 
+#: the tree term's default weight (README, "Methods": chosen on validation across regimes)
+LAMBDA_TREES = 0.0
 
 
 @METHODS.register("diverse_distill")
@@ -66,6 +69,10 @@ class DiverseDistill(Method):
         output_loss: ``kd`` or ``taid`` (TAID towards the target, ``taid:`` its schedule).
         committee_path: ``false`` (default), ``true`` or a map of
             :class:`~appdistill.methods.committee.CommitteePath` fields.
+        lambda_trees: weight of the tree term: the student's state also regresses each GBDT
+            teacher's function in parts (its ``parts`` tap, :mod:`appdistill.methods.trees`: the sums
+            of its trees in 8 groups of boosting order), each part's squared error over its variance.
+            ``0`` turns it off; committees without a GBDT have no such term.
         item_frequency: ``[n_item_codes]`` training rows per item code (supplied by the loop).
         held_out: the committee's cached validation logits and labels
             (:class:`~appdistill.methods.stack.HeldOut`, supplied by the loop; ``stacked`` needs it).
@@ -78,7 +85,7 @@ class DiverseDistill(Method):
     # lambda_t 1 / 4: the same teacher-KD-to-label ratios as kd's alpha 0.5 / 0.8
     grid = {"lambda_t": [1.0, 4.0], "temperature": [1.0, 2.0]}
 
-    kwarg_ranges = {"lambda_t": {"ge": 0}, "temperature": {"gt": 0, "le": 100}}
+    kwarg_ranges = {"lambda_t": {"ge": 0}, "temperature": {"gt": 0, "le": 100}, "lambda_trees": {"ge": 0}}
     #: kwargs of earlier releases, and where they went (config errors say so)
     moved_kwargs = {
         **{old: f"moved to committee_path.{new} (the committee path's settings are one map now)"
@@ -92,8 +99,17 @@ class DiverseDistill(Method):
 
     @classmethod
     def reads_hidden(cls, kwargs: dict[str, Any]) -> bool:
-        """Only the committee path reads hidden taps (its answers); the held-out stack reads logits."""
-        return bool(kwargs.get("committee_path"))
+        """The committee path (its answers) reads hidden taps, the tree term the GBDT teachers'
+        ``parts`` taps only; the held-out stack reads logits."""
+        if kwargs.get("committee_path"):
+            return True
+        return ("parts",) if kwargs.get("lambda_trees", LAMBDA_TREES) else False
+
+    def cache_taps(self) -> dict[str, list[str]]:
+        taps = super().cache_taps()
+        for name, parts in self.trees.items():
+            taps[name] = sorted({*taps.get(name, []), parts.tap})
+        return taps
 
     @classmethod
     def check_kwargs(cls, kw: dict[str, Any]) -> list[str]:
@@ -106,7 +122,7 @@ class DiverseDistill(Method):
     def __init__(self, committee: dict[str, Any] | None = None, student_dim: int = 0,
                  teachers: list[str] | None = None, lambda_t: float = 4.0, temperature: float = 2.0,
                  kd_weights: str = "auto", output_loss: str = "kd", taid: dict[str, float] | None = None,
-                 committee_path: bool | CommitteePath = False,
+                 committee_path: bool | CommitteePath = False, lambda_trees: float = LAMBDA_TREES,
                  item_frequency: Any = None, held_out: HeldOut | None = None) -> None:
         super().__init__(committee)
         committee = committee or {}
@@ -145,6 +161,14 @@ class DiverseDistill(Method):
         self.schedule = TAIDSchedule(**(taid or {})) if output_loss == "taid" else None
         self._kept = self._total = 0
         self.answer_calls = {k: 0 for k in names}  # rows answered per teacher (tests count these)
+        self.lambda_trees = lambda_trees
+        self.trees = nn.ModuleDict()
+        if lambda_trees and any(parts_tap(committee[k]) for k in names):
+            if student_dim <= 0:
+                raise ConfigError("diverse_distill: student_dim must be supplied (the width of h)")
+            # a committee without trees has no tree term (the default setting then costs nothing)
+            self.trees = nn.ModuleDict({k: TreeParts(parts_tap(committee[k]), student_dim) for k in names
+                                        if parts_tap(committee[k]) is not None})
         if cp is None:
             return  # logits only: no ports, no gate, the cache join reads no hidden tap
         if student_dim <= 0:
@@ -271,6 +295,9 @@ class DiverseDistill(Method):
         z_s, y = out.logits, batch.labels
         z_t = self.logits(batch)  # [B, n]
         terms = {"bce": label_bce(z_s, y)}
+        if len(self.trees):
+            terms["trees"] = self.lambda_trees * sum(
+                p.loss(out.h, batch.teacher[k].hidden[p.tap]) for k, p in self.trees.items())
         wd = self.teacher_weights(z_t) if self.path is None else self.committee_terms(out, batch, model, z_t, terms)
         if self.stack is not None:  # one target: the held-out stack (modulated per sample by the gate)
             z_c = self.stack(z_t * (wd * wd.shape[1]), batch.item_ids)

@@ -43,14 +43,16 @@ class Tap:
     Args:
         name: tap name (``"h"``, ``"over"``, ``"leaves"``, ``"title:final"``).
         width: ``d`` of a float tap ``[B, d]``; number of trees ``T`` of a leaf tap ``[B, T]``.
-        kind: ``float`` (a representation) or ``leaves`` (int64 leaf indices, one per tree).
+        kind: ``float`` (a representation), ``leaves`` (int64 leaf indices, one per tree) or
+            ``parts`` (float ``[B, K]`` whose row sums are the logits: the teacher's function in ``K``
+            pieces, e.g. a GBDT's trees in ``K`` groups of boosting order).
         cardinality: for ``leaves``: every index is below it (rows per tree of a leaf-embedding table).
         has_head: the teacher has frozen upper layers mapping this tap to its logit (:meth:`Teacher.head`).
     """
 
     name: str
     width: int
-    kind: Literal["float", "leaves"] = "float"
+    kind: Literal["float", "leaves", "parts"] = "float"
     cardinality: int = 0
     has_head: bool = False
 

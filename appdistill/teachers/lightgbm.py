@@ -20,7 +20,10 @@ caches however large the catalogue (the fit is the same up to the order of equal
 
 Outputs: ``logits`` = raw margin ``[B]``; ``hidden["leaves"]`` = leaf index per tree ``[B, n_trees]``
 int64 (methods turn them into learned leaf embeddings: every index is below ``num_leaves``, and tree
-``t`` has ``tree_num_leaves[t]`` leaves).
+``t`` has ``tree_num_leaves[t]`` leaves); ``hidden["parts"]`` = the margin in ``K = min(TREE_PARTS,
+n_trees)`` pieces ``[B, K]`` float32, the sums of the reached leaves' values over contiguous groups
+of trees in boosting order (DiverseDistill's tree term regresses them: the first groups hold the
+main effects, the later ones the corrections).
 
 Example:
     >>> t = TEACHERS.build("lightgbm", {"num_leaves": 31}, spec=spec).fit(ds)
@@ -52,6 +55,8 @@ from appdistill.teachers.fit import TeacherError, encoding_fingerprint, jsonable
 
 log = logging.getLogger("appdistill.teachers")
 MODEL_FILE = "model.txt"
+#: groups of trees in the ``parts`` tap (8 float32 per row: a cache 2-60x smaller than the leaves')
+TREE_PARTS = 8
 CAT_FILE = "categories.npz"  # the frequency rank of each categorical feature's codes
 
 
@@ -293,12 +298,23 @@ class LightGBMTeacher(Teacher):
         # folds the initial score into the first tree's leaves). Scoring raw and leaves separately
         # walked every tree twice, and on id-categorical trees a walk costs ~1 us per tree and row.
         leaves = self.booster.predict(x, pred_leaf=True, num_threads=self.config["n_jobs"]).reshape(len(x), -1)
-        values = self._leaf_values()
-        margin = values[np.arange(values.shape[0]), leaves].sum(1) if values.size else np.zeros(len(x))
+        values = self.leaf_values()
+        reached = values[np.arange(values.shape[0]), leaves] if values.size else np.zeros((len(x), 0))
+        # the trees in TREE_PARTS groups of boosting order (np.add.reduceat sums each group's columns)
+        parts = np.add.reduceat(reached, self._part_starts(), axis=1) if reached.shape[1] else \
+            np.zeros((len(x), 1))
+        margin = parts.sum(1)
         return TeacherOutput(torch.from_numpy(np.asarray(margin, np.float32)),
-                             {"leaves": torch.from_numpy(leaves.astype(np.int64))})
+                             {"leaves": torch.from_numpy(leaves.astype(np.int64)),
+                              "parts": torch.from_numpy(parts.astype(np.float32))})
 
-    def _leaf_values(self) -> np.ndarray:
+    def _part_starts(self) -> np.ndarray:
+        """First tree of each of the ``min(TREE_PARTS, n_trees)`` contiguous groups of trees."""
+        n = len(self.tree_num_leaves)
+        k = min(TREE_PARTS, n)
+        return np.searchsorted(np.arange(n) * k // n, np.arange(k))
+
+    def leaf_values(self) -> np.ndarray:
         """``[n_trees, max_leaves]`` float64 leaf outputs (zero beyond a tree's leaves), built once per booster."""
         hit = self._lookup_cache.get(("leaf_values", self.artifact_hash))
         if hit is None:
@@ -315,12 +331,16 @@ class LightGBMTeacher(Teacher):
             if self.booster is not None else {}
 
     def hidden_dims(self) -> dict[str, int]:
-        """``{"leaves": n_trees}``; leaf values of tree ``t`` lie in ``[0, tree_num_leaves[t])``."""
-        return {"leaves": len(self.tree_num_leaves)}
+        """``{"leaves": n_trees, "parts": K}``; leaf values of tree ``t`` lie in ``[0, tree_num_leaves[t])``."""
+        return {"leaves": len(self.tree_num_leaves), "parts": max(1, min(TREE_PARTS, len(self.tree_num_leaves)))}
 
     def taps(self) -> dict[str, Tap]:
-        """One leaf tap: ``[B, n_trees]`` leaf indices, each below :attr:`num_leaves`; no frozen head."""
-        return {"leaves": Tap("leaves", len(self.tree_num_leaves), "leaves", self.num_leaves)}
+        """A leaf tap, ``[B, n_trees]`` leaf indices, each below :attr:`num_leaves`, and a parts tap,
+        ``[B, K]`` the sums of the reached leaves' values over ``K = min(TREE_PARTS, n_trees)``
+        contiguous groups of trees in boosting order (row sums: the logits); no frozen head."""
+        dims = self.hidden_dims()
+        return {"leaves": Tap("leaves", dims["leaves"], "leaves", self.num_leaves),
+                "parts": Tap("parts", dims["parts"], "parts")}
 
     @classmethod
     def wants_text_embeddings(cls, kwargs: dict[str, Any]) -> bool:
