@@ -128,3 +128,46 @@ def test_auto_kd_weights_stack_when_the_held_out_outputs_are_there() -> None:
     assert path.kd_weights == "soft"  # the committee path's gate weighs the teachers
     with pytest.raises(ConfigError, match="committee path's gate"):
         METHODS.build("diverse_distill", {**kw, "kd_weights": "soft"}, committee=COMMITTEE, student_dim=5)
+
+
+def test_the_tree_term_weighs_each_row_by_the_gbdt_share_of_its_stack() -> None:
+    """Where the stack trusts the GBDT the tree term is taught, where it trusts another teacher not."""
+    from tests.test_methods import COMMITTEE, FakeTeacher, make_batch
+    from appdistill.student.model import StudentOutput
+    from appdistill.teachers.base import Tap
+
+    class Trees(FakeTeacher):
+        def taps(self) -> dict[str, Tap]:
+            return {**super().taps(), "parts": Tap("parts", 2, "parts")}
+
+    rng = np.random.default_rng(0)
+    n = 4000
+    y = (rng.random(n) < 0.5).astype(np.float32)
+    items = rng.integers(0, 4, n)
+    good = (y - 0.5) * 4 + rng.normal(size=n)
+    # the GBDT knows items 0-1 (head: frequent), the DLRM items 2-3 (tail)
+    gbdt = np.where(items < 2, good, rng.normal(size=n))
+    dlrm = np.where(items < 2, rng.normal(size=n), good)
+    held = HeldOut({"lightgbm": gbdt, "dlrm": dlrm}, y, items)
+    committee = {**COMMITTEE, "lightgbm": Trees("lightgbm", leaves=True)}
+    m = METHODS.build("diverse_distill", {"teachers": ["lightgbm", "dlrm"], "lambda_trees": 1.0}, committee=committee,
+                      student_dim=5, item_frequency=np.array([5000, 5000, 10, 10]), held_out=held)
+    batch = make_batch(4)  # item ids 0..3
+    batch.teacher["lightgbm"].hidden["parts"] = torch.ones(4, 2)
+    h = torch.zeros(4, 5)
+    per_row = [torch.zeros(4, 2) for _ in range(4)]
+    for r in range(4):
+        per_row[r][r] = 1.0  # row r alone differs from what the zeroed head predicts
+    head = m.trees["lightgbm"].head
+    torch.nn.init.zeros_(head[2].weight)
+    torch.nn.init.zeros_(head[2].bias)
+    m.eval()  # the running variance stays as set
+    m.trees["lightgbm"].var.fill_(1.0)
+    losses = []
+    for r in range(4):
+        batch.teacher["lightgbm"].hidden["parts"] = per_row[r]
+        losses.append(float(m.tree_term(h, batch)))
+    # rows 0-1 (the GBDT's segment) weigh much more than rows 2-3; a row's weight is at most n = 2
+    # (its loss here: weight / 4 rows)
+    assert min(losses[:2]) > 2 * max(losses[2:]) and max(losses) <= 2 / 4 + 1e-6
+    assert float(m(StudentOutput(torch.zeros(4), h), batch, None)["trees"]) == pytest.approx(losses[3])

@@ -296,8 +296,7 @@ class DiverseDistill(Method):
         z_t = self.logits(batch)  # [B, n]
         terms = {"bce": label_bce(z_s, y)}
         if len(self.trees):
-            terms["trees"] = self.lambda_trees * sum(
-                p.loss(out.h, batch.teacher[k].hidden[p.tap]) for k, p in self.trees.items())
+            terms["trees"] = self.lambda_trees * self.tree_term(out.h, batch)
         wd = self.teacher_weights(z_t) if self.path is None else self.committee_terms(out, batch, model, z_t, terms)
         if self.stack is not None:  # one target: the held-out stack (modulated per sample by the gate)
             z_c = self.stack(z_t * (wd * wd.shape[1]), batch.item_ids)
@@ -315,6 +314,19 @@ class DiverseDistill(Method):
             assert self.schedule is not None
             terms["taid_teachers"] = self.lambda_t * taid_loss(z_s, (wd * z_t).sum(1), self.schedule.t)
         return terms
+
+    def tree_term(self, h: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """The GBDT teachers' parts regressed from ``h`` ``[B, d_s]``; with the held-out stack each
+        row's term weighs ``n · |a_{s,i}| / Σ_j |a_{s,j}|``, the teacher's share of its segment's
+        stack (1 where the teachers share alike), so a GBDT's structure is taught where the stack
+        trusts it (not on cold items the text teacher knows better)."""
+        share = None
+        if self.stack is not None:
+            a = self.stack.weights.index_select(0, self.stack.segment_of(batch.item_ids))[:, :-1].abs()
+            share = a * (a.shape[1] / a.sum(1, keepdim=True).clamp_min(1e-12))
+        return sum(p.loss(h, batch.teacher[k].hidden[p.tap],
+                          None if share is None else share[:, self.names.index(k)])
+                   for k, p in self.trees.items())
 
     def committee_terms(self, out: StudentOutput, batch: Batch, model: RankingModel, z_t: torch.Tensor,
                         terms: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -47,11 +47,13 @@ class TreeParts(nn.Module):
         self.register_buffer("var", torch.zeros(self.k))
         self.head = nn.Sequential(nn.Linear(student_dim, hidden), nn.ReLU(), nn.Linear(hidden, self.k))
 
-    def loss(self, h: torch.Tensor, parts: torch.Tensor) -> torch.Tensor:
-        """Mean over rows and parts of ``(head(h) - parts)² / var(part)``."""
+    def loss(self, h: torch.Tensor, parts: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean over rows and parts of ``(head(h) - parts)² / var(part)``, each row's term times
+        ``weight`` ``[B]`` when given (DiverseDistill: the teacher's share of the row's stack)."""
         c = parts.float()
         if self.training:
             with torch.no_grad():
                 v = c.var(0, unbiased=False) if c.shape[0] > 1 else torch.ones_like(self.var)
                 self.var.copy_(torch.where(self.var > 0, 0.99 * self.var + 0.01 * v, v))
-        return ((self.head(h) - c) ** 2 / self.var.clamp_min(1e-6)).mean()
+        per = ((self.head(h) - c) ** 2 / self.var.clamp_min(1e-6)).mean(1)
+        return (per if weight is None else per * weight).mean()
