@@ -107,9 +107,17 @@ def test_a_segment_without_held_out_rows_gets_the_committee_average() -> None:
     held, freq = _held()
     cold = held.item_codes >= 400
     only_cold = HeldOut({k: v[cold] for k, v in held.logits.items()}, held.labels[cold], held.item_codes[cold])
-    w = SegmentStack.fit(only_cold, ["a", "b"], freq).describe()
+    stack = SegmentStack.fit(only_cold, ["a", "b"], freq)
+    w = stack.describe()
     assert w["cold"]["b"] > 0.7 > w["cold"]["a"]  # fitted where it has rows
     assert w["head"] == w["tail"] == {"a": 0.5, "b": 0.5, "bias": 0.0}  # not the cold fit carried over
+    # whom to trust, though, is the held-out fit's answer everywhere: shares of warm rows (codes 0,
+    # 10) are the whole fit's, of a cold row (450) its segment's; each row's shares sum to n = 2
+    sh = stack.shares(torch.tensor([0, 10, 450]))
+    torch.testing.assert_close(sh.sum(1), torch.full((3,), 2.0))
+    assert (sh[:, 1] > 1.4).all() and torch.allclose(sh[0], sh[1])
+    fitted_everywhere = SegmentStack.fit(held, ["a", "b"], freq).shares(torch.tensor([0, 10]))
+    assert fitted_everywhere[0, 0] > 1.4 > 0.6 > fitted_everywhere[1, 0]  # head: a, tail: b
 
 
 def test_auto_kd_weights_stack_when_the_held_out_outputs_are_there() -> None:

@@ -58,10 +58,10 @@ class Method(nn.Module):
         raise NotImplementedError
 
     @classmethod
-    def reads_hidden(cls, kwargs: dict[str, Any]) -> bool:
+    def reads_hidden(cls, kwargs: dict[str, Any]) -> bool | tuple[str, ...]:
         """Whether the method built with ``kwargs`` reads teachers' hidden taps (its :meth:`cache_taps`
-        name any), decided from the config before the caches are built: those that do not get
-        logits-only caches."""
+        name any), decided from the config before the caches are built: ``False`` gets logits-only
+        caches, ``True`` every tap, a tuple of tap kinds (``("parts",)``) the taps of those kinds only."""
         return False
 
     def cache_taps(self) -> dict[str, list[str]]:

@@ -317,13 +317,10 @@ class DiverseDistill(Method):
 
     def tree_term(self, h: torch.Tensor, batch: Batch) -> torch.Tensor:
         """The GBDT teachers' parts regressed from ``h`` ``[B, d_s]``; with the held-out stack each
-        row's term weighs ``n · |a_{s,i}| / Σ_j |a_{s,j}|``, the teacher's share of its segment's
-        stack (1 where the teachers share alike), so a GBDT's structure is taught where the stack
-        trusts it (not on cold items the text teacher knows better)."""
-        share = None
-        if self.stack is not None:
-            a = self.stack.weights.index_select(0, self.stack.segment_of(batch.item_ids))[:, :-1].abs()
-            share = a * (a.shape[1] / a.sum(1, keepdim=True).clamp_min(1e-12))
+        row's term weighs the teacher's share of its row's stack (:meth:`SegmentStack.shares`: 1 where
+        the teachers share alike), so a GBDT's structure is taught where the stack trusts it (not
+        where the text teacher knows better: cold items)."""
+        share = self.stack.shares(batch.item_ids) if self.stack is not None else None
         return sum(p.loss(h, batch.teacher[k].hidden[p.tap],
                           None if share is None else share[:, self.names.index(k)])
                    for k, p in self.trees.items())

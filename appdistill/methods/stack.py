@@ -84,14 +84,21 @@ class SegmentStack(nn.Module):
         names: the teachers, in the order of the columns of ``z``.
         code_segment: ``[n_codes + 1]`` segment of each item code (the last entry: codes never seen).
         segments: the ``S`` segment names.
+        whole: ``[n + 1]`` the whole held-out split's fit (default: the mean of ``weights``).
+        fitted: ``[S]`` bool, the segments fitted on their own held-out rows (default: all).
     """
 
     def __init__(self, weights: np.ndarray, names: list[str], code_segment: np.ndarray,
-                 segments: list[str]) -> None:
+                 segments: list[str], whole: np.ndarray | None = None, fitted: np.ndarray | None = None) -> None:
         super().__init__()
         self.names, self.segments = list(names), list(segments)
         self.register_buffer("weights", torch.as_tensor(np.asarray(weights, np.float32)))
         self.register_buffer("code_segment", torch.as_tensor(np.asarray(code_segment, np.int64)))
+        # rebuilt from the held-out outputs at every start: not checkpointed
+        self.register_buffer("whole", torch.as_tensor(np.asarray(
+            whole if whole is not None else np.asarray(weights).mean(0), np.float32)), persistent=False)
+        self.register_buffer("fitted", torch.as_tensor(np.asarray(
+            fitted if fitted is not None else np.ones(len(segments)), bool)), persistent=False)
 
     @classmethod
     def fit(cls, held: HeldOut, names: list[str], item_frequency: np.ndarray | None) -> SegmentStack:
@@ -115,16 +122,28 @@ class SegmentStack(nn.Module):
         avg = np.r_[np.full(len(names), 1.0 / len(names)), 0.0]
         whole = _newton(x, y, avg, 1e-3 * max(len(y), 1))
         w = np.tile(avg, (len(names_s), 1))
+        fitted = np.zeros(len(names_s), bool)
         for s in range(len(names_s)):
             m = seg == s
             if m.sum() and 0 < y[m].sum() < m.sum():
                 w[s] = _newton(x[m], y[m], whole, PRIOR_ROWS * 0.25)  # 0.25: σ' at p = 0.5, per row
-        return cls(w, names, code_segment, names_s)
+                fitted[s] = True
+        return cls(w, names, code_segment, names_s, whole, fitted)
 
     def segment_of(self, item_codes: torch.Tensor) -> torch.Tensor:
         """``[B]`` segment index of each item code (codes beyond the training vocabulary: cold)."""
         n = self.code_segment.numel() - 1
         return self.code_segment[torch.where((item_codes >= 0) & (item_codes < n), item_codes, n)]
+
+    def shares(self, item_codes: torch.Tensor) -> torch.Tensor:
+        """``[B, n]`` each teacher's share of its row's stack, ``n · |a_i| / Σ_j |a_j|`` (1 where the
+        teachers share alike), from the segment's own fit, or from the whole held-out fit where the
+        segment has no held-out rows (its target is then the plain average, which says nothing about
+        whom to trust: a cold-start split's warm training rows, judged on cold items)."""
+        seg = self.segment_of(item_codes)
+        a = torch.where(self.fitted.index_select(0, seg).unsqueeze(1), self.weights.index_select(0, seg),
+                        self.whole.unsqueeze(0))[:, :-1].abs()
+        return a * (a.shape[1] / a.sum(1, keepdim=True).clamp_min(1e-12))
 
     def forward(self, z: torch.Tensor, item_codes: torch.Tensor) -> torch.Tensor:
         """``z`` ``[B, n]`` teacher logits, ``item_codes`` ``[B]`` -> ``[B]`` stacked logits."""
