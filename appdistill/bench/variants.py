@@ -59,22 +59,22 @@ VARIANTS: dict[str, Variant] = {
                           doc="dd_committee whose gate also reads teachers' confidences, disagreement, item frequency"),
     "dd_taid": Variant("diverse_distill", {"output_loss": "taid"}, "diverse_distill",
                        doc="DiverseDistill with TAID towards the stack as the teacher term"),
-    "dd_trees": Variant("diverse_distill", {"lambda_trees": 1.0}, "diverse_distill",
-                        doc="DiverseDistill whose student also regresses each GBDT teacher's function in 8 parts "
-                            "(the sums of its trees in groups of boosting order)"),
+    "dd_no_trees": Variant("diverse_distill", {"lambda_trees": 0.0}, "diverse_distill",
+                           doc="DiverseDistill without the tree term (the student does not regress the GBDT "
+                               "teachers' parts)"),
     "dd_foundation_only": Variant("diverse_distill", {}, "diverse_distill", teachers="foundation",
                                   doc="DiverseDistill with the foundation teachers only"),
     "dd_complementary_only": Variant("diverse_distill", {}, "diverse_distill", teachers="complementary",
                                      doc="DiverseDistill with the complementary teachers only"),
 }
 # the transfer-set ablation of each distillation method: its chosen setting plus a transfer set
-for _m in ("kd", "avg_kd", "taid", "diverse_distill", "dd_committee", "dd_trees"):
+for _m in ("kd", "avg_kd", "taid", "diverse_distill", "dd_committee", "dd_no_trees"):
     VARIANTS[f"{_m}+transfer"] = Variant(VARIANTS[_m].key, VARIANTS[_m].kwargs, _m,
                                          config={"transfer.enabled": True},
                                          doc=f"{_m} with a transfer set (config `transfer:`; ratio as configured)")
 
 # the content-table ablation: the method's chosen setting, the student carrying per-item content vectors
-for _m in ("none", "kd", "avg_kd", "taid", "diverse_distill", "dd_committee", "dd_trees"):
+for _m in ("none", "kd", "avg_kd", "taid", "diverse_distill", "dd_committee", "dd_no_trees"):
     VARIANTS[f"{_m}+content"] = Variant(VARIANTS[_m].key, VARIANTS[_m].kwargs, _m,
                                         config={"student.content.enabled": True},
                                         doc=f"{_m}, the student with a content table (config `student.content`)")
@@ -87,7 +87,7 @@ for _m in ("dd_foundation_only", "dd_complementary_only"):
 # both: the student's content table and a transfer set. Transfer rows draw half their items uniformly
 # over the catalogue, so items no training row shows get teacher labels, and with a content table
 # the student has a feature (the item's vectors) through which those labels can reach such items
-for _m in ("none", "kd", "avg_kd", "taid", "diverse_distill", "dd_committee", "dd_trees", "dd_foundation_only",
+for _m in ("none", "kd", "avg_kd", "taid", "diverse_distill", "dd_committee", "dd_no_trees", "dd_foundation_only",
            "dd_complementary_only"):
     _c = VARIANTS[f"{_m}+content"]
     VARIANTS[f"{_m}+content+transfer"] = Variant(_c.key, _c.kwargs, _c.follows or _m, teachers=_c.teachers,

@@ -44,7 +44,7 @@ from appdistill.methods.trees import TreeParts, parts_tap
 from appdistill.student.model import RankingModel, StudentOutput
 
 #: the tree term's default weight (README, "Methods": chosen on validation across regimes)
-LAMBDA_TREES = 0.0
+LAMBDA_TREES = 1.0
 
 
 @METHODS.register("diverse_distill")
