@@ -174,7 +174,8 @@ def test_the_tree_term_weighs_each_row_by_the_gbdt_share_of_its_stack() -> None:
     losses = []
     for r in range(4):
         batch.teacher["lightgbm"].hidden["parts"] = per_row[r]
-        losses.append(float(m.tree_term(h, batch)))
+        with torch.no_grad():
+            losses.append(float(m.tree_term(h, batch)))
     # rows 0-1 (the GBDT's segment) weigh much more than rows 2-3; a row's weight is at most n = 2
     # (its loss here: weight / 4 rows)
     assert min(losses[:2]) > 2 * max(losses[2:]) and max(losses) <= 2 / 4 + 1e-6

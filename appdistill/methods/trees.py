@@ -55,5 +55,7 @@ class TreeParts(nn.Module):
             with torch.no_grad():
                 v = c.var(0, unbiased=False) if c.shape[0] > 1 else torch.ones_like(self.var)
                 self.var.copy_(torch.where(self.var > 0, 0.99 * self.var + 0.01 * v, v))
-        per = ((self.head(h) - c) ** 2 / self.var.clamp_min(1e-6)).mean(1)
+        # a part constant over the data (trees of one leaf) carries nothing: left out, not divided by ~0
+        keep = (self.var > 1e-6 * self.var.max().clamp_min(1e-12)).float()
+        per = ((self.head(h) - c) ** 2 / self.var.clamp_min(1e-12) * keep).sum(1) / keep.sum().clamp_min(1.0)
         return (per if weight is None else per * weight).mean()
