@@ -36,7 +36,7 @@ from appdistill.config import REPO_ROOT, load_config
 from appdistill.features.batch import BatchBuilder, BatchLoader
 from appdistill.features.dataset import Dataset
 from appdistill.distributed import DistContext, shard_model
-from appdistill.pipeline import fit_committee, load_committee, train
+from appdistill.pipeline import build_caches, fit_committee, load_committee, train
 from appdistill.train.loop import (build_method, build_model_for_run, method_optimizer, train_loader, train_step,
                                    with_transfer)
 
@@ -120,7 +120,10 @@ def main(argv: list[str] | None = None) -> dict:
     if a.transfer:
         ds = with_transfer(cfg, cfg.load_spec(), ds)
     parts = load_committee(cfg, ds, tdir, DistContext())
-    committee, hooks = parts.teachers, [CacheJoin(parts.caches)]  # every tap: each method reads its own
+    # every tap (the config's method may read logits only, or one kind of tap): each method reads its own
+    parts.caches = build_caches(cfg, tdir, ds, teachers=parts.teachers, splits=tuple(ds.splits), hidden=True,
+                                echo=lambda *_: None)
+    committee, hooks = parts.teachers, [CacheJoin(parts.caches)]
     builder = BatchBuilder(ds, cfg.load_spec().visible("student"))
     n = 40 * cfg.train.batch_size
     plain_batches = list(BatchLoader(builder, ds.splits["train"][:n], cfg.train.batch_size, hooks=hooks, prefetch=0))

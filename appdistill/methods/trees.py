@@ -55,7 +55,11 @@ class TreeParts(nn.Module):
             with torch.no_grad():
                 v = c.var(0, unbiased=False) if c.shape[0] > 1 else torch.ones_like(self.var)
                 self.var.copy_(torch.where(self.var > 0, 0.99 * self.var + 0.01 * v, v))
-        # a part constant over the data (trees of one leaf) carries nothing: left out, not divided by ~0
-        keep = (self.var > 1e-6 * self.var.max().clamp_min(1e-12)).float()
-        per = ((self.head(h) - c) ** 2 / self.var.clamp_min(1e-12) * keep).sum(1) / keep.sum().clamp_min(1.0)
+        with torch.no_grad():
+            # a part constant over the data (trees of one leaf) carries nothing: left out, not divided
+            # by ~0. One [K] vector of 1 / (var · kept parts): the row's mean is then one matrix product
+            keep = self.var > 1e-6 * self.var.max().clamp_min(1e-12)
+            inv = keep / (self.var.clamp_min(1e-12) * keep.sum().clamp_min(1))
+        err = self.head(h) - c
+        per = (err * err) @ inv
         return (per if weight is None else per * weight).mean()
