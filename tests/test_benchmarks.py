@@ -225,9 +225,10 @@ def test_bench_scale_runs_the_whole_pipeline_at_a_tiny_size(tmp_path: Path, monk
     assert all(v["seconds"] >= 0 and v["peak_rss_gb"] > 0 for v in res["stages"].values())
     assert all(0 < v["peak_private_gb"] <= v["peak_rss_gb"] for v in res["stages"].values())
     assert res["stages"]["cache"]["disk_gb"] >= 0 and 0.3 < res["test_auc"] < 1
-    cache = tmp_path / "rows-4000" / "cache"  # every teacher's logits on every split, and nothing else:
-    assert len(list(cache.rglob("logits.npy"))) == 9  # the config's DiverseDistill reads no hidden tap
-    assert not list(cache.rglob("hidden.*.npy"))
+    cache = tmp_path / "rows-4000" / "cache"  # every teacher's logits on every split, and the one tap
+    assert len(list(cache.rglob("logits.npy"))) == 9  # the config's DiverseDistill reads: LightGBM's parts
+    assert sorted(p.relative_to(cache).parts[0] + "/" + p.name for p in cache.rglob("hidden.*.npy")) == \
+        ["lightgbm/hidden.parts.npy"] * 3
     assert res["budget"]["teacher_fit_rows"] == 1000
     assert (tmp_path / "rows-4000" / "export" / "manifest.json").is_file()
     # --reuse: the student's stages again on the same teachers and caches, nothing refitted

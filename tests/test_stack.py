@@ -179,4 +179,5 @@ def test_the_tree_term_weighs_each_row_by_the_gbdt_share_of_its_stack() -> None:
     # rows 0-1 (the GBDT's segment) weigh much more than rows 2-3; a row's weight is at most n = 2
     # (its loss here: weight / 4 rows)
     assert min(losses[:2]) > 2 * max(losses[2:]) and max(losses) <= 2 / 4 + 1e-6
-    assert float(m(StudentOutput(torch.zeros(4), h), batch, None)["trees"]) == pytest.approx(losses[3])
+    with torch.no_grad():
+        assert float(m(StudentOutput(torch.zeros(4), h), batch, None)["trees"]) == pytest.approx(losses[3])
