@@ -176,8 +176,16 @@ def test_the_tree_term_weighs_each_row_by_the_gbdt_share_of_its_stack() -> None:
         batch.teacher["lightgbm"].hidden["parts"] = per_row[r]
         with torch.no_grad():
             losses.append(float(m.tree_term(h, batch)))
-    # rows 0-1 (the GBDT's segment) weigh much more than rows 2-3; a row's weight is at most n = 2
-    # (its loss here: weight / 4 rows)
-    assert min(losses[:2]) > 2 * max(losses[2:]) and max(losses) <= 2 / 4 + 1e-6
+    # rows 0-1 (the GBDT's segment) weigh what its share exceeds an equal one by (at most n - 1 = 1;
+    # a row's loss here: its weight / 4 rows); rows 2-3, where the stack trusts the DLRM more, nothing
+    assert min(losses[:2]) > 0.1 and max(losses) <= 1 / 4 + 1e-6 and losses[2] == losses[3] == 0
+    # a sole GBDT is the whole stack: every row weighs 1
+    sole = METHODS.build("diverse_distill", {"teachers": ["lightgbm"], "lambda_trees": 1.0}, committee=committee,
+                         student_dim=5, item_frequency=np.array([5000, 5000, 10, 10]), held_out=held)
+    sole.trees["lightgbm"].head.load_state_dict(head.state_dict())
+    sole.eval()
+    sole.trees["lightgbm"].var.fill_(1.0)
+    with torch.no_grad():
+        assert float(sole.tree_term(h, batch)) == pytest.approx(1 / 4)
     with torch.no_grad():
         assert float(m(StudentOutput(torch.zeros(4), h), batch, None)["trees"]) == pytest.approx(losses[3])

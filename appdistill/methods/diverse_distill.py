@@ -44,7 +44,7 @@ from appdistill.methods.trees import TreeParts, parts_tap
 from appdistill.student.model import RankingModel, StudentOutput
 
 #: the tree term's default weight (README, "Methods": chosen on validation across regimes)
-LAMBDA_TREES = 1.0
+LAMBDA_TREES = 2.0
 
 
 @METHODS.register("diverse_distill")
@@ -316,11 +316,16 @@ class DiverseDistill(Method):
         return terms
 
     def tree_term(self, h: torch.Tensor, batch: Batch) -> torch.Tensor:
-        """The GBDT teachers' parts regressed from ``h`` ``[B, d_s]``; with the held-out stack each
-        row's term weighs the teacher's share of its row's stack (:meth:`SegmentStack.shares`: 1 where
-        the teachers share alike), so a GBDT's structure is taught where the stack trusts it (not
-        where the text teacher knows better: cold items)."""
-        share = self.stack.shares(batch.item_ids) if self.stack is not None else None
+        """The GBDT teachers' parts regressed from ``h`` ``[B, d_s]``. With the held-out stack each
+        row's term weighs what the teacher's share of its row's stack exceeds an equal share by,
+        ``max(n·share − 1, 0)`` (:meth:`SegmentStack.shares`; a sole teacher: 1): a GBDT's structure
+        is taught where the stack trusts it more than the others, and not where it trusts it less
+        (where the text teacher knows better: cold items, text-led data)."""
+        share = None
+        if self.stack is not None:
+            share = self.stack.shares(batch.item_ids)
+            if share.shape[1] > 1:
+                share = (share - 1).clamp_min(0)
         return sum(p.loss(h, batch.teacher[k].hidden[p.tap],
                           None if share is None else share[:, self.names.index(k)])
                    for k, p in self.trees.items())
