@@ -199,10 +199,9 @@ def test_dense_only_torchrun_two_ranks_matches_single_process(tmp_path: Path,
     assert main(["teachers", "fit", str(cfg), "--run-dir", str(tmp_path / "dist")]) == 0, capsys.readouterr().err
     assert main(["teachers", "fit", str(cfg), "--run-dir", str(tmp_path / "single")]) == 0
     assert main(["train", str(cfg), "--run-dir", str(tmp_path / "single"), "--no-progress"]) == 0
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                        "29561", "-m", "appdistill", "train", str(cfg), "--run-dir", str(tmp_path / "dist"),
-                        "--no-progress"], capture_output=True, text=True, timeout=600,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    from tests.test_resume import _torchrun
+
+    r = _torchrun(["train", str(cfg), "--run-dir", str(tmp_path / "dist"), "--no-progress"], 29562)
     assert r.returncode == 0, r.stderr[-3000:]
     single, dist = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("single", "dist"))
     assert dist["train"]["world_size"] == 2

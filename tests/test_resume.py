@@ -31,8 +31,17 @@ def _torchrun(args: list[str], port: int, nproc: int = 2, restarts: int = 0,
               env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--max-restarts",
            str(restarts), "--master_port", str(port), "-m", "appdistill", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    run = lambda: subprocess.run(cmd, capture_output=True, text=True, timeout=600,  # noqa: E731
+                                 env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    r = run()
+    # Once in a few clean-clone CI runs a rank aborted within seconds of its start, before any step
+    # (SIGABRT, "terminate called without an active exception" from torch's C++ threads), in plain
+    # and distilled runs alike; the same command then passes. One retry on exactly that signature
+    # (a re-run resumes or restarts the run directory as a user's would); any other failure fails.
+    if r.returncode != 0 and "terminate called without an active exception" in r.stderr and \
+            "exitcode  : -6" in r.stderr:
+        r = run()
+    return r
 
 
 def _metrics(run: Path) -> dict:
@@ -145,9 +154,8 @@ def test_torchrun_survives_a_killed_rank_and_resizes(cfg_path: Path, reference: 
     args = ["train", str(cfg_path), "--no-progress"]
     r = _torchrun([*args, "--run-dir", str(base / "d_ref")], 29541)
     assert r.returncode == 0, r.stderr[-3000:]
-    # restarts=2: the injected kill takes one; once in ~5 clean-clone runs the restarted group's rank 1
-    # aborted within seconds of its start (SIGABRT, "terminate called without an active exception",
-    # inside torch's C++ threads before any step), and a user's torchrun retries that the same way
+    # restarts=2: the injected kill takes one; a restarted group's rank once aborted at its start
+    # (see _torchrun), which a user's torchrun retries the same way
     r = _torchrun([*args, "--run-dir", str(base / "d_restart")], 29542, restarts=2,
                   env={"APPDISTILL_FAULT": "1:40"})
     assert r.returncode == 0, r.stderr[-3000:]

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -159,11 +156,9 @@ def test_torchrun_two_ranks_matches_single_process(tmp_path: Path) -> None:
     """2 gloo ranks with DistributedModelParallel (table-wise sharding) vs one process, same seed."""
     cfg = tiny_config(tmp_path, train={"epochs": 2, "batch_size": 512, "prefetch": 2})
     single = train(load_config(cfg), tmp_path / "single", progress=False)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                        "--master_port", "29533", "-m", "appdistill", "train", str(cfg), "--run-dir",
-                        str(tmp_path / "dist"), "--no-progress"], capture_output=True, text=True, env=env,
-                       timeout=600)
+    from tests.test_resume import _torchrun
+
+    r = _torchrun(["train", str(cfg), "--run-dir", str(tmp_path / "dist"), "--no-progress"], 29533)
     assert r.returncode == 0, r.stderr[-3000:]
     m = json.loads((tmp_path / "dist" / "metrics.json").read_text())
     assert m["train"]["world_size"] == 2
