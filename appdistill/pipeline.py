@@ -145,7 +145,7 @@ def fit_committee(cfg: ExperimentConfig, run_dir: str | Path, names: list[str] |
 def build_caches(cfg: ExperimentConfig, run_dir: str | Path, ds: Dataset | None = None, *,
                  teachers: dict[str, Any] | None = None, splits: Sequence[str] = ("train", "valid", "test"),
                  batch_size: int = 8192, float_dtype: str = "float32", int_dtype: str = "auto",
-                 verify: str = "checksum", progress: bool = True, hidden: bool | None = None,
+                 verify: str = "checksum", progress: bool = True, hidden: bool | tuple[str, ...] | None = None,
                  echo: Callable[[str], Any] = print) -> dict[str, Any]:
     """Get or build the cache of every teacher in ``cfg.teachers`` under ``run_dir/cache``.
 
@@ -191,12 +191,13 @@ def build_caches(cfg: ExperimentConfig, run_dir: str | Path, ds: Dataset | None 
 
 
 def load_committee(cfg: ExperimentConfig, ds: Dataset, run_dir: str | Path, ctx: Any,
-                   progress: bool = True) -> Any:
+                   progress: bool = True, hidden: bool | tuple[str, ...] | None = None) -> Any:
     """The :class:`~appdistill.train.loop.Committee` of a run: each fitted teacher loaded once, its
     caches built or reused (rank 0 first under torchrun), the join hook, the teachers' own metrics.
 
     Teachers must already be fitted (``appdistill teachers fit`` or ``appdistill distill``) in
     :meth:`ExperimentConfig.teachers_path`. A plain student (``method: none``) gets the metrics only.
+    ``hidden``: the taps to cache, as :func:`build_caches` (default: what ``cfg.method`` reads).
     """
     from appdistill.teachers.fit import METRICS_JSON, load_teacher
     from appdistill.train.loop import Committee
@@ -212,9 +213,10 @@ def load_committee(cfg: ExperimentConfig, ds: Dataset, run_dir: str | Path, ctx:
         import torch.distributed as dist
 
         if ctx.is_main:
-            build_caches(cfg, tdir, ds, teachers=teachers, splits=splits, progress=progress)
+            build_caches(cfg, tdir, ds, teachers=teachers, splits=splits, progress=progress, hidden=hidden)
         dist.barrier()
     caches = build_caches(cfg, tdir, ds, teachers=teachers, splits=splits, progress=progress and ctx.is_main,
+                          hidden=hidden,
                           # one line per teacher on a terminal run; quiet under --no-progress and in `bench`,
                           # which prints one line per run itself
                           echo=print if ctx.is_main and not ctx.is_dist and progress else log.info)

@@ -36,7 +36,7 @@ from appdistill.config import REPO_ROOT, load_config
 from appdistill.features.batch import BatchBuilder, BatchLoader
 from appdistill.features.dataset import Dataset
 from appdistill.distributed import DistContext, shard_model
-from appdistill.pipeline import build_caches, fit_committee, load_committee, train
+from appdistill.pipeline import fit_committee, load_committee, train
 from appdistill.train.loop import (build_method, build_model_for_run, method_optimizer, train_loader, train_step,
                                    with_transfer)
 
@@ -119,10 +119,8 @@ def main(argv: list[str] | None = None) -> dict:
     fit_committee(cfg, tdir, ds=ds)
     if a.transfer:
         ds = with_transfer(cfg, cfg.load_spec(), ds)
-    parts = load_committee(cfg, ds, tdir, DistContext())
     # every tap (the config's method may read logits only, or one kind of tap): each method reads its own
-    parts.caches = build_caches(cfg, tdir, ds, teachers=parts.teachers, splits=tuple(ds.splits), hidden=True,
-                                echo=lambda *_: None)
+    parts = load_committee(cfg, ds, tdir, DistContext(), hidden=True)
     committee, hooks = parts.teachers, [CacheJoin(parts.caches)]
     builder = BatchBuilder(ds, cfg.load_spec().visible("student"))
     n = 40 * cfg.train.batch_size

@@ -245,10 +245,10 @@ def _get_or_build(teacher: Teacher, ds: Dataset, root_dir: str | Path, splits: S
                   force: bool, hidden: bool | tuple[str, ...] = True) -> TeacherCache:
     t0 = time.perf_counter()
     name, ident, ihash = teacher.name, _normalise(teacher.identity()), teacher.identity_hash()
-    declared = list(teacher.taps())
+    declared = teacher.taps()
     if not isinstance(hidden, bool):  # tap kinds -> this teacher's taps of those kinds (none: logits only)
         kinds = set(hidden)
-        hidden = [t for t, spec in teacher.taps().items() if spec.kind in kinds] or False
+        hidden = [t for t, spec in declared.items() if spec.kind in kinds] or False
     tdir = Path(root_dir) / _safe(name)
     kdir = tdir / f"{ihash}-{ds.fingerprint}"
     built: list[str] = []

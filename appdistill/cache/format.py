@@ -340,9 +340,10 @@ def _open_split(d: Path, teacher: str, identity: dict[str, Any], fingerprint: st
         raise CacheMissingError(f"teacher '{teacher}': cache split '{split}' at '{d}' holds "
                                 f"{'taps ' + str(man.taps) + ' only' if man.taps else 'logits only'}; "
                                 "every hidden tap was asked")
-    if isinstance(hidden, list) and [t for t in hidden if t not in man.taps]:
+    absent = [t for t in hidden if t not in man.taps] if isinstance(hidden, list) else []
+    if absent:
         raise CacheMissingError(f"teacher '{teacher}': cache split '{split}' at '{d}' lacks the hidden taps "
-                                f"{[t for t in hidden if t not in man.taps]} that were asked")
+                                f"{absent} that were asked")
     keep = man.taps if hidden is True else list(hidden) if hidden else []
     if keep != man.taps:  # the taps not asked for are neither hashed nor mapped
         man = replace(man, taps=[t for t in man.taps if t in keep], hidden=man.hidden and hidden is True,

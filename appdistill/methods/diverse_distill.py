@@ -98,7 +98,7 @@ class DiverseDistill(Method):
     }
 
     @classmethod
-    def reads_hidden(cls, kwargs: dict[str, Any]) -> bool:
+    def reads_hidden(cls, kwargs: dict[str, Any]) -> bool | tuple[str, ...]:
         """The committee path (its answers) reads hidden taps, the tree term the GBDT teachers'
         ``parts`` taps only; the held-out stack reads logits."""
         if kwargs.get("committee_path"):
@@ -163,12 +163,11 @@ class DiverseDistill(Method):
         self.answer_calls = {k: 0 for k in names}  # rows answered per teacher (tests count these)
         self.lambda_trees = lambda_trees
         self.trees = nn.ModuleDict()
-        if lambda_trees and any(parts_tap(committee[k]) for k in names):
+        tree_taps = {k: t for k in names if (t := parts_tap(committee[k])) is not None} if lambda_trees else {}
+        if tree_taps:  # a committee without trees has no tree term (the default setting then costs nothing)
             if student_dim <= 0:
                 raise ConfigError("diverse_distill: student_dim must be supplied (the width of h)")
-            # a committee without trees has no tree term (the default setting then costs nothing)
-            self.trees = nn.ModuleDict({k: TreeParts(parts_tap(committee[k]), student_dim) for k in names
-                                        if parts_tap(committee[k]) is not None})
+            self.trees = nn.ModuleDict({k: TreeParts(t, student_dim) for k, t in tree_taps.items()})
         if cp is None:
             return  # logits only: no ports, no gate, the cache join reads no hidden tap
         if student_dim <= 0:

@@ -99,7 +99,8 @@ class SegmentStack(nn.Module):
             whole if whole is not None else np.asarray(weights).mean(0), np.float32)), persistent=False)
         self.register_buffer("fitted", torch.as_tensor(np.asarray(
             fitted if fitted is not None else np.ones(len(segments)), bool)), persistent=False)
-        self._shares: torch.Tensor | None = None  # :meth:`shares` per segment, computed at first use
+        # [S, n] :meth:`shares` per segment, derived from the three above: a per-step gather
+        self.register_buffer("share_table", self._share_table(), persistent=False)
 
     @classmethod
     def fit(cls, held: HeldOut, names: list[str], item_frequency: np.ndarray | None) -> SegmentStack:
@@ -131,9 +132,13 @@ class SegmentStack(nn.Module):
                 fitted[s] = True
         return cls(w, names, code_segment, names_s, whole, fitted)
 
+    def _share_table(self) -> torch.Tensor:
+        a = torch.where(self.fitted.unsqueeze(1), self.weights, self.whole.unsqueeze(0))[:, :-1].abs()
+        return a * (a.shape[1] / a.sum(1, keepdim=True).clamp_min(1e-12))
+
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
-        self._shares = None  # new weights: the shares are computed again
         super()._load_from_state_dict(*args, **kwargs)
+        self.share_table.copy_(self._share_table())  # loaded weights: their shares
 
     def segment_of(self, item_codes: torch.Tensor) -> torch.Tensor:
         """``[B]`` segment index of each item code (codes beyond the training vocabulary: cold)."""
@@ -145,12 +150,7 @@ class SegmentStack(nn.Module):
         teachers share alike), from the segment's own fit, or from the whole held-out fit where the
         segment has no held-out rows (its target is then the plain average, which says nothing about
         whom to trust: a cold-start split's warm training rows, judged on cold items)."""
-        if self._shares is None:  # [S, n], once: a per-step gather
-            a = torch.where(self.fitted.unsqueeze(1), self.weights, self.whole.unsqueeze(0))[:, :-1].abs()
-            self._shares = a * (a.shape[1] / a.sum(1, keepdim=True).clamp_min(1e-12))
-        if self._shares.device != item_codes.device:
-            self._shares = self._shares.to(item_codes.device)
-        return self._shares.index_select(0, self.segment_of(item_codes))
+        return self.share_table.index_select(0, self.segment_of(item_codes))
 
     def forward(self, z: torch.Tensor, item_codes: torch.Tensor) -> torch.Tensor:
         """``z`` ``[B, n]`` teacher logits, ``item_codes`` ``[B]`` -> ``[B]`` stacked logits."""

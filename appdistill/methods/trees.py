@@ -12,7 +12,7 @@ GBDT-to-network distillation (DeepGBM's GBDT2NN) distils the trees' structure ra
 output alone for the same reason: one number per row says little about which features decided it.
 
 Example:
-    >>> parts = TreeParts("lightgbm", teacher.taps()["parts"], student_dim=64)   # doctest: +SKIP
+    >>> parts = TreeParts(parts_tap(teacher), student_dim=64)                    # doctest: +SKIP
     >>> loss = parts.loss(out.h, batch.teacher["lightgbm"].hidden["parts"])       # scalar
 """
 
